@@ -1,0 +1,210 @@
+//! Every error the API answers with, and the one place that maps internal errors
+//! and request-parsing failures to HTTP statuses and codes.
+
+use poem::http::StatusCode;
+use poem_openapi::error::{
+    ContentTypeError, ParseParamError, ParsePathError, ParseRequestPayloadError,
+};
+use poem_openapi::{Enum, Object};
+
+use crate::error::Error;
+
+/// Seconds a client is told to wait (`Retry-After`) when a dependency is down.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+/// Stable machine-readable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    /// Fewer seats remain than the purchase asked for; nothing was sold.
+    SoldOut,
+    /// `Idempotency-Key` header missing, empty, longer than 255 characters or not
+    /// printable ASCII.
+    InvalidIdempotencyKey,
+    /// `quantity` missing, not an integer, or outside 1–10.
+    InvalidQuantity,
+    /// Body is not valid JSON or not the expected object.
+    InvalidBody,
+    /// A path or query parameter is malformed (for example an event id that is not a UUID).
+    InvalidParameter,
+    /// The key was already used for a purchase with another quantity; nothing was sold.
+    IdempotencyKeyReused,
+    /// No event with this id.
+    EventNotFound,
+    /// No such route.
+    NotFound,
+    /// The route exists but not for this method.
+    MethodNotAllowed,
+    /// Body larger than the server accepts.
+    PayloadTooLarge,
+    /// `Content-Type` missing or not `application/json`.
+    UnsupportedMediaType,
+    /// Missing or wrong bearer token.
+    Unauthorized,
+    /// The admin API is disabled because no admin token is configured.
+    AdminDisabled,
+    /// Redis or PostgreSQL is unreachable; retry after `Retry-After` seconds.
+    ServiceUnavailable,
+    /// A bug; the details are in the server's log under the request id.
+    InternalError,
+}
+
+/// Body of every non-2xx response.
+#[derive(Debug, Clone, Object)]
+pub struct ErrorBody {
+    /// Stable error code.
+    pub error: ErrorCode,
+    /// Human-readable explanation; wording may change.
+    pub message: String,
+}
+
+/// An error on its way to becoming a response.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                error,
+                message: message.into(),
+            },
+        }
+    }
+
+    pub fn event_not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::EventNotFound,
+            "no event with this id",
+        )
+    }
+
+    /// Maps a failure to extract the request (headers, path, body) to the API's own
+    /// error. poem-openapi hands these over as opaque `poem::Error`s.
+    pub fn from_request_error(err: poem::Error) -> Self {
+        if let Some(e) = err.downcast_ref::<ParseParamError>() {
+            let code = if e.name.eq_ignore_ascii_case("Idempotency-Key") {
+                ErrorCode::InvalidIdempotencyKey
+            } else {
+                ErrorCode::InvalidParameter
+            };
+            let message = if code == ErrorCode::InvalidIdempotencyKey {
+                "the Idempotency-Key header is required: 1 to 255 printable ASCII characters".into()
+            } else {
+                format!("invalid parameter {}: {}", e.name, e.reason)
+            };
+            return Self::new(StatusCode::BAD_REQUEST, code, message);
+        }
+        if let Some(e) = err.downcast_ref::<ParsePathError>() {
+            // `e.name` is poem-openapi's internal name (`param0`), not the documented one.
+            return Self::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidParameter,
+                format!("invalid path parameter: {}", e.reason),
+            );
+        }
+        if let Some(e) = err.downcast_ref::<ParseRequestPayloadError>() {
+            return Self::from_payload_error(&e.reason);
+        }
+        if err.is::<ContentTypeError>() {
+            return Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::UnsupportedMediaType,
+                "the body must be JSON with Content-Type: application/json",
+            );
+        }
+        Self::from_status(err.status(), err.to_string())
+    }
+
+    /// poem-openapi reports JSON syntax errors with serde's message, and type or
+    /// validation errors of a field with a message naming the schema and the field.
+    fn from_payload_error(reason: &str) -> Self {
+        let code = if reason.contains("quantity") || reason.contains("\"integer") {
+            ErrorCode::InvalidQuantity
+        } else {
+            ErrorCode::InvalidBody
+        };
+        let message = match code {
+            ErrorCode::InvalidQuantity => {
+                format!("quantity must be an integer from 1 to 10 ({reason})")
+            }
+            _ => format!("the body must be a JSON object as documented ({reason})"),
+        };
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// An error poem produced outside of our handlers (routing, limits).
+    pub fn from_status(status: StatusCode, message: String) -> Self {
+        let code = match status {
+            StatusCode::NOT_FOUND => ErrorCode::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+            StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+            StatusCode::SERVICE_UNAVAILABLE => ErrorCode::ServiceUnavailable,
+            s if s.is_client_error() => ErrorCode::InvalidParameter,
+            _ => ErrorCode::InternalError,
+        };
+        Self::new(status, code, message)
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::EventNotFound(_) => Self::event_not_found(),
+            e if e.is_unavailable() => {
+                tracing::warn!(error = %e, "dependency unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::ServiceUnavailable,
+                    "a backing store is unavailable; retry shortly",
+                )
+            }
+            e => {
+                tracing::error!(error = %e, "request failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::InternalError,
+                    "internal error; see the server log for this request id",
+                )
+            }
+        }
+    }
+}
+
+/// The `bad_request_handler` of every response enum.
+pub fn bad_request<T: From<ApiError>>(err: poem::Error) -> T {
+    ApiError::from_request_error(err).into()
+}
+
+/// Implements `From<ApiError>` for an operation's response enum: each listed variant
+/// takes the error with that status; `unavailable` carries `Retry-After`; any other
+/// status becomes `internal` (and is logged).
+macro_rules! api_errors {
+    ($ty:ident { $($status:literal => $variant:ident,)* unavailable => $unavailable:ident, internal => $internal:ident $(,)? }) => {
+        impl From<$crate::api::error::ApiError> for $ty {
+            fn from(e: $crate::api::error::ApiError) -> Self {
+                match e.status.as_u16() {
+                    $($status => $ty::$variant(::poem_openapi::payload::Json(e.body)),)*
+                    503 => $ty::$unavailable(
+                        ::poem_openapi::payload::Json(e.body),
+                        $crate::api::error::RETRY_AFTER_SECS,
+                    ),
+                    status => {
+                        if status != 500 {
+                            ::tracing::error!(status, error = ?e.body, "status not documented for this operation");
+                        }
+                        $ty::$internal(::poem_openapi::payload::Json(e.body))
+                    }
+                }
+            }
+        }
+    };
+}
+pub(crate) use api_errors;

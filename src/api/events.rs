@@ -1,0 +1,240 @@
+//! Events: the seed-compatible `GET /api/v1/event` (default event) and the events
+//! resource. Seat counts come from Redis, so they are exact the moment a sale is made.
+
+use std::sync::Arc;
+
+use poem::http::StatusCode;
+use poem::web::Data;
+use poem_openapi::auth::Bearer;
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request};
+use super::{AppState, Tag};
+use crate::db::{self, EventRow};
+use crate::error::Result;
+
+pub struct EventsApi;
+
+/// An event and its seats.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct Event {
+    pub id: Uuid,
+    pub name: String,
+    pub total_seats: i64,
+    pub seats_sold: i64,
+    pub seats_remaining: i64,
+}
+
+/// A new event.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct NewEvent {
+    #[oai(validator(min_length = 1, max_length = 200))]
+    pub name: String,
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
+    pub total_seats: i32,
+}
+
+/// Admin token, configured on the server as `ADMIN_TOKEN`.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer")]
+pub struct AdminAuth(Bearer);
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_request")]
+pub enum EventResponse {
+    /// The event.
+    #[oai(status = 200)]
+    Ok(Json<Event>),
+    /// `INVALID_PARAMETER`: the id is not a UUID.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// `EVENT_NOT_FOUND`.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// `INTERNAL_ERROR`.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// `SERVICE_UNAVAILABLE`.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+}
+
+api_errors!(EventResponse {
+    400 => BadRequest,
+    404 => NotFound,
+    unavailable => Unavailable,
+    internal => Internal,
+});
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_request")]
+pub enum EventListResponse {
+    /// Every event, oldest first.
+    #[oai(status = 200)]
+    Ok(Json<Vec<Event>>),
+    /// `INTERNAL_ERROR`.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// `SERVICE_UNAVAILABLE`.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+}
+
+api_errors!(EventListResponse {
+    unavailable => Unavailable,
+    internal => Internal,
+});
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_request")]
+pub enum CreateEventResponse {
+    /// Created; `Location` is its URL.
+    #[oai(status = 201)]
+    Created(Json<Event>, #[oai(header = "Location")] String),
+    /// `INVALID_BODY` (name must be 1–200 characters, totalSeats 1–1,000,000).
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// `UNAUTHORIZED`: missing or wrong bearer token.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// `ADMIN_DISABLED`: the server has no `ADMIN_TOKEN`.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// `PAYLOAD_TOO_LARGE`.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// `UNSUPPORTED_MEDIA_TYPE`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
+    /// `INTERNAL_ERROR`.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// `SERVICE_UNAVAILABLE`.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+}
+
+api_errors!(CreateEventResponse {
+    400 => BadRequest,
+    401 => Unauthorized,
+    403 => Forbidden,
+    413 => PayloadTooLarge,
+    415 => UnsupportedMediaType,
+    unavailable => Unavailable,
+    internal => Internal,
+});
+
+#[OpenApi]
+impl EventsApi {
+    /// Seats of the default event
+    ///
+    /// The seed-compatible view of the event that `POST /api/v1/purchase` sells.
+    #[oai(path = "/api/v1/event", method = "get", tag = "Tag::Events")]
+    async fn default_event(&self, state: Data<&Arc<AppState>>) -> EventResponse {
+        event_response(&state, state.default_event).await
+    }
+
+    /// One event
+    #[oai(path = "/api/v1/events/:id", method = "get", tag = "Tag::Events")]
+    async fn event(
+        &self,
+        /// Event id.
+        id: Path<Uuid>,
+        state: Data<&Arc<AppState>>,
+    ) -> EventResponse {
+        event_response(&state, id.0).await
+    }
+
+    /// All events
+    #[oai(path = "/api/v1/events", method = "get", tag = "Tag::Events")]
+    async fn events(&self, state: Data<&Arc<AppState>>) -> EventListResponse {
+        let list = async {
+            let mut events = Vec::new();
+            for row in db::events(&state.db).await? {
+                events.push(with_seats(&state, row).await?);
+            }
+            Result::<_>::Ok(events)
+        };
+        match list.await {
+            Ok(events) => EventListResponse::Ok(Json(events)),
+            Err(e) => ApiError::from(e).into(),
+        }
+    }
+
+    /// Create an event (admin)
+    #[oai(path = "/api/v1/events", method = "post", tag = "Tag::Events")]
+    async fn create_event(
+        &self,
+        auth: AdminAuth,
+        body: Json<NewEvent>,
+        state: Data<&Arc<AppState>>,
+    ) -> CreateEventResponse {
+        if let Err(e) = authorize(&state, &auth) {
+            return e.into();
+        }
+        let created = async {
+            let row = db::create_event(&state.db, &body.name, body.total_seats).await?;
+            state.gate.load(&row).await?;
+            with_seats(&state, row).await
+        };
+        match created.await {
+            Ok(event) => {
+                tracing::info!(event = %event.id, seats = event.total_seats, "event created");
+                let location = format!("/api/v1/events/{}", event.id);
+                CreateEventResponse::Created(Json(event), location)
+            }
+            Err(e) => ApiError::from(e).into(),
+        }
+    }
+}
+
+async fn event_response(state: &AppState, id: Uuid) -> EventResponse {
+    let event = async {
+        let row = db::event(&state.db, id)
+            .await?
+            .ok_or(crate::Error::EventNotFound(id))?;
+        with_seats(state, row).await
+    };
+    match event.await {
+        Ok(event) => EventResponse::Ok(Json(event)),
+        Err(e) => ApiError::from(e).into(),
+    }
+}
+
+async fn with_seats(state: &AppState, row: EventRow) -> Result<Event> {
+    let inventory = state.gate.inventory(row.id).await?;
+    Ok(Event {
+        id: row.id,
+        name: row.name,
+        total_seats: inventory.total,
+        seats_sold: inventory.sold,
+        seats_remaining: inventory.total - inventory.sold,
+    })
+}
+
+/// Compares tokens in constant time, so response timing does not reveal how much
+/// of a guess was right.
+fn authorize(state: &AppState, auth: &AdminAuth) -> Result<(), ApiError> {
+    let Some(expected) = &state.admin_token else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::AdminDisabled,
+            "the admin API is disabled: the server has no ADMIN_TOKEN",
+        ));
+    };
+    if bool::from(auth.0.token.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "wrong bearer token",
+        ))
+    }
+}

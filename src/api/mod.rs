@@ -1,0 +1,182 @@
+//! The HTTP surface: operations (one file per resource), the error mapping, and the
+//! middleware every request passes through (request id, stats, body limit, JSON
+//! errors for whatever poem answers on its own).
+
+pub mod error;
+mod events;
+mod ops;
+mod purchase;
+mod stats;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use poem::http::{HeaderValue, StatusCode, header};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route};
+use poem_openapi::{OpenApiService, Tags};
+use sqlx::PgPool;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::purchase::Gate;
+use error::ApiError;
+pub use stats::Stats;
+
+/// Longest `X-Request-Id` taken from a client; longer or non-ASCII ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// What every handler shares.
+pub struct AppState {
+    pub gate: Gate,
+    pub db: PgPool,
+    /// Pool for Redis work off the purchase path (readiness, stats).
+    pub redis: deadpool_redis::Pool,
+    /// The event the seed-compatible endpoints act on.
+    pub default_event: Uuid,
+    pub instance_id: String,
+    pub admin_token: Option<String>,
+    pub body_limit: usize,
+    pub stats: Stats,
+    pub started: Instant,
+}
+
+#[derive(Tags)]
+enum Tag {
+    /// Buying seats.
+    Purchases,
+    /// Events and their seats.
+    Events,
+    /// Health probes and counters.
+    Operations,
+}
+
+type Apis = (purchase::PurchaseApi, events::EventsApi, ops::OpsApi);
+
+fn service() -> OpenApiService<Apis, ()> {
+    let apis = (purchase::PurchaseApi, events::EventsApi, ops::OpsApi);
+    OpenApiService::new(apis, "boxoffice", env!("CARGO_PKG_VERSION"))
+        .description(
+            "Sells seats to a flash crowd without overselling. Every error body is \
+             `{\"error\": CODE, \"message\": text}`; the codes are listed in `ErrorCode`.",
+        )
+        // Relative, so "Try it out" in /docs works behind any load balancer.
+        .server("/")
+}
+
+/// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/`.
+pub fn openapi_json() -> String {
+    service().spec()
+}
+
+/// Every route of the service, with its middleware.
+pub fn routes(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
+    let service = service();
+    let docs = service.swagger_ui();
+    let spec = service.spec_endpoint();
+    Route::new()
+        .nest("/", service)
+        .nest("/docs", docs)
+        .at("/openapi.json", spec)
+        .data(state.clone())
+        .into_endpoint()
+        .around(move |ep, req| observe(ep, req, state.clone()))
+}
+
+/// Gives each request a span with its request id, enforces the body limit, turns
+/// errors poem raises outside our handlers into the API's JSON errors, and counts
+/// the request.
+async fn observe<E: Endpoint>(
+    ep: Arc<E>,
+    mut req: Request,
+    state: Arc<AppState>,
+) -> poem::Result<Response> {
+    let started = Instant::now();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .filter(|v| v.len() <= MAX_REQUEST_ID_LEN && v.to_str().is_ok())
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&Uuid::new_v4().to_string()).expect("a UUID is a header value")
+        });
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        request_id = request_id.to_str().unwrap_or_default(),
+    );
+    let path = req.uri().path().to_owned();
+    let is_purchase = req.method() == poem::http::Method::POST && path.ends_with("/purchase");
+
+    let response = async {
+        if let Err(e) = limit_body(&mut req, state.body_limit).await {
+            return e;
+        }
+        match ep.call(req).await {
+            Ok(response) => response.into_response(),
+            Err(e) => json_error(ApiError::from_status(e.status(), e.to_string())),
+        }
+    }
+    .instrument(span.clone())
+    .await;
+
+    let mut response = response;
+    response.headers_mut().insert("x-request-id", request_id);
+    let status = response.status();
+    if path.starts_with("/api/") {
+        state.stats.record(
+            started.elapsed(),
+            is_purchase.then_some(status == StatusCode::OK),
+        );
+    }
+    span.in_scope(|| {
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), elapsed = ?started.elapsed(), "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), elapsed = ?started.elapsed(), "request");
+        }
+    });
+    Ok(response)
+}
+
+/// Refuses bodies over `limit` bytes with 413: by `Content-Length` before reading,
+/// and by reading at most `limit` bytes of a body sent without one.
+async fn limit_body(req: &mut Request, limit: usize) -> Result<(), Response> {
+    let too_large = || {
+        json_error(ApiError::from_status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body may be at most {limit} bytes"),
+        ))
+    };
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match length {
+        Some(length) if length > limit as u64 => Err(too_large()),
+        Some(_) => Ok(()),
+        None if req.headers().contains_key(header::TRANSFER_ENCODING) => {
+            let body = req
+                .take_body()
+                .into_bytes_limit(limit)
+                .await
+                .map_err(|_| too_large())?;
+            req.set_body(body);
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+fn json_error(e: ApiError) -> Response {
+    let body = poem_openapi::types::ToJSON::to_json(&e.body);
+    let mut response = poem::web::Json(body).with_status(e.status).into_response();
+    if e.status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(error::RETRY_AFTER_SECS),
+        );
+    }
+    response
+}

@@ -1,0 +1,196 @@
+//! Operations endpoints: health probes and `/api/v1/stats`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use poem::http::StatusCode;
+use poem::web::Data;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi};
+
+use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request};
+use super::{AppState, Tag};
+use crate::persist;
+
+/// How long a readiness probe waits for each dependency.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct OpsApi;
+
+/// The process is up.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    pub instance_id: String,
+    pub uptime_seconds: u64,
+}
+
+/// Both backing stores answer.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct Ready {
+    /// `ready`.
+    pub status: String,
+    pub redis: bool,
+    pub postgres: bool,
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_request")]
+pub enum ReadyResponse {
+    /// Redis and PostgreSQL answer; send traffic here.
+    #[oai(status = 200)]
+    Ok(Json<Ready>),
+    /// `INTERNAL_ERROR`.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// `SERVICE_UNAVAILABLE`: the message names what does not answer.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+}
+
+api_errors!(ReadyResponse {
+    unavailable => Unavailable,
+    internal => Internal,
+});
+
+/// Sales across every replica, from Redis.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct GlobalSales {
+    /// Events loaded in Redis.
+    pub events: u64,
+    pub seats_sold: i64,
+    /// Successful purchases.
+    pub purchases: i64,
+    /// Purchases refused with `SOLD_OUT`.
+    pub sold_out: i64,
+    /// Sales in the streams not yet written to PostgreSQL.
+    pub persistence_lag: i64,
+}
+
+/// Counters of this instance (the seed's fields) and of all replicas.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct StatsBody {
+    /// API requests this instance served.
+    pub total_requests: u64,
+    /// Purchases this instance answered with 200.
+    pub success_purchases: u64,
+    /// Purchases this instance answered with anything else.
+    pub failed_purchases: u64,
+    /// 95th percentile latency of this instance's API requests, in milliseconds.
+    pub p95_latency: f64,
+    pub instance_id: String,
+    pub uptime_seconds: u64,
+    /// Global counters; absent while Redis is unreachable.
+    pub global: Option<GlobalSales>,
+}
+
+#[OpenApi]
+impl OpsApi {
+    /// Liveness (seed-compatible)
+    #[oai(path = "/health", method = "get", tag = "Tag::Operations")]
+    async fn health(&self, state: Data<&Arc<AppState>>) -> Json<Health> {
+        health(&state)
+    }
+
+    /// Liveness: the process answers
+    #[oai(path = "/health/live", method = "get", tag = "Tag::Operations")]
+    async fn live(&self, state: Data<&Arc<AppState>>) -> Json<Health> {
+        health(&state)
+    }
+
+    /// Readiness: Redis and PostgreSQL answer
+    #[oai(path = "/health/ready", method = "get", tag = "Tag::Operations")]
+    async fn ready(&self, state: Data<&Arc<AppState>>) -> ReadyResponse {
+        let redis = async {
+            let mut conn = state.redis.get().await.ok()?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut *conn)
+                .await
+                .ok()
+        };
+        let postgres = sqlx::query("SELECT 1").execute(&state.db);
+        let (redis, postgres) = tokio::join!(
+            tokio::time::timeout(READY_TIMEOUT, redis),
+            tokio::time::timeout(READY_TIMEOUT, postgres),
+        );
+        let redis = matches!(redis, Ok(Some(_)));
+        let postgres = matches!(postgres, Ok(Ok(_)));
+        if redis && postgres {
+            return ReadyResponse::Ok(Json(Ready {
+                status: "ready".into(),
+                redis,
+                postgres,
+            }));
+        }
+        let down: Vec<&str> = [("redis", redis), ("postgres", postgres)]
+            .into_iter()
+            .filter(|(_, up)| !up)
+            .map(|(name, _)| name)
+            .collect();
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ServiceUnavailable,
+            format!("not ready: {} unreachable", down.join(" and ")),
+        )
+        .into()
+    }
+
+    /// Request counters and sales
+    ///
+    /// The seed's fields describe this instance; `global` adds up every replica.
+    #[oai(path = "/api/v1/stats", method = "get", tag = "Tag::Operations")]
+    async fn stats(&self, state: Data<&Arc<AppState>>) -> Json<StatsBody> {
+        let local = state.stats.snapshot();
+        let global = match global(&state).await {
+            Ok(global) => Some(global),
+            Err(e) => {
+                tracing::warn!(error = %e, "global stats unavailable");
+                None
+            }
+        };
+        Json(StatsBody {
+            total_requests: local.total_requests,
+            success_purchases: local.success_purchases,
+            failed_purchases: local.failed_purchases,
+            p95_latency: local.p95_latency_ms,
+            instance_id: state.instance_id.clone(),
+            uptime_seconds: state.started.elapsed().as_secs(),
+            global,
+        })
+    }
+}
+
+async fn global(state: &AppState) -> crate::Result<GlobalSales> {
+    let keys = state.gate.keys();
+    let mut conn = state.redis.get().await?;
+    let ids: Vec<String> = redis::AsyncCommands::smembers(&mut *conn, keys.events()).await?;
+    let mut global = GlobalSales {
+        events: 0,
+        seats_sold: 0,
+        purchases: 0,
+        sold_out: 0,
+        persistence_lag: 0,
+    };
+    for id in ids.iter().filter_map(|id| id.parse().ok()) {
+        let inventory = state.gate.inventory(id).await?;
+        global.events += 1;
+        global.seats_sold += inventory.sold;
+        global.purchases += inventory.purchases;
+        global.sold_out += inventory.rejected;
+        global.persistence_lag += persist::backlog(&mut conn, &keys.stream(id)).await?;
+    }
+    Ok(global)
+}
+
+fn health(state: &AppState) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        instance_id: state.instance_id.clone(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+    })
+}

@@ -1,0 +1,180 @@
+//! Buying seats: the seed-compatible `POST /api/v1/purchase` (default event) and
+//! `POST /api/v1/events/{id}/purchase`.
+
+use std::sync::Arc;
+
+use poem::http::StatusCode;
+use poem::web::Data;
+use poem_openapi::param::{Header, Path};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi};
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request};
+use super::{AppState, Tag};
+use crate::domain::{IdempotencyKey, Quantity};
+use crate::purchase::Outcome;
+
+pub struct PurchaseApi;
+
+/// What to buy.
+#[derive(Debug, Object)]
+pub struct PurchaseRequest {
+    /// Seats to buy, 1 to 10. All or nothing: if fewer remain, none are sold.
+    #[oai(validator(minimum(value = "1"), maximum(value = "10")))]
+    pub quantity: i64,
+}
+
+/// A completed sale.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct PurchaseOk {
+    /// Always `true`.
+    pub success: bool,
+    /// Seats of the event left right after this sale.
+    pub seats_remaining: i64,
+    /// Identity of the sale, also its row id in the `purchases` table.
+    pub purchase_id: Uuid,
+    /// Seats sold.
+    pub quantity: u8,
+    /// The event the seats belong to.
+    pub event_id: Uuid,
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "bad_request")]
+pub enum PurchaseResponse {
+    /// Seats sold. A repeat of a request already answered carries
+    /// `Idempotent-Replayed: true` and the same body.
+    #[oai(status = 200)]
+    Ok(
+        Json<PurchaseOk>,
+        #[oai(header = "Idempotent-Replayed")] Option<bool>,
+    ),
+    /// `INVALID_IDEMPOTENCY_KEY`, `INVALID_QUANTITY`, `INVALID_BODY` or `INVALID_PARAMETER`.
+    /// Nothing is sold and nothing is recorded under the key.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// `EVENT_NOT_FOUND`.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// `SOLD_OUT`: fewer seats remain than requested; nothing was sold. Repeats of the
+    /// request keep getting this answer (with `Idempotent-Replayed: true`).
+    #[oai(status = 409)]
+    SoldOut(
+        Json<ErrorBody>,
+        #[oai(header = "Idempotent-Replayed")] Option<bool>,
+    ),
+    /// `PAYLOAD_TOO_LARGE`.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// `UNSUPPORTED_MEDIA_TYPE`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
+    /// `IDEMPOTENCY_KEY_REUSED`: the key was first used with another quantity; nothing
+    /// was sold.
+    #[oai(status = 422)]
+    KeyReused(Json<ErrorBody>),
+    /// `INTERNAL_ERROR`.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// `SERVICE_UNAVAILABLE`: retry with the same key after `Retry-After` seconds.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+}
+
+api_errors!(PurchaseResponse {
+    400 => BadRequest,
+    404 => NotFound,
+    413 => PayloadTooLarge,
+    415 => UnsupportedMediaType,
+    422 => KeyReused,
+    unavailable => Unavailable,
+    internal => Internal,
+});
+
+#[OpenApi]
+impl PurchaseApi {
+    /// Buy seats of the default event
+    ///
+    /// The seed-compatible purchase. Send a fresh `Idempotency-Key` per intended
+    /// purchase and repeat it on retries: a repeat gets the first answer back and never
+    /// sells twice.
+    #[oai(path = "/api/v1/purchase", method = "post", tag = "Tag::Purchases")]
+    async fn purchase(
+        &self,
+        /// Unique per intended purchase; 1–255 printable ASCII characters.
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]+$")
+        )]
+        key: Header<String>,
+        body: Json<PurchaseRequest>,
+        state: Data<&Arc<AppState>>,
+    ) -> PurchaseResponse {
+        buy(&state, state.default_event, key.0, body.0.quantity).await
+    }
+
+    /// Buy seats of an event
+    #[oai(
+        path = "/api/v1/events/:id/purchase",
+        method = "post",
+        tag = "Tag::Purchases"
+    )]
+    async fn purchase_event(
+        &self,
+        /// Event id.
+        id: Path<Uuid>,
+        /// Unique per intended purchase; 1–255 printable ASCII characters.
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]+$")
+        )]
+        key: Header<String>,
+        body: Json<PurchaseRequest>,
+        state: Data<&Arc<AppState>>,
+    ) -> PurchaseResponse {
+        buy(&state, id.0, key.0, body.0.quantity).await
+    }
+}
+
+async fn buy(state: &AppState, event: Uuid, key: String, quantity: i64) -> PurchaseResponse {
+    let invalid =
+        |code, message: &str| ApiError::new(StatusCode::BAD_REQUEST, code, message).into();
+    let key = match IdempotencyKey::try_from(key) {
+        Ok(key) => key,
+        Err(message) => return invalid(ErrorCode::InvalidIdempotencyKey, message),
+    };
+    let quantity = match Quantity::try_from(quantity) {
+        Ok(quantity) => quantity,
+        Err(message) => return invalid(ErrorCode::InvalidQuantity, message),
+    };
+    let decision = match state.gate.purchase(event, &key, quantity).await {
+        Ok(decision) => decision,
+        Err(e) => return ApiError::from(e).into(),
+    };
+    let replayed = decision.replayed.then_some(true);
+    match decision.outcome {
+        Outcome::Sold(sale) => PurchaseResponse::Ok(
+            Json(PurchaseOk {
+                success: true,
+                seats_remaining: sale.seats_remaining,
+                purchase_id: sale.purchase_id,
+                quantity: sale.quantity,
+                event_id: event,
+            }),
+            replayed,
+        ),
+        Outcome::SoldOut => PurchaseResponse::SoldOut(
+            Json(ErrorBody {
+                error: ErrorCode::SoldOut,
+                message: "fewer seats remain than requested; nothing was sold".into(),
+            }),
+            replayed,
+        ),
+        Outcome::KeyReused => PurchaseResponse::KeyReused(Json(ErrorBody {
+            error: ErrorCode::IdempotencyKeyReused,
+            message: "this Idempotency-Key was used for a purchase with another quantity".into(),
+        })),
+    }
+}

@@ -1,0 +1,142 @@
+//! Runtime configuration: one clap struct per concern, every flag with an
+//! environment fallback so containers and Kubernetes configure it with env vars.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// Where the service finds Redis and PostgreSQL and how it names its keys.
+#[derive(Debug, Clone, Args)]
+pub struct StoreConfig {
+    /// Redis URL: the gate that sells seats and the stream of sales.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// PostgreSQL URL: the record of every sale. The database is created when missing.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/boxoffice"
+    )]
+    pub database_url: String,
+
+    /// Prefix of every Redis key, so several deployments (or test runs) can share one Redis.
+    #[arg(long, env = "BOXOFFICE_KEY_PREFIX", default_value = "tix")]
+    pub key_prefix: String,
+
+    /// Connections in the PostgreSQL pool of one process. Keep
+    /// `replicas × this` below the server's `max_connections`.
+    #[arg(long, env = "BOXOFFICE_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: u32,
+
+    /// Connections in the Redis pool for blocking stream reads and other non-hot work.
+    #[arg(long, env = "BOXOFFICE_REDIS_POOL_SIZE", default_value_t = 8)]
+    pub redis_pool_size: usize,
+
+    /// Milliseconds a Redis command may take before the request fails with 503.
+    #[arg(long, env = "BOXOFFICE_REDIS_TIMEOUT_MS", default_value_t = 2000)]
+    pub redis_timeout_ms: u64,
+}
+
+impl StoreConfig {
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+}
+
+/// How the stream consumer batches and reclaims sales on their way to PostgreSQL.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumerConfig {
+    /// Largest number of sales written to PostgreSQL in one statement.
+    #[arg(long, env = "BOXOFFICE_CONSUMER_BATCH", default_value_t = 1000)]
+    pub consumer_batch: usize,
+
+    /// Milliseconds one XREADGROUP waits for new sales before checking for new events.
+    #[arg(long, env = "BOXOFFICE_CONSUMER_BLOCK_MS", default_value_t = 1000)]
+    pub consumer_block_ms: u64,
+
+    /// Milliseconds a sale may stay unacknowledged by another consumer before this one
+    /// takes it over (the other consumer is presumed dead).
+    #[arg(long, env = "BOXOFFICE_CLAIM_IDLE_MS", default_value_t = 30_000)]
+    pub claim_idle_ms: u64,
+}
+
+/// Settings of the HTTP server (`serve`).
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "BOXOFFICE_LISTEN", default_value = "0.0.0.0:3000")]
+    pub listen: SocketAddr,
+
+    /// Length of the kernel's accept queue. A flash crowd opens thousands of connections
+    /// at once; a short queue drops SYNs, which clients retry only after a second.
+    #[arg(long, env = "BOXOFFICE_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
+
+    /// Bearer token for the admin endpoints (creating events). Unset: they answer 403.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Seconds an Idempotency-Key and its outcome are remembered.
+    #[arg(long, env = "BOXOFFICE_IDEMPOTENCY_TTL", default_value_t = 86_400)]
+    pub idempotency_ttl: u64,
+
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "BOXOFFICE_BODY_LIMIT", default_value_t = 16 * 1024)]
+    pub body_limit: usize,
+
+    /// Run the stream consumer inside this process (`false` when a separate
+    /// `boxoffice worker` does it).
+    #[arg(long, env = "BOXOFFICE_CONSUMER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub consumer: bool,
+
+    /// Name of the event created when the database has none.
+    #[arg(
+        long,
+        env = "BOXOFFICE_DEFAULT_EVENT_NAME",
+        default_value = "Default event"
+    )]
+    pub default_event_name: String,
+
+    /// Seats of the event created when the database has none.
+    #[arg(long, env = "BOXOFFICE_DEFAULT_EVENT_SEATS", default_value_t = 5000)]
+    pub default_event_seats: u32,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// JSON when stdout is not a terminal, pretty otherwise.
+    Auto,
+    Json,
+    Pretty,
+}
+
+/// Settings every subcommand shares.
+#[derive(Debug, Clone, Args)]
+pub struct CommonConfig {
+    #[command(flatten)]
+    pub store: StoreConfig,
+
+    /// Name of this process in the consumer group, stats and logs. Must be unique per
+    /// replica; in Kubernetes, set it to the pod name.
+    #[arg(long, env = "BOXOFFICE_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "BOXOFFICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+}
+
+impl CommonConfig {
+    /// The configured instance id, or the host name with a random suffix (several
+    /// processes on one host must not share a consumer name).
+    pub fn instance_id(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "boxoffice".into());
+            let suffix = uuid::Uuid::new_v4().simple().to_string();
+            format!("{host}-{}", &suffix[..8])
+        })
+    }
+}

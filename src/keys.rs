@@ -1,0 +1,63 @@
+//! Redis key names. Every key one script touches carries the event's hash tag
+//! (`{<event id>}`), so the scripts run unchanged on Redis Cluster.
+
+use uuid::Uuid;
+
+/// Builds key names under a configurable prefix (several deployments, or test runs,
+/// can share one Redis).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// Hash with the event's `total`, `sold`, `purchases` and `rejected` counters.
+    pub fn inventory(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:inv", self.prefix)
+    }
+
+    /// The outcome recorded under one Idempotency-Key of the event.
+    pub fn idempotency(&self, event: Uuid, key: &str) -> String {
+        format!("{}:{{{event}}}:idem:{key}", self.prefix)
+    }
+
+    /// Stream of the event's sales, consumed into PostgreSQL.
+    pub fn stream(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:log", self.prefix)
+    }
+
+    /// Set of the ids of events loaded into Redis; the consumer reads their streams.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// The event a stream key belongs to.
+    pub fn event_of_stream(&self, stream: &str) -> Option<Uuid> {
+        stream
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(":{")?
+            .strip_suffix("}:log")?
+            .parse()
+            .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_key_round_trips() {
+        let keys = Keys::new("tix");
+        let id = Uuid::now_v7();
+        assert_eq!(keys.event_of_stream(&keys.stream(id)), Some(id));
+        assert_eq!(keys.event_of_stream(&keys.inventory(id)), None);
+        assert_eq!(Keys::new("other").event_of_stream(&keys.stream(id)), None);
+    }
+}

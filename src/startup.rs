@@ -1,0 +1,209 @@
+//! Wiring: builds the application from its configuration and runs the HTTP server,
+//! the stream consumer and the Redis watcher under one shutdown signal.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use poem::Server;
+use poem::listener::{Acceptor, TcpAcceptor};
+use redis::AsyncConnectionConfig;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState, Stats};
+use crate::config::{CommonConfig, ConsumerConfig, ServeConfig, StoreConfig};
+use crate::db;
+use crate::error::{Error, Result, redact_url};
+use crate::keys::Keys;
+use crate::persist::Consumer;
+use crate::purchase::Gate;
+
+/// How long in-flight requests may take to finish after shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Connections to both stores, shared by the server and the consumer.
+#[derive(Clone)]
+pub struct Stores {
+    pub db: PgPool,
+    pub redis: deadpool_redis::Pool,
+    pub keys: Keys,
+}
+
+impl Stores {
+    /// Connects to PostgreSQL (creating and migrating the database) and builds the
+    /// Redis pool. `block` is the longest blocking command the pool must allow.
+    pub async fn connect(config: &StoreConfig, block: Duration) -> Result<Self> {
+        let db = db::connect(&config.database_url, config.db_pool_size).await?;
+        let connection = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.redis_timeout()))
+            .set_response_timeout(Some(block + config.redis_timeout()));
+        let manager =
+            deadpool_redis::Manager::new_with_config(config.redis_url.as_str(), connection)
+                .map_err(|e| {
+                    Error::Startup(format!(
+                        "invalid REDIS_URL {}: {e}",
+                        redact_url(&config.redis_url)
+                    ))
+                })?;
+        let redis = deadpool_redis::Pool::builder(manager)
+            .max_size(config.redis_pool_size)
+            .wait_timeout(Some(config.redis_timeout()))
+            .create_timeout(Some(config.redis_timeout()))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Startup(format!("building the Redis pool: {e}")))?;
+        Ok(Self {
+            db,
+            redis,
+            keys: Keys::new(config.key_prefix.clone()),
+        })
+    }
+
+    pub fn consumer(&self, name: String, config: &ConsumerConfig) -> Consumer {
+        Consumer::new(
+            self.redis.clone(),
+            self.db.clone(),
+            self.keys.clone(),
+            name,
+            config.clone(),
+        )
+    }
+}
+
+/// A built, not yet running, `boxoffice serve`.
+pub struct Application {
+    acceptor: TcpAcceptor,
+    port: u16,
+    state: Arc<AppState>,
+    consumer: Option<Consumer>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Connects to the stores, ensures the default event and binds the listener.
+    pub async fn build(
+        common: &CommonConfig,
+        serve: &ServeConfig,
+        consumer: &ConsumerConfig,
+    ) -> Result<Self> {
+        let instance_id = common.instance_id();
+        let block = Duration::from_millis(consumer.consumer_block_ms);
+        let stores = Stores::connect(&common.store, block).await?;
+        let gate = Gate::connect(
+            &common.store.redis_url,
+            common.store.redis_timeout(),
+            stores.db.clone(),
+            stores.keys.clone(),
+            serve.idempotency_ttl,
+        )
+        .await?;
+        let seats = i32::try_from(serve.default_event_seats)
+            .map_err(|_| Error::Startup("BOXOFFICE_DEFAULT_EVENT_SEATS is too large".into()))?;
+        let default_event = db::default_event(&stores.db, &serve.default_event_name, seats).await?;
+        gate.load_all().await?;
+
+        let acceptor = bind(serve).await?;
+        let port = acceptor
+            .local_addr()
+            .first()
+            .and_then(|addr| addr.as_socket_addr().map(|a| a.port()))
+            .unwrap_or(serve.listen.port());
+        let consumer = serve
+            .consumer
+            .then(|| stores.consumer(instance_id.clone(), consumer));
+        let state = Arc::new(AppState {
+            gate,
+            db: stores.db,
+            redis: stores.redis,
+            default_event: default_event.id,
+            instance_id,
+            admin_token: serve.admin_token.clone().filter(|t| !t.is_empty()),
+            body_limit: serve.body_limit,
+            stats: Stats::default(),
+            started: Instant::now(),
+        });
+        Ok(Self {
+            acceptor,
+            port,
+            state,
+            consumer,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// The port the server listens on (useful when configured with port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The id of the event the seed-compatible endpoints sell.
+    pub fn default_event(&self) -> uuid::Uuid {
+        self.state.default_event
+    }
+
+    /// Cancelling this token stops the server, the consumer and the watcher.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then lets in-flight requests and
+    /// the consumer's current batch finish.
+    pub async fn run_until_stopped(self) -> Result<()> {
+        let Self {
+            acceptor,
+            state,
+            consumer,
+            shutdown,
+            ..
+        } = self;
+        tracing::info!(port = self.port, instance = %state.instance_id, "serving");
+        let consumer = consumer.map(|c| tokio::spawn(c.run(shutdown.clone())));
+        let watcher = tokio::spawn(state.gate.clone().watch_redis(shutdown.clone()));
+        let server = Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
+            api::routes(state),
+            shutdown.clone().cancelled_owned(),
+            Some(SHUTDOWN_GRACE),
+        );
+        let served = server.await;
+        shutdown.cancel();
+        if let Some(consumer) = consumer {
+            let _ = consumer.await;
+        }
+        let _ = watcher.await;
+        served.map_err(|e| Error::Startup(format!("HTTP server failed: {e}")))
+    }
+}
+
+/// Binds with an explicit accept backlog: tokio's default (1024) overflows when a
+/// flash crowd connects at once, and each dropped SYN costs the client a 1 s retry.
+async fn bind(serve: &ServeConfig) -> Result<TcpAcceptor> {
+    let addr = serve.listen;
+    let fail = |e: std::io::Error| Error::Startup(format!("cannot listen on {addr}: {e}"));
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    socket.set_reuseaddr(true).map_err(fail)?;
+    socket.set_nodelay(true).map_err(fail)?;
+    socket.bind(addr).map_err(fail)?;
+    let listener = socket.listen(serve.listen_backlog).map_err(fail)?;
+    TcpAcceptor::from_tokio(listener).map_err(fail)
+}
+
+/// Resolves when the process receives SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
