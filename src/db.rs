@@ -45,10 +45,10 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
     };
     if !Postgres::database_exists(url).await.map_err(unreachable)? {
         // Another replica may create it between our check and our CREATE.
-        if let Err(e) = Postgres::create_database(url).await {
-            if !Postgres::database_exists(url).await.unwrap_or(false) {
-                return Err(unreachable(e));
-            }
+        if let Err(e) = Postgres::create_database(url).await
+            && !Postgres::database_exists(url).await.unwrap_or(false)
+        {
+            return Err(unreachable(e));
         }
         tracing::info!(url = %redact_url(url), "created database");
     }

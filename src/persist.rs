@@ -147,12 +147,11 @@ impl Consumer {
         let reply: Option<StreamReadReply> = conn
             .xread_options(&cursor.streams, &ids, &options)
             .await
-            .map_err(|e| {
+            .inspect_err(|e| {
                 // A stream deleted by hand loses its group; recreate it next round.
                 if e.code() == Some("NOGROUP") {
                     cursor.grouped.clear();
                 }
-                e
             })?;
         let mut read = 0;
         for stream in reply.map(|r| r.keys).unwrap_or_default() {

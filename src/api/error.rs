@@ -121,10 +121,13 @@ impl ApiError {
         Self::from_status(err.status(), err.to_string())
     }
 
-    /// poem-openapi reports JSON syntax errors with serde's message, and type or
-    /// validation errors of a field with a message naming the schema and the field.
+    /// poem-openapi reports JSON syntax errors with serde's message, a body of the
+    /// wrong shape as "Expected input type \"PurchaseRequest\"…", and a bad field
+    /// inside it with "field `quantity` …" or "(occurred while parsing \"PurchaseRequest\")".
     fn from_payload_error(reason: &str) -> Self {
-        let code = if reason.contains("quantity") || reason.contains("\"integer") {
+        let in_quantity = reason.contains("field `quantity`")
+            || reason.contains("occurred while parsing \"PurchaseRequest\"");
+        let code = if in_quantity {
             ErrorCode::InvalidQuantity
         } else {
             ErrorCode::InvalidBody

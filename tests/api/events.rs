@@ -1,0 +1,122 @@
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{ADMIN_TOKEN, AppOptions, TestEnv};
+
+#[tokio::test]
+async fn events_are_created_listed_and_sold_without_a_restart() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app(AppOptions::default()).await;
+
+    let created = app
+        .send(
+            app.client
+                .post(app.url("/api/v1/events"))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(&json!({ "name": "Encore", "totalSeats": 30 })),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.body["name"], "Encore");
+    assert_eq!(
+        (
+            &created.body["totalSeats"],
+            &created.body["seatsSold"],
+            &created.body["seatsRemaining"]
+        ),
+        (&json!(30), &json!(0), &json!(30))
+    );
+    let id = created.body["id"].as_str().unwrap().parse().unwrap();
+
+    let list = app.get("/api/v1/events").await;
+    assert_eq!(list.status, StatusCode::OK);
+    let names: Vec<&str> = list
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Default event", "Encore"]);
+
+    assert_eq!(
+        app.purchase_event(id, "encore-1", 3).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(app.event(id).await["seatsRemaining"], 27);
+    // The running consumer finds the new event's stream by itself.
+    env.wait_for_rows(id, 1, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn creating_events_needs_the_admin_token() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app(AppOptions::default()).await;
+    let new_event = json!({ "name": "x", "totalSeats": 5 });
+    let post = || app.client.post(app.url("/api/v1/events")).json(&new_event);
+
+    let anonymous = app.send(post()).await;
+    assert_eq!(
+        (anonymous.status, anonymous.code()),
+        (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+    );
+    let wrong = app.send(post().bearer_auth("guess")).await;
+    assert_eq!(
+        (wrong.status, wrong.code()),
+        (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+    );
+
+    let invalid = [
+        json!({ "name": "", "totalSeats": 5 }),
+        json!({ "name": "x", "totalSeats": 0 }),
+        json!({ "name": "x", "totalSeats": 1_000_001 }),
+        json!({ "name": "x" }),
+    ];
+    for body in invalid {
+        let reply = app
+            .send(
+                app.client
+                    .post(app.url("/api/v1/events"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(reply.code(), "INVALID_BODY", "{body}: {:?}", reply.body);
+    }
+    assert_eq!(
+        app.get("/api/v1/events")
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn without_a_configured_token_the_admin_api_is_disabled() {
+    let env = TestEnv::new().await;
+    let app = env
+        .spawn_app(AppOptions {
+            admin_token: None,
+            ..AppOptions::default()
+        })
+        .await;
+
+    let reply = app
+        .send(
+            app.client
+                .post(app.url("/api/v1/events"))
+                .bearer_auth("anything")
+                .json(&json!({ "name": "x", "totalSeats": 5 })),
+        )
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (StatusCode::FORBIDDEN, "ADMIN_DISABLED")
+    );
+}

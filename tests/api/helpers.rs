@@ -1,0 +1,498 @@
+//! Test harness: finds Redis and PostgreSQL, gives every test its own database and
+//! Redis key prefix, and starts app instances on random ports.
+//!
+//! Services, in order: `BOXOFFICE_TEST_REDIS_URL` / `BOXOFFICE_TEST_DATABASE_URL`; the
+//! local defaults when they answer; containers started with testcontainers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boxoffice::cli::ServeArgs;
+use boxoffice::persist::Consumer;
+use boxoffice::startup::{Application, Stores};
+use clap::Parser;
+use redis::AsyncCommands;
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const LOCAL_REDIS: &str = "redis://127.0.0.1:6379";
+const LOCAL_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Where the test services are: a Redis URL and a PostgreSQL server URL (no database).
+struct Services {
+    redis_url: String,
+    postgres_url: String,
+}
+
+static SERVICES: OnceCell<Services> = OnceCell::const_new();
+
+async fn services() -> &'static Services {
+    SERVICES.get_or_init(find_services).await
+}
+
+async fn find_services() -> Services {
+    if let (Ok(redis_url), Ok(postgres_url)) = (
+        std::env::var("BOXOFFICE_TEST_REDIS_URL"),
+        std::env::var("BOXOFFICE_TEST_DATABASE_URL"),
+    ) {
+        return Services {
+            redis_url,
+            postgres_url: postgres_url.trim_end_matches('/').to_owned(),
+        };
+    }
+    if redis_answers(LOCAL_REDIS).await && postgres_answers(LOCAL_POSTGRES).await {
+        return Services {
+            redis_url: LOCAL_REDIS.into(),
+            postgres_url: LOCAL_POSTGRES.into(),
+        };
+    }
+    containers::start().await
+}
+
+async fn redis_answers(url: &str) -> bool {
+    let ping = async {
+        let client = redis::Client::open(url).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), ping).await,
+        Ok(Some(_))
+    )
+}
+
+async fn postgres_answers(server: &str) -> bool {
+    let url = format!("{server}/postgres");
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), PgConnection::connect(&url)).await,
+        Ok(Ok(_))
+    )
+}
+
+mod containers {
+    use testcontainers_modules::postgres::Postgres;
+    use testcontainers_modules::redis::Redis;
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+
+    use super::Services;
+
+    /// Starts one Redis and one PostgreSQL container for the whole test binary. They
+    /// are leaked on purpose: testcontainers' reaper removes them when the process exits.
+    pub async fn start() -> Services {
+        let redis = Redis::default()
+            .start()
+            .await
+            .expect("no Redis at 127.0.0.1:6379 and Docker could not start one");
+        let postgres = Postgres::default()
+            .start()
+            .await
+            .expect("no PostgreSQL at 127.0.0.1:5432 and Docker could not start one");
+        let services = Services {
+            redis_url: format!(
+                "redis://{}:{}",
+                redis.get_host().await.unwrap(),
+                redis.get_host_port_ipv4(6379).await.unwrap()
+            ),
+            postgres_url: format!(
+                "postgres://postgres:postgres@{}:{}",
+                postgres.get_host().await.unwrap(),
+                postgres.get_host_port_ipv4(5432).await.unwrap()
+            ),
+        };
+        std::mem::forget(redis);
+        std::mem::forget(postgres);
+        services
+    }
+}
+
+/// Options for one app instance.
+#[derive(Clone)]
+pub struct AppOptions {
+    pub consumer: bool,
+    pub default_seats: u32,
+    pub claim_idle_ms: u64,
+    pub idempotency_ttl: u64,
+    pub admin_token: Option<&'static str>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self {
+            consumer: true,
+            default_seats: 5000,
+            claim_idle_ms: 30_000,
+            idempotency_ttl: 86_400,
+            admin_token: Some(ADMIN_TOKEN),
+        }
+    }
+}
+
+/// One isolated world: its own PostgreSQL database and Redis key prefix. Several apps
+/// started from one `TestEnv` share them, like replicas. Dropping it removes both.
+pub struct TestEnv {
+    pub redis_url: String,
+    pub database_url: String,
+    postgres_url: String,
+    pub db_name: String,
+    pub prefix: String,
+    pub db: PgPool,
+    pub redis: redis::aio::MultiplexedConnection,
+}
+
+#[derive(Parser)]
+struct TestCli {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        // Logs go to the test's captured output, shown when it fails.
+        boxoffice::telemetry::init(boxoffice::config::LogFormat::Pretty);
+        let services = services().await;
+        let id = Uuid::new_v4().simple().to_string();
+        let db_name = format!("boxoffice_test_{id}");
+        let database_url = format!("{}/{db_name}", services.postgres_url);
+        // Creating and migrating the database is the app's job; do it once up front
+        // so that the replicas of a test do not race on it.
+        let db = boxoffice::db::connect(&database_url, 4)
+            .await
+            .expect("test database");
+        let redis = redis::Client::open(services.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("test Redis");
+        Self {
+            redis_url: services.redis_url.clone(),
+            postgres_url: services.postgres_url.clone(),
+            database_url,
+            db_name,
+            prefix: format!("test-{id}"),
+            db,
+            redis,
+        }
+    }
+
+    pub fn serve_args(&self, options: &AppOptions) -> ServeArgs {
+        let args = [
+            "boxoffice".to_string(),
+            "--listen=127.0.0.1:0".into(),
+            format!("--redis-url={}", self.redis_url),
+            format!("--database-url={}", self.database_url),
+            format!("--key-prefix={}", self.prefix),
+            format!("--admin-token={}", options.admin_token.unwrap_or_default()),
+            format!("--idempotency-ttl={}", options.idempotency_ttl),
+            format!("--consumer={}", options.consumer),
+            format!("--default-event-seats={}", options.default_seats),
+            format!("--claim-idle-ms={}", options.claim_idle_ms),
+            "--consumer-block-ms=200".into(),
+            "--db-pool-size=4".into(),
+            "--log-format=pretty".into(),
+        ];
+        TestCli::parse_from(args).args
+    }
+
+    /// Starts one app instance (a replica) in this environment.
+    pub async fn spawn_app(&self, options: AppOptions) -> TestApp {
+        let args = self.serve_args(&options);
+        let app = Application::build(&args.common, &args.serve, &args.consumer)
+            .await
+            .expect("app starts");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let default_event = app.default_event();
+        let shutdown = app.shutdown_token();
+        let handle = tokio::spawn(app.run_until_stopped());
+        TestApp {
+            address,
+            default_event,
+            client: reqwest::Client::new(),
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    /// A stream consumer of this environment, not yet running.
+    pub async fn consumer(&self, name: &str, claim_idle_ms: u64) -> Consumer {
+        let mut args = self.serve_args(&AppOptions::default());
+        args.consumer.claim_idle_ms = claim_idle_ms;
+        let stores = Stores::connect(&args.common.store, Duration::from_millis(200))
+            .await
+            .expect("stores");
+        stores.consumer(name.to_owned(), &args.consumer)
+    }
+
+    /// Rows of `purchases` for `event`: (purchase id, idempotency key, quantity).
+    pub async fn rows(&self, event: Uuid) -> Vec<(Uuid, String, i16)> {
+        sqlx::query_as(
+            "SELECT id, idempotency_key, quantity FROM purchases WHERE event_id = $1 ORDER BY id",
+        )
+        .bind(event)
+        .fetch_all(&self.db)
+        .await
+        .unwrap()
+    }
+
+    /// Waits until `purchases` holds `count` rows for `event`, or panics after `within`.
+    pub async fn wait_for_rows(&self, event: Uuid, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let rows = self.rows(event).await.len();
+            if rows == count {
+                return;
+            }
+            assert!(
+                rows < count,
+                "more rows ({rows}) than sales ({count}) for event {event}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "only {rows} of {count} rows for event {event} after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stream_key(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:log", self.prefix)
+    }
+
+    /// Redis' `sold` counter of an event.
+    pub async fn redis_sold(&self, event: Uuid) -> i64 {
+        let key = format!("{}:{{{event}}}:inv", self.prefix);
+        self.redis.clone().hget(key, "sold").await.unwrap()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let (redis_url, postgres_url, db_name, prefix) = (
+            self.redis_url.clone(),
+            self.postgres_url.clone(),
+            self.db_name.clone(),
+            self.prefix.clone(),
+        );
+        // Drop runs outside async; clean up on a thread with its own runtime.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                // Twice: an app task that was reloading its events when the test ended
+                // may write keys back once more before it notices it was stopped.
+                delete_keys(&redis_url, &prefix).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                delete_keys(&redis_url, &prefix).await;
+                if let Ok(mut conn) =
+                    PgConnection::connect(&format!("{postgres_url}/postgres")).await
+                {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Deletes every key under `prefix` (and nothing else).
+async fn delete_keys(redis_url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(redis_url) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let mut cursor = 0u64;
+    loop {
+        let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = conn.del(&keys).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
+/// A running app instance. Dropping it stops it.
+pub struct TestApp {
+    pub address: String,
+    pub default_event: Uuid,
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<boxoffice::Result<()>>>,
+}
+
+/// A response read whole: status, headers of interest, JSON body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub replayed: bool,
+    pub body: Value,
+    pub content_type: String,
+}
+
+impl Reply {
+    pub async fn read(response: Response) -> Self {
+        let status = response.status();
+        let replayed = response
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{status}: body is not JSON: {text:?}"));
+        Self {
+            status,
+            replayed,
+            body,
+            content_type,
+        }
+    }
+
+    /// The `error` code of an error body.
+    pub fn code(&self) -> &str {
+        self.body["error"].as_str().unwrap_or("<no error code>")
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn send(&self, request: RequestBuilder) -> Reply {
+        Reply::read(request.send().await.expect("request sent")).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(self.client.get(self.url(path))).await
+    }
+
+    /// `POST /api/v1/purchase` of the default event.
+    pub async fn purchase(&self, key: &str, quantity: u8) -> Reply {
+        self.purchase_body(key, json!({ "quantity": quantity }))
+            .await
+    }
+
+    pub async fn purchase_body(&self, key: &str, body: Value) -> Reply {
+        self.send(
+            self.client
+                .post(self.url("/api/v1/purchase"))
+                .header("Idempotency-Key", key)
+                .json(&body),
+        )
+        .await
+    }
+
+    /// `POST /api/v1/events/{event}/purchase`.
+    pub async fn purchase_event(&self, event: Uuid, key: &str, quantity: u8) -> Reply {
+        self.send(
+            self.client
+                .post(self.url(&format!("/api/v1/events/{event}/purchase")))
+                .header("Idempotency-Key", key)
+                .json(&json!({ "quantity": quantity })),
+        )
+        .await
+    }
+
+    /// Creates an event through the admin API and returns its id.
+    pub async fn create_event(&self, name: &str, seats: u32) -> Uuid {
+        let reply = self
+            .send(
+                self.client
+                    .post(self.url("/api/v1/events"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&json!({ "name": name, "totalSeats": seats })),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+        reply.body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// `GET /api/v1/events/{event}`.
+    pub async fn event(&self, event: Uuid) -> Value {
+        let reply = self.get(&format!("/api/v1/events/{event}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        reply.body
+    }
+
+    /// Stops the instance the way SIGTERM does, waiting for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Fires `buyers` purchases at `apps` round-robin with up to `in_flight` at once;
+/// `quantity(i)` and `key(i)` pick each buyer's order. Returns every reply in order.
+pub async fn rush(
+    apps: &[&TestApp],
+    event: Uuid,
+    buyers: usize,
+    in_flight: usize,
+    quantity: impl Fn(usize) -> u8,
+    key: impl Fn(usize) -> String,
+) -> Vec<(String, u8, Reply)> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..buyers {
+        let app = apps[i % apps.len()];
+        let client = app.client.clone();
+        let url = app.url(&format!("/api/v1/events/{event}/purchase"));
+        let (key, quantity) = (key(i), quantity(i));
+        let permits = permits.clone();
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let response = client
+                .post(url)
+                .header("Idempotency-Key", &key)
+                .json(&json!({ "quantity": quantity }))
+                .send()
+                .await
+                .expect("purchase sent");
+            (i, key, quantity, Reply::read(response).await)
+        });
+    }
+    let mut replies = tasks.join_all().await;
+    replies.sort_by_key(|(i, ..)| *i);
+    replies.into_iter().map(|(_, k, q, r)| (k, q, r)).collect()
+}

@@ -1,0 +1,11 @@
+//! Integration tests: real HTTP against app instances backed by real Redis and
+//! PostgreSQL (see `helpers` for how they are found and isolated).
+
+mod concurrency;
+mod events;
+mod helpers;
+mod idempotency;
+mod openapi;
+mod ops;
+mod persist;
+mod purchase;

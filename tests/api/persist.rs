@@ -1,0 +1,138 @@
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use reqwest::StatusCode;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{AppOptions, TestEnv};
+
+fn without_consumer() -> AppOptions {
+    AppOptions {
+        consumer: false,
+        ..AppOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn sales_made_while_the_consumer_is_stopped_are_written_when_it_starts() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app(without_consumer()).await;
+    let event = app.default_event;
+    for i in 0..40 {
+        let reply = app
+            .purchase(&format!("offline-{i}"), (i % 3 + 1) as u8)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(env.rows(event).await.is_empty(), "nothing consumes yet");
+
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(env.consumer("late-worker", 30_000).await.run(stop.clone()));
+    env.wait_for_rows(event, 40, Duration::from_secs(10)).await;
+    stop.cancel();
+    consumer.await.unwrap();
+
+    let persisted: i64 = env.rows(event).await.iter().map(|r| i64::from(r.2)).sum();
+    assert_eq!(persisted, env.redis_sold(event).await);
+    // Acknowledged entries are trimmed, so the stream does not grow without bound.
+    let len: usize = env.redis.clone().xlen(env.stream_key(event)).await.unwrap();
+    assert!(len <= 1, "stream still holds {len} entries");
+}
+
+#[tokio::test]
+async fn entries_left_pending_by_a_dead_consumer_are_reclaimed() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app(without_consumer()).await;
+    let event = app.default_event;
+    for i in 0..25 {
+        assert_eq!(
+            app.purchase(&format!("orphan-{i}"), 1).await.status,
+            StatusCode::OK
+        );
+    }
+    // A consumer reads the entries, then dies before writing or acknowledging them.
+    let options = StreamReadOptions::default()
+        .group("persist", "doomed")
+        .count(100);
+    let taken: StreamReadReply = env
+        .redis
+        .clone()
+        .xread_options(&[env.stream_key(event)], &[">"], &options)
+        .await
+        .unwrap();
+    assert_eq!(taken.keys[0].ids.len(), 25);
+
+    let stop = CancellationToken::new();
+    let survivor = tokio::spawn(env.consumer("survivor", 300).await.run(stop.clone()));
+    env.wait_for_rows(event, 25, Duration::from_secs(15)).await;
+    stop.cancel();
+    survivor.await.unwrap();
+
+    let pending: redis::streams::StreamPendingReply = env
+        .redis
+        .clone()
+        .xpending(env.stream_key(event), "persist")
+        .await
+        .unwrap();
+    assert_eq!(pending.count(), 0, "every reclaimed entry was acknowledged");
+}
+
+#[tokio::test]
+async fn an_event_lost_from_redis_is_reloaded_with_its_persisted_sales() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app(AppOptions::default()).await;
+    let event = app.create_event("reload", 50).await;
+    for i in 0..5 {
+        assert_eq!(
+            app.purchase_event(event, &format!("r-{i}"), 2).await.status,
+            StatusCode::OK
+        );
+    }
+    env.wait_for_rows(event, 5, Duration::from_secs(10)).await;
+
+    let inventory = format!("{}:{{{event}}}:inv", env.prefix);
+    let _: () = env.redis.clone().del(&inventory).await.unwrap();
+
+    let seats = app.event(event).await;
+    assert_eq!(seats["seatsSold"], 10, "sold comes back from PostgreSQL");
+    for i in 0..4 {
+        let reply = app.purchase_event(event, &format!("after-{i}"), 10).await;
+        assert_eq!(reply.body["seatsRemaining"], 30 - 10 * i, "{reply:?}");
+    }
+    assert_eq!(
+        app.purchase_event(event, "over", 1).await.code(),
+        "SOLD_OUT"
+    );
+}
+
+#[tokio::test]
+async fn a_redis_behind_postgres_is_raised_before_selling_again() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app(AppOptions::default()).await;
+    let event = app.create_event("restored", 10).await;
+    for i in 0..4 {
+        assert_eq!(
+            app.purchase_event(event, &format!("s-{i}"), 2).await.status,
+            StatusCode::OK
+        );
+    }
+    env.wait_for_rows(event, 4, Duration::from_secs(10)).await;
+    app.stop().await;
+
+    // As if Redis came back from a snapshot taken before those sales.
+    let inventory = format!("{}:{{{event}}}:inv", env.prefix);
+    let _: () = env.redis.clone().hset(&inventory, "sold", 0).await.unwrap();
+
+    let app = env.spawn_app(AppOptions::default()).await;
+    assert_eq!(app.event(event).await["seatsSold"], 8);
+    assert_eq!(
+        app.purchase_event(event, "s-late", 3).await.code(),
+        "SOLD_OUT"
+    );
+    assert_eq!(
+        app.purchase_event(event, "s-last", 2).await.status,
+        StatusCode::OK
+    );
+}
