@@ -155,8 +155,14 @@ struct TestCli {
 
 impl TestEnv {
     pub async fn new() -> Self {
-        // Logs go to the test's captured output, shown when it fails.
-        boxoffice::telemetry::init(boxoffice::config::LogFormat::Pretty);
+        // Warnings go to the test's captured output, shown when it fails.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let services = services().await;
         let id = Uuid::new_v4().simple().to_string();
         let db_name = format!("boxoffice_test_{id}");
