@@ -1,0 +1,465 @@
+//! Sending requests and tallying what came back.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{SendRequest, handshake};
+use hyper::{Method, Request, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+use crate::Common;
+use crate::report::Report;
+use crate::verify;
+
+/// Latencies are tracked up to a minute, in microseconds.
+const MAX_LATENCY_MICROS: u64 = 60_000_000;
+/// Earlier requests a connection remembers as candidates for retries.
+const RETRY_HISTORY: usize = 1024;
+
+/// How a sustained run sends.
+pub struct Plan {
+    pub connections: usize,
+    pub duration: Duration,
+    pub rate: Option<u64>,
+    pub requests: Option<u64>,
+    pub retry_share: f64,
+    pub get: Option<String>,
+}
+
+/// One replica to send to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    authority: String,
+    addr: SocketAddr,
+}
+
+pub async fn targets(urls: &[String]) -> Result<Vec<Target>, String> {
+    let mut targets = Vec::new();
+    for url in urls {
+        let uri: Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("URL without host: {url}"))?
+            .to_string();
+        let with_port = if uri.port().is_some() {
+            authority.clone()
+        } else {
+            format!("{authority}:80")
+        };
+        let addr = tokio::net::lookup_host(&with_port)
+            .await
+            .map_err(|e| format!("cannot resolve {url}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("cannot resolve {url}"))?;
+        targets.push(Target {
+            url: url.trim_end_matches('/').to_owned(),
+            authority,
+            addr,
+        });
+    }
+    Ok(targets)
+}
+
+/// What a run counted.
+pub struct Tally {
+    pub latency: Histogram<u64>,
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests that got no HTTP answer (refused, reset, timed out).
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Seats sold by first-time purchases answered 200.
+    pub seats_sold: u64,
+    /// First-time purchases answered 200.
+    pub sales: u64,
+    /// Repeated keys answered with `Idempotent-Replayed: true` and the first answer.
+    pub replays: u64,
+    /// Repeated keys that got anything else: an idempotency bug.
+    pub replay_mismatches: u64,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            latency: Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 3).expect("bounds"),
+            statuses: BTreeMap::new(),
+            errors: 0,
+            first_error: None,
+            seats_sold: 0,
+            sales: 0,
+            replays: 0,
+            replay_mismatches: 0,
+        }
+    }
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.latency.add(other.latency).expect("same bounds");
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
+        self.errors += other.errors;
+        self.first_error = self.first_error.take().or(other.first_error);
+        self.seats_sold += other.seats_sold;
+        self.sales += other.sales;
+        self.replays += other.replays;
+        self.replay_mismatches += other.replay_mismatches;
+    }
+
+    fn record_latency(&mut self, latency: Duration) {
+        let micros = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_MICROS);
+        self.latency.saturating_record(micros);
+    }
+
+    fn error(&mut self, e: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.statuses.values().sum::<u64>() + self.errors
+    }
+}
+
+/// An HTTP answer, read whole.
+pub struct Answer {
+    pub status: u16,
+    pub replayed: bool,
+    pub body: Bytes,
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+pub async fn connect(target: &Target) -> Result<Sender, String> {
+    let stream = TcpStream::connect(target.addr)
+        .await
+        .map_err(|e| format!("connect {}: {e}", target.url))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (sender, connection) = handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake {}: {e}", target.url))?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+fn purchase_request(target: &Target, event: Uuid, key: &str, quantity: u8) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(format!("/api/v1/events/{event}/purchase"))
+        .header("host", &target.authority)
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from(format!(
+            "{{\"quantity\":{quantity}}}"
+        ))))
+        .expect("valid request")
+}
+
+pub fn get_request(target: &Target, path: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .uri(path)
+        .header("host", &target.authority)
+        .body(Full::new(Bytes::new()))
+        .expect("valid request")
+}
+
+pub async fn send(
+    sender: &mut Sender,
+    request: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    let exchange = async {
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let replayed = response
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            replayed,
+            body,
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+/// A short random id, so the keys of one run never collide with another's.
+fn run_id() -> String {
+    Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// Prints progress once a second: a rewritten line on a terminal, plain lines otherwise.
+fn progress(
+    done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    quiet: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if quiet {
+            return;
+        }
+        let terminal = std::io::stderr().is_terminal();
+        let started = Instant::now();
+        let mut last = 0;
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let now = done.load(Ordering::Relaxed);
+            let line = format!(
+                "{:>5.1}s  {now:>9} requests  {:>8} req/s",
+                started.elapsed().as_secs_f64(),
+                now - last
+            );
+            last = now;
+            if terminal {
+                eprint!("\r{line}");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+        if terminal {
+            eprintln!();
+        }
+    })
+}
+
+/// The replaced service's test: `users` at once, each on its own new connection.
+pub async fn seed(common: &Common, users: usize) -> Result<Report, String> {
+    let targets = targets(&common.urls).await?;
+    let event = verify::resolve_event(common, &targets[0]).await?;
+    let before = Some(verify::snapshot(&targets[0], event).await?);
+    let run = run_id();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for user in 0..users {
+        let target = targets[user % targets.len()].clone();
+        let key = format!("rush-{run}-{user}");
+        let quantity = common.quantity.pick(user as u64);
+        let timeout = common.timeout;
+        tasks.spawn(async move {
+            let begin = Instant::now();
+            let answer = async {
+                let mut sender = connect(&target).await?;
+                send(
+                    &mut sender,
+                    purchase_request(&target, event, &key, quantity),
+                    timeout,
+                )
+                .await
+            }
+            .await;
+            (answer, quantity, begin.elapsed())
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(joined) = tasks.join_next().await {
+        let (answer, quantity, latency) = joined.map_err(|e| e.to_string())?;
+        tally.record_latency(latency);
+        match answer {
+            Ok(answer) => {
+                *tally.statuses.entry(answer.status).or_default() += 1;
+                if answer.status == 200 {
+                    tally.seats_sold += u64::from(quantity);
+                    tally.sales += 1;
+                }
+            }
+            Err(e) => tally.error(e),
+        }
+    }
+    Ok(Report::new(
+        "seed",
+        &targets,
+        event,
+        run,
+        before,
+        started.elapsed(),
+        tally,
+    ))
+}
+
+/// State the connections of a sustained run share.
+struct Shared {
+    targets: Vec<Target>,
+    event: Uuid,
+    run: String,
+    next: AtomicU64,
+    done: Arc<AtomicU64>,
+    started: Instant,
+    deadline: Instant,
+}
+
+/// Keep-alive connections, each sending as answers arrive (closed model) or at its
+/// share of a fixed rate (open model).
+pub async fn sustained(common: &Common, plan: &Plan) -> Result<Report, String> {
+    let targets = targets(&common.urls).await?;
+    let event = match plan.get {
+        Some(_) => common.event.unwrap_or_default(),
+        None => verify::resolve_event(common, &targets[0]).await?,
+    };
+    let before = match plan.get {
+        Some(_) => None,
+        None => Some(verify::snapshot(&targets[0], event).await?),
+    };
+    let started = Instant::now();
+    let shared = Arc::new(Shared {
+        targets,
+        event,
+        run: run_id(),
+        next: AtomicU64::new(0),
+        done: Arc::new(AtomicU64::new(0)),
+        started,
+        deadline: started + plan.duration,
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = progress(shared.done.clone(), stop.clone(), common.json);
+    let mut workers = tokio::task::JoinSet::new();
+    for connection in 0..plan.connections {
+        let shared = shared.clone();
+        let (get, rate, requests) = (plan.get.clone(), plan.rate, plan.requests);
+        let (retry_share, quantity, timeout) = (plan.retry_share, common.quantity, common.timeout);
+        workers.spawn(async move {
+            let target = shared.targets[connection % shared.targets.len()].clone();
+            let mut tally = Tally::default();
+            let mut sender: Option<Sender> = None;
+            let mut history: Vec<(String, u8, Answer)> = Vec::new();
+            loop {
+                let n = shared.next.fetch_add(1, Ordering::Relaxed);
+                if requests.is_some_and(|max| n >= max) {
+                    break;
+                }
+                let scheduled = match rate {
+                    Some(rate) => {
+                        let at = shared.started + Duration::from_secs_f64(n as f64 / rate as f64);
+                        if at >= shared.deadline {
+                            break;
+                        }
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
+                if requests.is_none() && Instant::now() >= shared.deadline {
+                    break;
+                }
+                let mut conn = match sender.take() {
+                    Some(conn) => conn,
+                    None => match connect(&target).await {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            tally.record_latency(scheduled.elapsed());
+                            tally.error(e);
+                            shared.done.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    },
+                };
+                // A fixed hash of n decides retries: spread out, and no RNG to seed.
+                let retry = retry_share > 0.0
+                    && !history.is_empty()
+                    && (n.wrapping_mul(2_654_435_761) % 10_000) as f64 / 10_000.0 < retry_share;
+                let (request, key, qty) = if let Some(path) = &get {
+                    (get_request(&target, path), String::new(), 0)
+                } else if retry {
+                    let (key, qty, _) = &history[n as usize % history.len()];
+                    (
+                        purchase_request(&target, shared.event, key, *qty),
+                        key.clone(),
+                        *qty,
+                    )
+                } else {
+                    let key = format!("rush-{}-{n}", shared.run);
+                    let qty = quantity.pick(n);
+                    (purchase_request(&target, shared.event, &key, qty), key, qty)
+                };
+                let result = send(&mut conn, request, timeout).await;
+                tally.record_latency(scheduled.elapsed());
+                shared.done.fetch_add(1, Ordering::Relaxed);
+                let answer = match result {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        tally.error(e);
+                        continue;
+                    }
+                };
+                sender = Some(conn);
+                *tally.statuses.entry(answer.status).or_default() += 1;
+                if get.is_some() {
+                    continue;
+                }
+                if retry {
+                    let (_, _, first) = &history[n as usize % history.len()];
+                    if answer.replayed && answer.status == first.status && answer.body == first.body
+                    {
+                        tally.replays += 1;
+                    } else {
+                        tally.replay_mismatches += 1;
+                    }
+                    continue;
+                }
+                if answer.status == 200 {
+                    tally.seats_sold += u64::from(qty);
+                    tally.sales += 1;
+                }
+                if matches!(answer.status, 200 | 409) && retry_share > 0.0 {
+                    if history.len() == RETRY_HISTORY {
+                        history.swap_remove(n as usize % RETRY_HISTORY);
+                    }
+                    history.push((key, qty, answer));
+                }
+            }
+            tally
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(worker) = workers.join_next().await {
+        tally.merge(worker.map_err(|e| e.to_string())?);
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let _ = ticker.await;
+    let mode = match (&plan.get, plan.rate) {
+        (Some(_), _) => "get",
+        (None, Some(_)) => "open",
+        (None, None) => "closed",
+    };
+    let mut report = Report::new(
+        mode,
+        &shared.targets,
+        event,
+        shared.run.clone(),
+        before,
+        elapsed,
+        tally,
+    );
+    report.rate = plan.rate;
+    report.connections = Some(plan.connections);
+    Ok(report)
+}

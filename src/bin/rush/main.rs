@@ -1,0 +1,178 @@
+//! `rush`: the load generator and checker for boxoffice.
+//!
+//! * `rush seed`: the replaced service's own test — N users at once, each on a fresh
+//!   connection, each buying one seat with a fresh Idempotency-Key.
+//! * `rush sustained`: C keep-alive connections for a duration (closed model), or a
+//!   fixed request rate (open model, latency measured from each request's scheduled
+//!   time so a stalled server cannot hide its queue).
+//!
+//! Every run ends with a check: seats sold per the API equal the sum of the 200s and
+//! never exceed capacity; with `--database-url`, one PostgreSQL row per sale.
+
+mod load;
+mod report;
+mod verify;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rush",
+    version,
+    about = "Load generator and checker for boxoffice"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// N users fire at once, each on a fresh connection, each buying 1 seat.
+    Seed {
+        #[command(flatten)]
+        common: Common,
+        /// Number of users.
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+    },
+    /// Keep-alive connections for a duration, or at a fixed rate with `--rate`.
+    Sustained {
+        #[command(flatten)]
+        common: Common,
+        /// Concurrent keep-alive connections.
+        #[arg(long, short = 'c', default_value_t = 64)]
+        connections: usize,
+        /// How long to run, e.g. `10s`, `500ms`, `1m`.
+        #[arg(long, short = 'd', default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Requests per second (open model). Without it each connection sends as
+        /// fast as it gets answers.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Stop after this many requests.
+        #[arg(long)]
+        requests: Option<u64>,
+        /// Share of requests (0–1) that repeat an earlier request's key and quantity;
+        /// they must get the same answer back, marked as replayed.
+        #[arg(long, default_value_t = 0.0)]
+        retry_share: f64,
+        /// Send `GET <path>` instead of purchases (to measure the framework alone).
+        #[arg(long)]
+        get: Option<String>,
+    },
+}
+
+/// Options shared by every mode.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Base URL of a replica; repeat to spread requests round-robin.
+    #[arg(long = "url", default_value = "http://127.0.0.1:3000")]
+    pub urls: Vec<String>,
+    /// Event to buy from; default: the default event (`GET /api/v1/event`).
+    #[arg(long)]
+    pub event: Option<uuid::Uuid>,
+    /// Seats per purchase: a number from 1 to 10, or `mixed` (1–10).
+    #[arg(long, default_value = "1")]
+    pub quantity: QuantityArg,
+    /// PostgreSQL URL; when given, waits for the consumer and checks one row per sale.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up on one request after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum QuantityArg {
+    Fixed(u8),
+    Mixed,
+}
+
+impl std::str::FromStr for QuantityArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mixed" => Ok(Self::Mixed),
+            n => match n.parse::<u8>() {
+                Ok(q @ 1..=10) => Ok(Self::Fixed(q)),
+                _ => Err("a number from 1 to 10, or `mixed`".into()),
+            },
+        }
+    }
+}
+
+impl QuantityArg {
+    /// Quantity of the `n`-th request.
+    pub fn pick(self, n: u64) -> u8 {
+        match self {
+            Self::Fixed(q) => q,
+            // A fixed permutation of 1..=10: spread evenly, no RNG needed.
+            Self::Mixed => (n.wrapping_mul(7) % 10 + 1) as u8,
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let value: f64 = number.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.mode {
+        Mode::Seed { common, users } => load::seed(&common, users).await.map(|r| (common, r)),
+        Mode::Sustained {
+            common,
+            connections,
+            duration,
+            rate,
+            requests,
+            retry_share,
+            get,
+        } => {
+            let plan = load::Plan {
+                connections: connections.max(1),
+                duration,
+                rate,
+                requests,
+                retry_share: retry_share.clamp(0.0, 1.0),
+                get,
+            };
+            load::sustained(&common, &plan).await.map(|r| (common, r))
+        }
+    };
+    match result {
+        Ok((common, mut report)) => {
+            let ok = verify::run(&common, &mut report).await;
+            report.print(common.json);
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("rush: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

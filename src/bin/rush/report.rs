@@ -1,0 +1,163 @@
+//! The report of a run: text for people, JSON for scripts.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::load::{Tally, Target};
+use crate::verify::Snapshot;
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// One verification and whether it held.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mode: &'static str,
+    pub targets: Vec<String>,
+    pub event: Uuid,
+    /// Prefix of this run's Idempotency-Keys: `rush-<run>-`.
+    pub run: String,
+    pub connections: Option<usize>,
+    pub rate: Option<u64>,
+    pub duration_s: f64,
+    pub requests: u64,
+    pub throughput_rps: f64,
+    pub statuses: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub seats_sold: u64,
+    pub sales: u64,
+    pub replays: u64,
+    pub replay_mismatches: u64,
+    /// Milliseconds.
+    pub latency_ms: Latency,
+    /// Seconds from the end of the run until PostgreSQL held every sale.
+    pub persisted_after_s: Option<f64>,
+    pub checks: Vec<Check>,
+    #[serde(skip)]
+    pub before: Option<Snapshot>,
+}
+
+impl Report {
+    pub fn new(
+        mode: &'static str,
+        targets: &[Target],
+        event: Uuid,
+        run: String,
+        before: Option<Snapshot>,
+        elapsed: std::time::Duration,
+        tally: Tally,
+    ) -> Self {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        let h = &tally.latency;
+        let requests = tally.requests();
+        Self {
+            mode,
+            targets: targets.iter().map(|t| t.url.clone()).collect(),
+            event,
+            run,
+            connections: None,
+            rate: None,
+            duration_s: elapsed.as_secs_f64(),
+            requests,
+            throughput_rps: requests as f64 / elapsed.as_secs_f64().max(1e-9),
+            statuses: tally
+                .statuses
+                .iter()
+                .map(|(status, n)| (status.to_string(), *n))
+                .collect(),
+            errors: tally.errors,
+            first_error: tally.first_error.clone(),
+            seats_sold: tally.seats_sold,
+            sales: tally.sales,
+            replays: tally.replays,
+            replay_mismatches: tally.replay_mismatches,
+            latency_ms: Latency {
+                p50: ms(h.value_at_quantile(0.50)),
+                p90: ms(h.value_at_quantile(0.90)),
+                p99: ms(h.value_at_quantile(0.99)),
+                p999: ms(h.value_at_quantile(0.999)),
+                max: ms(h.max()),
+                mean: h.mean() / 1000.0,
+            },
+            persisted_after_s: None,
+            checks: Vec::new(),
+            before,
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+
+    pub fn print(&self, json: bool) {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(self).expect("serializable")
+            );
+            return;
+        }
+        let failed = self.requests - self.statuses.get("200").copied().unwrap_or(0);
+        let breakdown: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(status, n)| format!("{status}: {n} requests"))
+            .chain((self.errors > 0).then(|| format!("no answer: {} requests", self.errors)))
+            .collect();
+        println!(
+            "Results ({} against {}):",
+            self.mode,
+            self.targets.join(", ")
+        );
+        match self.mode {
+            "seed" => println!("  Sold seats: {}/{}", self.seats_sold, self.requests),
+            "get" => {}
+            _ => println!(
+                "  Sold seats: {} in {} purchases",
+                self.seats_sold, self.sales
+            ),
+        }
+        println!("  Failed requests: {failed}/{}", self.requests);
+        println!("  Duration: {:.3} seconds", self.duration_s);
+        println!("  Status Code Breakdown: {}", breakdown.join(", "));
+        if let Some(e) = &self.first_error {
+            println!("  First error: {e}");
+        }
+        println!("  Throughput: {:.0} requests/s", self.throughput_rps);
+        let l = &self.latency_ms;
+        println!(
+            "  Latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        if self.replays + self.replay_mismatches > 0 {
+            println!(
+                "  Retries: {} replayed identically, {} mismatched",
+                self.replays, self.replay_mismatches
+            );
+        }
+        if let Some(after) = self.persisted_after_s {
+            println!("  PostgreSQL held every sale {after:.2} s after the run");
+        }
+        for check in &self.checks {
+            let mark = if check.ok { "ok  " } else { "FAIL" };
+            println!("  [{mark}] {}: {}", check.name, check.detail);
+        }
+    }
+}

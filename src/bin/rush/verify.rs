@@ -1,0 +1,187 @@
+//! Checks after a run: what the API says was sold, and what PostgreSQL recorded.
+
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+use crate::Common;
+use crate::load::{Target, connect, get_request, send};
+use crate::report::{Check, Report};
+
+/// How long the consumer gets to write every sale to PostgreSQL.
+const PERSIST_WAIT: Duration = Duration::from_secs(120);
+
+/// An event's seats as the API reports them.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    pub total: i64,
+    pub sold: i64,
+}
+
+async fn get_json(target: &Target, path: &str) -> Result<serde_json::Value, String> {
+    let mut sender = connect(target).await?;
+    let answer = send(
+        &mut sender,
+        get_request(target, path),
+        Duration::from_secs(10),
+    )
+    .await?;
+    if answer.status != 200 {
+        return Err(format!(
+            "GET {path}: {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        ));
+    }
+    serde_json::from_slice(&answer.body).map_err(|e| format!("GET {path}: {e}"))
+}
+
+/// The event to buy from: `--event`, or the server's default event.
+pub async fn resolve_event(common: &Common, target: &Target) -> Result<Uuid, String> {
+    if let Some(event) = common.event {
+        return Ok(event);
+    }
+    let event = get_json(target, "/api/v1/event").await?;
+    event["id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| format!("GET /api/v1/event without an id: {event}"))
+}
+
+pub async fn snapshot(target: &Target, event: Uuid) -> Result<Snapshot, String> {
+    let body = get_json(target, &format!("/api/v1/events/{event}")).await?;
+    let field = |name: &str| {
+        body[name]
+            .as_i64()
+            .ok_or_else(|| format!("event without {name}: {body}"))
+    };
+    Ok(Snapshot {
+        total: field("totalSeats")?,
+        sold: field("seatsSold")?,
+    })
+}
+
+/// Runs every check that applies and records it in the report. Returns whether all held.
+pub async fn run(common: &Common, report: &mut Report) -> bool {
+    let mut checks = Vec::new();
+    checks.push(Check {
+        name: "every request answered",
+        ok: report.errors == 0,
+        detail: format!("{} without an HTTP answer", report.errors),
+    });
+    let server_errors: u64 = report
+        .statuses
+        .iter()
+        .filter(|(status, _)| status.starts_with('5'))
+        .map(|(_, n)| n)
+        .sum();
+    checks.push(Check {
+        name: "no server errors",
+        ok: server_errors == 0,
+        detail: format!("{server_errors} answers with 5xx"),
+    });
+    if let Some(before) = report.before {
+        match snapshot(&targets_first(common, report).await, report.event).await {
+            Ok(after) => {
+                let sold = after.sold - before.sold;
+                checks.push(Check {
+                    name: "seats sold per the API equal the sum of the 200s",
+                    ok: sold == report.seats_sold as i64,
+                    detail: format!("API {sold}, 200s {}", report.seats_sold),
+                });
+                checks.push(Check {
+                    name: "never above capacity",
+                    ok: after.sold <= after.total,
+                    detail: format!("{} of {} seats sold", after.sold, after.total),
+                });
+            }
+            Err(e) => checks.push(Check {
+                name: "seats sold per the API",
+                ok: false,
+                detail: e,
+            }),
+        }
+        if report.replays + report.replay_mismatches > 0 {
+            checks.push(Check {
+                name: "retries replayed the first answer",
+                ok: report.replay_mismatches == 0,
+                detail: format!("{} mismatched", report.replay_mismatches),
+            });
+        }
+        if let Some(url) = &common.database_url {
+            checks.push(persisted(url, report).await);
+        }
+    }
+    report.checks = checks;
+    report.passed()
+}
+
+async fn targets_first(common: &Common, report: &Report) -> Target {
+    let urls = vec![
+        report
+            .targets
+            .first()
+            .cloned()
+            .unwrap_or_else(|| common.urls[0].clone()),
+    ];
+    crate::load::targets(&urls)
+        .await
+        .ok()
+        .and_then(|mut t| t.pop())
+        .expect("the target resolved before the run")
+}
+
+/// Waits until PostgreSQL holds one row per sale of this run, with the same seats.
+async fn persisted(url: &str, report: &mut Report) -> Check {
+    let name = "one PostgreSQL row per sale";
+    let pool = match PgPoolOptions::new().max_connections(1).connect(url).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            return Check {
+                name,
+                ok: false,
+                detail: format!("cannot connect: {e}"),
+            };
+        }
+    };
+    let started = Instant::now();
+    let pattern = format!("rush-{}-%", report.run);
+    loop {
+        let counted: Result<(i64, i64), _> = sqlx::query_as(
+            "SELECT count(*), COALESCE(SUM(quantity), 0)::int8 FROM purchases
+             WHERE event_id = $1 AND idempotency_key LIKE $2",
+        )
+        .bind(report.event)
+        .bind(&pattern)
+        .fetch_one(&pool)
+        .await;
+        let (rows, seats) = match counted {
+            Ok(counted) => counted,
+            Err(e) => {
+                return Check {
+                    name,
+                    ok: false,
+                    detail: e.to_string(),
+                };
+            }
+        };
+        let detail = format!("{rows} rows for {} sales, {seats} seats", report.sales);
+        if rows == report.sales as i64 && seats == report.seats_sold as i64 {
+            report.persisted_after_s = Some(started.elapsed().as_secs_f64());
+            return Check {
+                name,
+                ok: true,
+                detail,
+            };
+        }
+        if rows > report.sales as i64 || started.elapsed() > PERSIST_WAIT {
+            return Check {
+                name,
+                ok: false,
+                detail,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
