@@ -56,6 +56,11 @@ pub struct ConsumerConfig {
     #[arg(long, env = "BOXOFFICE_CONSUMER_BLOCK_MS", default_value_t = 1000)]
     pub consumer_block_ms: u64,
 
+    /// Milliseconds to wait after a short batch before reading again, so that under
+    /// load each statement carries many rows (adds at most this to persistence lag).
+    #[arg(long, env = "BOXOFFICE_CONSUMER_LINGER_MS", default_value_t = 10)]
+    pub consumer_linger_ms: u64,
+
     /// Milliseconds a sale may stay unacknowledged by another consumer before this one
     /// takes it over (the other consumer is presumed dead).
     #[arg(long, env = "BOXOFFICE_CLAIM_IDLE_MS", default_value_t = 30_000)]

@@ -7,7 +7,7 @@
 //! in the stream; entries left pending by a dead consumer are taken over (`XAUTOCLAIM`)
 //! once idle for `claim_idle_ms`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::streams::{
@@ -25,6 +25,11 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::purchase::CONSUMER_GROUP;
 
+/// How often the list of event streams is re-read (new events appear while running).
+const REFRESH_STREAMS_EVERY: Duration = Duration::from_secs(1);
+/// How often each stream is trimmed of acknowledged entries.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
 /// Longest pause between retries while Redis or PostgreSQL is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -40,7 +45,12 @@ pub struct Consumer {
 
 /// What the consumer remembers between reads.
 struct Cursor {
+    /// Held across rounds: a pool checkout costs a PING round trip.
+    conn: Option<deadpool_redis::Connection>,
     streams: Vec<String>,
+    refreshed: Option<Instant>,
+    /// Per stream: the highest id acknowledged since the last trim, and when that was.
+    untrimmed: HashMap<String, ((u64, u64), Instant)>,
     /// Streams whose group is known to exist.
     grouped: HashSet<String>,
     /// Read our own pending entries (`0`) instead of new ones (`>`): at start (a
@@ -71,7 +81,10 @@ impl Consumer {
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(consumer = %self.name, "stream consumer started");
         let mut cursor = Cursor {
+            conn: None,
             streams: Vec::new(),
+            refreshed: None,
+            untrimmed: HashMap::new(),
             grouped: HashSet::new(),
             backlog: true,
             last_claim: None,
@@ -79,17 +92,24 @@ impl Consumer {
         let mut backoff = MIN_BACKOFF;
         while !shutdown.is_cancelled() {
             match self.step(&mut cursor).await {
-                Ok(idle) => {
-                    backoff = MIN_BACKOFF;
-                    if idle {
-                        pause(&shutdown, self.block()).await;
-                    }
-                }
+                Ok(Round::NoStreams) => pause(&shutdown, self.block()).await,
+                // A short batch: let sales accumulate a little, so the next round
+                // writes more rows per statement and round trip.
+                Ok(Round::Partial) => pause(&shutdown, self.linger()).await,
+                Ok(Round::Full | Round::Empty) => backoff = MIN_BACKOFF,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "persisting sales failed");
+                    cursor.conn = None;
                     cursor.backlog = true;
                     pause(&shutdown, backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        if let Some(mut conn) = cursor.conn.take() {
+            for (stream, (acked, _)) in cursor.untrimmed.drain() {
+                if let Err(e) = trim(&mut conn, &stream, acked).await {
+                    tracing::debug!(error = %e, stream, "trim on shutdown failed");
                 }
             }
         }
@@ -100,26 +120,48 @@ impl Consumer {
         Duration::from_millis(self.config.consumer_block_ms)
     }
 
+    fn linger(&self) -> Duration {
+        Duration::from_millis(self.config.consumer_linger_ms)
+    }
+
     fn claim_every(&self) -> Duration {
         Duration::from_millis((self.config.claim_idle_ms / 2).max(100))
     }
 
-    /// One read-write-acknowledge round. Returns true when there was nothing to read
-    /// because no event exists yet.
-    async fn step(&self, cursor: &mut Cursor) -> Result<bool> {
-        let mut conn = self.redis.get().await?;
-        let ids: Vec<String> = conn.smembers(self.keys.events()).await?;
-        cursor.streams = ids
-            .iter()
-            .filter_map(|id| id.parse().ok())
-            .map(|id| self.keys.stream(id))
-            .collect();
+    /// One read-write-acknowledge round.
+    async fn step(&self, cursor: &mut Cursor) -> Result<Round> {
+        let mut conn = match cursor.conn.take() {
+            Some(conn) => conn,
+            None => self.redis.get().await?,
+        };
+        let round = self.step_on(&mut conn, cursor).await?;
+        cursor.conn = Some(conn);
+        Ok(round)
+    }
+
+    async fn step_on(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        cursor: &mut Cursor,
+    ) -> Result<Round> {
+        if cursor
+            .refreshed
+            .is_none_or(|at| at.elapsed() >= REFRESH_STREAMS_EVERY)
+        {
+            let ids: Vec<String> = conn.smembers(self.keys.events()).await?;
+            cursor.streams = ids
+                .iter()
+                .filter_map(|id| id.parse().ok())
+                .map(|id| self.keys.stream(id))
+                .collect();
+            cursor.refreshed = Some(Instant::now());
+        }
         if cursor.streams.is_empty() {
-            return Ok(true);
+            return Ok(Round::NoStreams);
         }
         for stream in &cursor.streams {
             if !cursor.grouped.contains(stream) {
-                ensure_group(&mut conn, stream).await?;
+                ensure_group(conn, stream).await?;
                 cursor.grouped.insert(stream.clone());
             }
         }
@@ -129,14 +171,16 @@ impl Consumer {
             .is_none_or(|at| at.elapsed() >= self.claim_every())
         {
             for stream in &cursor.streams {
-                self.claim_stale(&mut conn, stream).await?;
+                self.claim_stale(conn, stream, &mut cursor.untrimmed)
+                    .await?;
             }
             cursor.last_claim = Some(Instant::now());
         }
 
+        let batch = self.config.consumer_batch;
         let mut options = StreamReadOptions::default()
             .group(CONSUMER_GROUP, &self.name)
-            .count(self.config.consumer_batch);
+            .count(batch);
         let from = if cursor.backlog {
             "0"
         } else {
@@ -153,19 +197,41 @@ impl Consumer {
                     cursor.grouped.clear();
                 }
             })?;
-        let mut read = 0;
+        let mut longest = 0;
         for stream in reply.map(|r| r.keys).unwrap_or_default() {
-            read += stream.ids.len();
-            self.persist(&mut conn, &stream.key, stream.ids).await?;
+            longest = longest.max(stream.ids.len());
+            self.persist(conn, &stream.key, stream.ids, &mut cursor.untrimmed)
+                .await?;
         }
-        if cursor.backlog && read == 0 {
+        let idle = longest == 0;
+        if cursor.backlog && idle {
             cursor.backlog = false;
         }
-        Ok(false)
+        let due: Vec<String> = cursor
+            .untrimmed
+            .iter()
+            .filter(|(_, (_, since))| idle || since.elapsed() >= TRIM_EVERY)
+            .map(|(stream, _)| stream.clone())
+            .collect();
+        for stream in due {
+            if let Some((acked, _)) = cursor.untrimmed.remove(&stream) {
+                trim(conn, &stream, acked).await?;
+            }
+        }
+        Ok(match longest {
+            0 => Round::Empty,
+            n if n >= batch => Round::Full,
+            _ => Round::Partial,
+        })
     }
 
     /// Takes over entries another consumer left unacknowledged for too long.
-    async fn claim_stale(&self, conn: &mut deadpool_redis::Connection, stream: &str) -> Result<()> {
+    async fn claim_stale(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        stream: &str,
+        untrimmed: &mut HashMap<String, ((u64, u64), Instant)>,
+    ) -> Result<()> {
         let mut start = "0-0".to_owned();
         loop {
             let reply: StreamAutoClaimReply = conn
@@ -184,7 +250,7 @@ impl Consumer {
                     entries = reply.claimed.len(),
                     "took over sales left pending by another consumer"
                 );
-                self.persist(conn, stream, reply.claimed).await?;
+                self.persist(conn, stream, reply.claimed, untrimmed).await?;
             }
             if reply.next_stream_id == "0-0" {
                 return Ok(());
@@ -193,12 +259,13 @@ impl Consumer {
         }
     }
 
-    /// Writes one batch of a stream to PostgreSQL, then acknowledges and trims it.
+    /// Writes one batch of a stream to PostgreSQL, then acknowledges it.
     async fn persist(
         &self,
         conn: &mut deadpool_redis::Connection,
         stream: &str,
         entries: Vec<StreamId>,
+        untrimmed: &mut HashMap<String, ((u64, u64), Instant)>,
     ) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
@@ -221,12 +288,22 @@ impl Consumer {
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let _: i64 = conn.xack(stream, CONSUMER_GROUP, &ids).await?;
         tracing::debug!(%event, read = entries.len(), written, "persisted sales");
-        let last = ids.iter().filter_map(|id| parse_stream_id(id)).max();
-        if let Some(last) = last {
-            trim(conn, stream, last).await?;
+        if let Some(last) = ids.iter().filter_map(|id| parse_stream_id(id)).max() {
+            let entry = untrimmed
+                .entry(stream.to_owned())
+                .or_insert((last, Instant::now()));
+            entry.0 = entry.0.max(last);
         }
         Ok(())
     }
+}
+
+/// What one round found to read.
+enum Round {
+    NoStreams,
+    Empty,
+    Partial,
+    Full,
 }
 
 /// Removes acknowledged entries so streams do not grow without bound. Every entry up

@@ -162,7 +162,7 @@ impl From<Error> for ApiError {
         match err {
             Error::EventNotFound(_) => Self::event_not_found(),
             e if e.is_unavailable() => {
-                tracing::warn!(error = %e, "dependency unavailable");
+                tracing::warn!(request_id = super::request_id(), error = %e, "dependency unavailable");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     ErrorCode::ServiceUnavailable,
@@ -170,7 +170,7 @@ impl From<Error> for ApiError {
                 )
             }
             e => {
-                tracing::error!(error = %e, "request failed");
+                tracing::error!(request_id = super::request_id(), error = %e, "request failed");
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     ErrorCode::InternalError,
@@ -201,7 +201,12 @@ macro_rules! api_errors {
                     ),
                     status => {
                         if status != 500 {
-                            ::tracing::error!(status, error = ?e.body, "status not documented for this operation");
+                            ::tracing::error!(
+                                request_id = $crate::api::request_id(),
+                                status,
+                                error = ?e.body,
+                                "status not documented for this operation"
+                            );
                         }
                         $ty::$internal(::poem_openapi::payload::Json(e.body))
                     }

@@ -9,6 +9,7 @@ mod purchase;
 mod stats;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use poem::http::{HeaderValue, StatusCode, header};
@@ -82,9 +83,35 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
         .around(move |ep, req| observe(ep, req, state.clone()))
 }
 
-/// Gives each request a span with its request id, enforces the body limit, turns
-/// errors poem raises outside our handlers into the API's JSON errors, and counts
-/// the request.
+tokio::task_local! {
+    /// The id of the request being handled, for log lines written deep in handlers.
+    static REQUEST_ID: HeaderValue;
+}
+
+/// The id of the request this task is handling ("-" outside a request).
+pub fn request_id() -> String {
+    REQUEST_ID
+        .try_with(|id| id.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_else(|_| "-".into())
+}
+
+/// A process-unique request id: a random prefix per process and a counter. Cheaper
+/// than a UUID per request (no system call), and unique across replicas in practice.
+fn new_request_id() -> HeaderValue {
+    static PREFIX: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| Uuid::new_v4().simple().to_string()[..12].to_owned());
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::from_str(&format!("{}-{n:x}", *PREFIX)).expect("hex is a header value")
+}
+
+/// Tags each request with its request id (the client's `X-Request-Id` or a new one),
+/// enforces the body limit, turns errors poem raises outside our handlers into the
+/// API's JSON errors, and counts the request.
+///
+/// The per-request span is at debug level: at info, formatting its fields for every
+/// request cost a quarter of the purchase throughput. Lines at warn and above carry
+/// `request_id` as a field instead (see [`request_id`]).
 async fn observe<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
@@ -96,19 +123,17 @@ async fn observe<E: Endpoint>(
         .get("x-request-id")
         .filter(|v| v.len() <= MAX_REQUEST_ID_LEN && v.to_str().is_ok())
         .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&Uuid::new_v4().to_string()).expect("a UUID is a header value")
-        });
-    let span = tracing::info_span!(
+        .unwrap_or_else(new_request_id);
+    let span = tracing::debug_span!(
         "request",
         method = %req.method(),
         path = %req.uri().path(),
         request_id = request_id.to_str().unwrap_or_default(),
     );
+    let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let is_purchase = req.method() == poem::http::Method::POST && path.ends_with("/purchase");
 
-    let response = async {
+    let handled = async {
         if let Err(e) = limit_body(&mut req, state.body_limit).await {
             return e;
         }
@@ -116,26 +141,27 @@ async fn observe<E: Endpoint>(
             Ok(response) => response.into_response(),
             Err(e) => json_error(ApiError::from_status(e.status(), e.to_string())),
         }
-    }
-    .instrument(span.clone())
-    .await;
+    };
+    let mut response = REQUEST_ID
+        .scope(request_id.clone(), handled.instrument(span))
+        .await;
 
-    let mut response = response;
-    response.headers_mut().insert("x-request-id", request_id);
     let status = response.status();
     if path.starts_with("/api/") {
+        let is_purchase = method == poem::http::Method::POST && path.ends_with("/purchase");
         state.stats.record(
             started.elapsed(),
             is_purchase.then_some(status == StatusCode::OK),
         );
     }
-    span.in_scope(|| {
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), elapsed = ?started.elapsed(), "request failed");
-        } else {
-            tracing::debug!(status = status.as_u16(), elapsed = ?started.elapsed(), "request");
-        }
-    });
+    if status.is_server_error() {
+        tracing::warn!(
+            request_id = request_id.to_str().unwrap_or_default(),
+            %method, path, status = status.as_u16(), elapsed = ?started.elapsed(),
+            "request failed"
+        );
+    }
+    response.headers_mut().insert("x-request-id", request_id);
     Ok(response)
 }
 

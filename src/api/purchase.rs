@@ -103,11 +103,10 @@ impl PurchaseApi {
     #[oai(path = "/api/v1/purchase", method = "post", tag = "Tag::Purchases")]
     async fn purchase(
         &self,
+        // Characters are checked by `IdempotencyKey`, not a `pattern` validator:
+        // poem-openapi compiles that regex on every request (a third of throughput).
         /// Unique per intended purchase; 1–255 printable ASCII characters.
-        #[oai(
-            name = "Idempotency-Key",
-            validator(min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]+$")
-        )]
+        #[oai(name = "Idempotency-Key", validator(min_length = 1, max_length = 255))]
         key: Header<String>,
         body: Json<PurchaseRequest>,
         state: Data<&Arc<AppState>>,
@@ -125,11 +124,10 @@ impl PurchaseApi {
         &self,
         /// Event id.
         id: Path<Uuid>,
+        // Characters are checked by `IdempotencyKey`, not a `pattern` validator:
+        // poem-openapi compiles that regex on every request (a third of throughput).
         /// Unique per intended purchase; 1–255 printable ASCII characters.
-        #[oai(
-            name = "Idempotency-Key",
-            validator(min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]+$")
-        )]
+        #[oai(name = "Idempotency-Key", validator(min_length = 1, max_length = 255))]
         key: Header<String>,
         body: Json<PurchaseRequest>,
         state: Data<&Arc<AppState>>,

@@ -259,7 +259,15 @@ async fn request_ids_are_echoed_or_generated() {
         .unwrap();
     assert_eq!(echoed.headers()["x-request-id"], "trace-me-42");
 
-    let generated = app.client.get(app.url("/health")).send().await.unwrap();
-    let id = generated.headers()["x-request-id"].to_str().unwrap();
-    assert!(id.parse::<Uuid>().is_ok(), "{id}");
+    let first = app.client.get(app.url("/health")).send().await.unwrap();
+    let second = app.client.get(app.url("/health")).send().await.unwrap();
+    let (first, second) = (
+        first.headers()["x-request-id"].to_str().unwrap().to_owned(),
+        second.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned(),
+    );
+    assert!(first.len() > 12, "{first}");
+    assert_ne!(first, second, "each request gets its own id");
 }
