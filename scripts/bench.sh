@@ -41,7 +41,7 @@ psql "$PG/postgres" -qAtc 'DROP DATABASE IF EXISTS boxoffice_bench WITH (FORCE)'
 
 start_server() { # consumer on/off
     BOXOFFICE_LISTEN=127.0.0.1:$PORT DATABASE_URL=$DB_URL BOXOFFICE_KEY_PREFIX=$PREFIX \
-        ADMIN_TOKEN=$TOKEN BOXOFFICE_CONSUMER=$1 BOXOFFICE_LOG_FORMAT=json RUST_LOG=warn \
+        ADMIN_TOKEN=$TOKEN BOXOFFICE_CONSUMER=$1 BOXOFFICE_LOG_FORMAT=json \
         "$BIN/boxoffice" serve >>"$RAW/server.log" 2>&1 &
     server=$!
     pids+=("$server")
@@ -100,7 +100,7 @@ mem_before=$(used_memory)
 rush fill sustained --event "$drain_event" -c 64 -d 600s --requests "$DRAIN_SEATS"
 drain_start=$(date +%s.%N)
 BOXOFFICE_INSTANCE_ID=bench-worker DATABASE_URL=$DB_URL BOXOFFICE_KEY_PREFIX=$PREFIX \
-    BOXOFFICE_LOG_FORMAT=json RUST_LOG=warn "$BIN/boxoffice" worker >>"$RAW/worker.log" 2>&1 &
+    BOXOFFICE_LOG_FORMAT=json "$BIN/boxoffice" worker >>"$RAW/worker.log" 2>&1 &
 worker=$!
 pids+=("$worker")
 until [[ $(psql "$DB_URL" -qAtc "SELECT count(*) FROM purchases WHERE event_id = '$drain_event'") -ge $DRAIN_SEATS ]]; do

@@ -328,7 +328,7 @@ async fn delete_keys(redis_url: &str, prefix: &str) {
             .arg("MATCH")
             .arg(format!("{prefix}:*"))
             .arg("COUNT")
-            .arg(1000)
+            .arg(10_000)
             .query_async(&mut conn)
             .await
         else {
