@@ -89,7 +89,7 @@ rush seed seed --event "$seed_event" --users 1000 --database-url "$DB_URL"
 
 echo "== RSS over a ${SOAK}s run" >&2
 rss_before=$(rss_kb "$server")
-rush soak sustained --event "$event" -c 64 -d "${SOAK}s" --quantity mixed --retry-share 0.05
+rush soak sustained --event "$event" -c 64 -d "${SOAK}s" --retry-share 0.05
 rss_after=$(rss_kb "$server")
 stop_server
 
@@ -107,7 +107,10 @@ until [[ $(psql "$DB_URL" -qAtc "SELECT count(*) FROM purchases WHERE event_id =
     sleep 0.05
 done
 drain_end=$(date +%s.%N)
-sleep 1.5 # the consumer trims the stream right after acknowledging
+# The consumer trims acknowledged entries once a second and when it falls idle.
+until [[ $(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" xlen "$PREFIX:{$drain_event}:log") -le 1 ]]; do
+    sleep 0.1
+done
 mem_after=$(used_memory)
 kill "$worker"
 stop_server

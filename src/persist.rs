@@ -30,6 +30,9 @@ const REFRESH_STREAMS_EVERY: Duration = Duration::from_secs(1);
 /// How often each stream is trimmed of acknowledged entries.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
+/// Batches at least this long are written as two statements in parallel.
+const SPLIT_BATCH_AT: usize = 200;
+
 /// Longest pause between retries while Redis or PostgreSQL is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -284,7 +287,18 @@ impl Consumer {
                     "skipping a stream entry that is not a sale"),
             }
         }
-        let written = db::insert_sales(&self.db, event, &sales).await?;
+        let written = if sales.len() >= SPLIT_BATCH_AT {
+            // Two statements on two connections: PostgreSQL inserts them on two cores.
+            // Each is idempotent, and nothing is acknowledged unless both succeed.
+            let (first, second) = sales.split_at(sales.len() / 2);
+            let (a, b) = tokio::try_join!(
+                db::insert_sales(&self.db, event, first),
+                db::insert_sales(&self.db, event, second),
+            )?;
+            a + b
+        } else {
+            db::insert_sales(&self.db, event, &sales).await?
+        };
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let _: i64 = conn.xack(stream, CONSUMER_GROUP, &ids).await?;
         tracing::debug!(%event, read = entries.len(), written, "persisted sales");
