@@ -11,11 +11,7 @@ const CAPACITY: i64 = 1000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_buyers_on_three_instances_never_oversell() {
     let env = TestEnv::new().await;
-    let apps = [
-        env.spawn_app(AppOptions::default()).await,
-        env.spawn_app(AppOptions::default()).await,
-        env.spawn_app(AppOptions::default()).await,
-    ];
+    let apps = env.spawn_replicas::<3>().await;
     let event = apps[0].create_event("flash crowd", CAPACITY as u32).await;
 
     let replies = rush(

@@ -226,6 +226,16 @@ impl TestEnv {
         }
     }
 
+    /// `N` app instances with default options: replicas behind an imaginary load balancer.
+    pub async fn spawn_replicas<const N: usize>(&self) -> [TestApp; N] {
+        let mut apps = Vec::with_capacity(N);
+        for _ in 0..N {
+            apps.push(self.spawn_app(AppOptions::default()).await);
+        }
+        apps.try_into()
+            .unwrap_or_else(|_| unreachable!("exactly N apps"))
+    }
+
     /// A stream consumer of this environment, not yet running.
     pub async fn consumer(&self, name: &str, claim_idle_ms: u64) -> Consumer {
         let mut args = self.serve_args(&AppOptions::default());

@@ -71,11 +71,7 @@ async fn keys_are_scoped_to_an_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_key_fired_at_three_instances_at_once_sells_once() {
     let env = TestEnv::new().await;
-    let apps = [
-        env.spawn_app(AppOptions::default()).await,
-        env.spawn_app(AppOptions::default()).await,
-        env.spawn_app(AppOptions::default()).await,
-    ];
+    let apps = env.spawn_replicas::<3>().await;
     let event = apps[0].create_event("one key", 100).await;
 
     let replies = rush(
