@@ -39,6 +39,13 @@ enum Command {
     Event(EventCommand),
     /// Print the OpenAPI document.
     Openapi,
+    /// Exit 0 if the local server answers `GET /health/live` (for container HEALTHCHECKs,
+    /// which have no curl in the image).
+    Healthcheck {
+        /// Address of the server to check.
+        #[arg(long, env = "BOXOFFICE_LISTEN", default_value = "127.0.0.1:3000")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -80,11 +87,11 @@ impl Cli {
             Command::Serve(args) => {
                 telemetry::init(args.common.log_format);
                 let app = Application::build(&args.common, &args.serve, &args.consumer).await?;
-                let shutdown = app.shutdown_token();
+                let shutdown = app.shutdown_handle();
+                let drain = std::time::Duration::from_millis(args.serve.shutdown_drain_ms);
                 tokio::spawn(async move {
                     shutdown_signal().await;
-                    tracing::info!("shutting down");
-                    shutdown.cancel();
+                    shutdown.drain_and_stop(drain).await;
                 });
                 app.run_until_stopped().await
             }
@@ -131,6 +138,45 @@ impl Cli {
                 println!("{}", crate::api::openapi_json());
                 Ok(())
             }
+            Command::Healthcheck { listen } => healthcheck(listen).await,
         }
     }
+}
+
+/// `GET /health/live` on the local server; any answer but 200 within 2 s is a failure.
+async fn healthcheck(listen: std::net::SocketAddr) -> Result<()> {
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
+
+    let addr = if listen.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    };
+    let fail = |e: String| Error::Startup(format!("healthcheck of {addr} failed: {e}"));
+    let check = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get("/health/live")
+            .header("host", addr.to_string())
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        match response.status() {
+            hyper::StatusCode::OK => Ok(()),
+            status => Err(format!("status {status}")),
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), check)
+        .await
+        .map_err(|_| fail("no answer within 2 s".into()))?
+        .map_err(fail)
 }

@@ -91,6 +91,12 @@ pub struct ServeConfig {
     #[arg(long, env = "BOXOFFICE_BODY_LIMIT", default_value_t = 16 * 1024)]
     pub body_limit: usize,
 
+    /// Milliseconds between SIGTERM and closing the listener. Readiness reports 503
+    /// at once and requests keep being served, so load balancers stop sending new
+    /// requests before connections are refused.
+    #[arg(long, env = "BOXOFFICE_SHUTDOWN_DRAIN_MS", default_value_t = 2000)]
+    pub shutdown_drain_ms: u64,
+
     /// Run the stream consumer inside this process (`false` when a separate
     /// `boxoffice worker` does it).
     #[arg(long, env = "BOXOFFICE_CONSUMER", default_value_t = true, action = clap::ArgAction::Set)]

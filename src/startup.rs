@@ -2,6 +2,7 @@
 //! the stream consumer and the Redis watcher under one shutdown signal.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use poem::Server;
@@ -121,6 +122,7 @@ impl Application {
             body_limit: serve.body_limit,
             stats: Stats::default(),
             started: Instant::now(),
+            draining: AtomicBool::new(false),
         });
         Ok(Self {
             acceptor,
@@ -144,6 +146,14 @@ impl Application {
     /// Cancelling this token stops the server, the consumer and the watcher.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Stops the application gracefully from another task (see [`ShutdownHandle`]).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            state: self.state.clone(),
+            token: self.shutdown.clone(),
+        }
     }
 
     /// Serves until the shutdown token is cancelled, then lets in-flight requests and
@@ -171,6 +181,26 @@ impl Application {
         }
         let _ = watcher.await;
         served.map_err(|e| Error::Startup(format!("HTTP server failed: {e}")))
+    }
+}
+
+/// Begins a graceful shutdown: readiness turns 503 at once, requests are served for
+/// `drain`, then the listener closes, in-flight requests finish and the consumer
+/// acknowledges its current batch.
+pub struct ShutdownHandle {
+    state: Arc<AppState>,
+    token: CancellationToken,
+}
+
+impl ShutdownHandle {
+    pub async fn drain_and_stop(self, drain: Duration) {
+        tracing::info!(?drain, "shutting down: not ready, draining");
+        self.state.draining.store(true, Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep(drain) => {}
+            _ = self.token.cancelled() => {}
+        }
+        self.token.cancel();
     }
 }
 

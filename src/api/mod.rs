@@ -39,6 +39,8 @@ pub struct AppState {
     pub body_limit: usize,
     pub stats: Stats,
     pub started: Instant,
+    /// Set when shutdown begins: readiness answers 503 while requests are still served.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Tags)]

@@ -106,6 +106,14 @@ impl OpsApi {
     /// Readiness: Redis and PostgreSQL answer
     #[oai(path = "/health/ready", method = "get", tag = "Tag::Operations")]
     async fn ready(&self, state: Data<&Arc<AppState>>) -> ReadyResponse {
+        if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::ServiceUnavailable,
+                "not ready: shutting down",
+            )
+            .into();
+        }
         let redis = async {
             let mut conn = state.redis.get().await.ok()?;
             redis::cmd("PING")

@@ -216,12 +216,14 @@ impl TestEnv {
         let address = format!("http://127.0.0.1:{}", app.port());
         let default_event = app.default_event();
         let shutdown = app.shutdown_token();
+        let graceful = Some(app.shutdown_handle());
         let handle = tokio::spawn(app.run_until_stopped());
         TestApp {
             address,
             default_event,
             client: reqwest::Client::new(),
             shutdown,
+            graceful,
             handle: Some(handle),
         }
     }
@@ -360,6 +362,7 @@ pub struct TestApp {
     pub default_event: Uuid,
     pub client: reqwest::Client,
     shutdown: CancellationToken,
+    graceful: Option<boxoffice::startup::ShutdownHandle>,
     handle: Option<tokio::task::JoinHandle<boxoffice::Result<()>>>,
 }
 
@@ -463,7 +466,20 @@ impl TestApp {
         reply.body
     }
 
-    /// Stops the instance the way SIGTERM does, waiting for it to finish.
+    /// Starts what SIGTERM starts: not ready at once, stop after `drain`.
+    pub fn begin_shutdown(&mut self, drain: Duration) -> tokio::task::JoinHandle<()> {
+        let graceful = self.graceful.take().expect("shutdown begins once");
+        tokio::spawn(graceful.drain_and_stop(drain))
+    }
+
+    /// Waits until the instance has stopped.
+    pub async fn stopped(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap().unwrap();
+        }
+    }
+
+    /// Stops the instance at once (no drain), waiting for it to finish.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(handle) = self.handle.take() {

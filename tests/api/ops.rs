@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use reqwest::StatusCode;
 
 use crate::helpers::{AppOptions, TestEnv};
@@ -47,4 +49,32 @@ async fn stats_count_this_instance_and_all_replicas() {
     assert_eq!(global["purchases"], 2);
     assert_eq!(global["soldOut"], 1);
     assert_eq!(global["events"], 1);
+}
+
+#[tokio::test]
+async fn on_shutdown_readiness_fails_first_while_requests_are_still_served() {
+    let env = TestEnv::new().await;
+    let mut app = env.spawn_app(AppOptions::default()).await;
+    let (address, event) = (app.address.clone(), app.default_event);
+
+    let stopping = app.begin_shutdown(Duration::from_millis(800));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let ready = app.get("/health/ready").await;
+    assert_eq!(
+        (ready.status, ready.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE")
+    );
+    assert_eq!(app.get("/health/live").await.status, StatusCode::OK);
+    assert_eq!(app.purchase("during-drain", 1).await.status, StatusCode::OK);
+
+    stopping.await.unwrap();
+    app.stopped().await;
+    let refused = reqwest::Client::new()
+        .get(format!("{address}/health/live"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "the listener is closed after the drain");
+    // The consumer wrote the sale made during the drain before it stopped.
+    env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
 }
