@@ -101,6 +101,7 @@ impl Consumer {
                 Ok(Round::Partial) => pause(&shutdown, self.linger()).await,
                 Ok(Round::Full | Round::Empty) => backoff = MIN_BACKOFF,
                 Err(e) => {
+                    metrics::counter!("boxoffice_consumer_errors_total").increment(1);
                     tracing::warn!(error = %e, retry_in = ?backoff, "persisting sales failed");
                     cursor.conn = None;
                     cursor.backlog = true;
@@ -158,6 +159,11 @@ impl Consumer {
                 .map(|id| self.keys.stream(id))
                 .collect();
             cursor.refreshed = Some(Instant::now());
+            let mut pending = 0;
+            for stream in &cursor.streams {
+                pending += backlog(conn, stream).await.unwrap_or(0);
+            }
+            metrics::gauge!("boxoffice_stream_backlog").set(pending as f64);
         }
         if cursor.streams.is_empty() {
             return Ok(Round::NoStreams);
@@ -301,6 +307,8 @@ impl Consumer {
         };
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let _: i64 = conn.xack(stream, CONSUMER_GROUP, &ids).await?;
+        metrics::histogram!("boxoffice_consumer_batch_size").record(entries.len() as f64);
+        metrics::counter!("boxoffice_consumer_rows_written_total").increment(written);
         tracing::debug!(%event, read = entries.len(), written, "persisted sales");
         if let Some(last) = ids.iter().filter_map(|id| parse_stream_id(id)).max() {
             let entry = untrimmed

@@ -147,6 +147,7 @@ impl Gate {
         key: &IdempotencyKey,
         quantity: Quantity,
     ) -> Result<(String, String)> {
+        let started = std::time::Instant::now();
         let reply = self
             .purchase
             .key(self.keys.inventory(event))
@@ -159,8 +160,10 @@ impl Gate {
             .arg(self.idempotency_ttl)
             .arg(key.as_str())
             .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(reply)
+            .await;
+        metrics::histogram!("boxoffice_redis_script_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(reply?)
     }
 
     /// Seat counters of `event`, loading it from PostgreSQL when Redis lacks it.

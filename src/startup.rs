@@ -122,6 +122,7 @@ impl Application {
             body_limit: serve.body_limit,
             stats: Stats::default(),
             started: Instant::now(),
+            metrics: crate::telemetry::metrics(),
             draining: AtomicBool::new(false),
         });
         Ok(Self {

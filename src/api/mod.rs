@@ -39,6 +39,8 @@ pub struct AppState {
     pub body_limit: usize,
     pub stats: Stats,
     pub started: Instant,
+    /// Renders `/metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Set when shutdown begins: readiness answers 503 while requests are still served.
     pub draining: std::sync::atomic::AtomicBool,
 }
@@ -149,12 +151,23 @@ async fn observe<E: Endpoint>(
         .await;
 
     let status = response.status();
+    let route = route_label(&path);
+    let elapsed = started.elapsed();
+    metrics::counter!(
+        "boxoffice_http_requests_total",
+        "route" => route, "method" => method.to_string(), "status" => status.as_u16().to_string()
+    )
+    .increment(1);
+    metrics::histogram!(
+        "boxoffice_http_request_duration_seconds",
+        "route" => route, "method" => method.to_string()
+    )
+    .record(elapsed.as_secs_f64());
     if path.starts_with("/api/") {
         let is_purchase = method == poem::http::Method::POST && path.ends_with("/purchase");
-        state.stats.record(
-            started.elapsed(),
-            is_purchase.then_some(status == StatusCode::OK),
-        );
+        state
+            .stats
+            .record(elapsed, is_purchase.then_some(status == StatusCode::OK));
     }
     if status.is_server_error() {
         tracing::warn!(
@@ -165,6 +178,31 @@ async fn observe<E: Endpoint>(
     }
     response.headers_mut().insert("x-request-id", request_id);
     Ok(response)
+}
+
+/// The route a path belongs to, as a metrics label: ids are folded, unknown paths
+/// share one label, so the label's values stay few.
+fn route_label(path: &str) -> &'static str {
+    const FIXED: &[&str] = &[
+        "/api/v1/purchase",
+        "/api/v1/event",
+        "/api/v1/events",
+        "/api/v1/stats",
+        "/health",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/openapi.json",
+    ];
+    if let Some(route) = FIXED.iter().find(|r| **r == path) {
+        return route;
+    }
+    match path.strip_prefix("/api/v1/events/") {
+        Some(rest) if rest.ends_with("/purchase") => "/api/v1/events/{id}/purchase",
+        Some(rest) if !rest.contains('/') => "/api/v1/events/{id}",
+        _ if path.starts_with("/docs") => "/docs",
+        _ => "other",
+    }
 }
 
 /// Refuses bodies over `limit` bytes with 413: by `Content-Length` before reading,

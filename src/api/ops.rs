@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use poem::http::StatusCode;
 use poem::web::Data;
-use poem_openapi::payload::Json;
+use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request};
@@ -146,6 +146,15 @@ impl OpsApi {
             format!("not ready: {} unreachable", down.join(" and ")),
         )
         .into()
+    }
+
+    /// Prometheus metrics
+    ///
+    /// Requests per route and status with latency histograms, purchases by outcome,
+    /// seats sold, Redis script latency, stream backlog, consumer batches and errors.
+    #[oai(path = "/metrics", method = "get", tag = "Tag::Operations")]
+    async fn metrics(&self, state: Data<&Arc<AppState>>) -> PlainText<String> {
+        PlainText(state.metrics.render())
     }
 
     /// Request counters and sales

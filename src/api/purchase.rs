@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request};
 use super::{AppState, Tag};
 use crate::domain::{IdempotencyKey, Quantity};
-use crate::purchase::Outcome;
+use crate::purchase::{Decision, Outcome};
 
 pub struct PurchaseApi;
 
@@ -152,6 +152,7 @@ async fn buy(state: &AppState, event: Uuid, key: String, quantity: i64) -> Purch
         Err(e) => return ApiError::from(e).into(),
     };
     let replayed = decision.replayed.then_some(true);
+    record_outcome(&decision);
     match decision.outcome {
         Outcome::Sold(sale) => PurchaseResponse::Ok(
             Json(PurchaseOk {
@@ -174,5 +175,19 @@ async fn buy(state: &AppState, event: Uuid, key: String, quantity: i64) -> Purch
             error: ErrorCode::IdempotencyKeyReused,
             message: "this Idempotency-Key was used for a purchase with another quantity".into(),
         })),
+    }
+}
+
+fn record_outcome(decision: &Decision) {
+    let outcome = match &decision.outcome {
+        Outcome::Sold(_) => "sold",
+        Outcome::SoldOut => "sold_out",
+        Outcome::KeyReused => "key_reused",
+    };
+    metrics::counter!("boxoffice_purchases_total", "outcome" => outcome).increment(1);
+    if decision.replayed {
+        metrics::counter!("boxoffice_purchases_replayed_total", "outcome" => outcome).increment(1);
+    } else if let Outcome::Sold(sale) = &decision.outcome {
+        metrics::counter!("boxoffice_seats_sold_total").increment(u64::from(sale.quantity));
     }
 }

@@ -78,3 +78,25 @@ async fn on_shutdown_readiness_fails_first_while_requests_are_still_served() {
     // The consumer wrote the sale made during the drain before it stopped.
     env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
 }
+
+#[tokio::test]
+async fn metrics_are_served_in_prometheus_format() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app(AppOptions::default()).await;
+    assert_eq!(app.purchase("metered", 2).await.status, StatusCode::OK);
+    assert_eq!(app.purchase("metered", 2).await.status, StatusCode::OK);
+
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.unwrap();
+    for series in [
+        r#"boxoffice_http_requests_total{route="/api/v1/purchase",method="POST",status="200"}"#,
+        "boxoffice_http_request_duration_seconds_bucket{",
+        r#"boxoffice_purchases_total{outcome="sold"}"#,
+        r#"boxoffice_purchases_replayed_total{outcome="sold"}"#,
+        "boxoffice_seats_sold_total",
+        "boxoffice_redis_script_duration_seconds_bucket{",
+    ] {
+        assert!(text.contains(series), "missing {series} in\n{text}");
+    }
+}
