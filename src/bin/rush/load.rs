@@ -33,6 +33,7 @@ pub struct Plan {
     pub requests: Option<u64>,
     pub retry_share: f64,
     pub get: Option<String>,
+    pub retry_failed: u32,
 }
 
 /// One replica to send to.
@@ -85,6 +86,8 @@ pub struct Tally {
     pub replays: u64,
     /// Repeated keys that got anything else: an idempotency bug.
     pub replay_mismatches: u64,
+    /// Requests sent again after no answer or a 502/503/504 (`--retry-failed`).
+    pub resent: u64,
 }
 
 impl Default for Tally {
@@ -98,6 +101,7 @@ impl Default for Tally {
             sales: 0,
             replays: 0,
             replay_mismatches: 0,
+            resent: 0,
         }
     }
 }
@@ -114,6 +118,7 @@ impl Tally {
         self.sales += other.sales;
         self.replays += other.replays;
         self.replay_mismatches += other.replay_mismatches;
+        self.resent += other.resent;
     }
 
     fn record_latency(&mut self, latency: Duration) {
@@ -163,6 +168,15 @@ fn purchase_request(target: &Target, event: Uuid, key: &str, quantity: u8) -> Re
             "{{\"quantity\":{quantity}}}"
         ))))
         .expect("valid request")
+}
+
+/// A copy of a request whose body is in memory, for sending it again.
+fn clone_request(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 pub fn get_request(target: &Target, path: &str) -> Request<Full<Bytes>> {
@@ -343,6 +357,7 @@ pub async fn sustained(common: &Common, plan: &Plan) -> Result<Report, String> {
     for connection in 0..plan.connections {
         let shared = shared.clone();
         let (get, rate, requests) = (plan.get.clone(), plan.rate, plan.requests);
+        let retry_failed = plan.retry_failed;
         let (retry_share, quantity, timeout) = (plan.retry_share, common.quantity, common.timeout);
         workers.spawn(async move {
             let target = shared.targets[connection % shared.targets.len()].clone();
@@ -368,19 +383,6 @@ pub async fn sustained(common: &Common, plan: &Plan) -> Result<Report, String> {
                 if requests.is_none() && Instant::now() >= shared.deadline {
                     break;
                 }
-                let mut conn = match sender.take() {
-                    Some(conn) => conn,
-                    None => match connect(&target).await {
-                        Ok(conn) => conn,
-                        Err(e) => {
-                            tally.record_latency(scheduled.elapsed());
-                            tally.error(e);
-                            shared.done.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    },
-                };
                 // A fixed hash of n decides retries: spread out, and no RNG to seed.
                 let retry = retry_share > 0.0
                     && !history.is_empty()
@@ -399,17 +401,43 @@ pub async fn sustained(common: &Common, plan: &Plan) -> Result<Report, String> {
                     let qty = quantity.pick(n);
                     (purchase_request(&target, shared.event, &key, qty), key, qty)
                 };
-                let result = send(&mut conn, request, timeout).await;
+                let mut attempt = 0;
+                let result = loop {
+                    let result = match sender.take() {
+                        Some(conn) => Ok(conn),
+                        None => connect(&target).await,
+                    };
+                    let result = match result {
+                        Ok(mut conn) => {
+                            let answer = send(&mut conn, clone_request(&request), timeout).await;
+                            if answer.is_ok() {
+                                sender = Some(conn);
+                            }
+                            answer
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let failed = match &result {
+                        Ok(answer) => matches!(answer.status, 502..=504),
+                        Err(_) => true,
+                    };
+                    if !failed || attempt >= retry_failed {
+                        break result;
+                    }
+                    attempt += 1;
+                    tally.resent += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
                 tally.record_latency(scheduled.elapsed());
                 shared.done.fetch_add(1, Ordering::Relaxed);
                 let answer = match result {
                     Ok(answer) => answer,
                     Err(e) => {
                         tally.error(e);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
                 };
-                sender = Some(conn);
                 *tally.statuses.entry(answer.status).or_default() += 1;
                 if get.is_some() {
                     continue;

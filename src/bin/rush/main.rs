@@ -63,6 +63,10 @@ enum Mode {
         /// Send `GET <path>` instead of purchases (to measure the framework alone).
         #[arg(long)]
         get: Option<String>,
+        /// Retry a request that got no answer or a 502/503/504 up to this many times,
+        /// with the same Idempotency-Key, as a careful client would.
+        #[arg(long, default_value_t = 0)]
+        retry_failed: u32,
     },
 }
 
@@ -148,6 +152,7 @@ async fn main() -> ExitCode {
             requests,
             retry_share,
             get,
+            retry_failed,
         } => {
             let plan = load::Plan {
                 connections: connections.max(1),
@@ -156,6 +161,7 @@ async fn main() -> ExitCode {
                 requests,
                 retry_share: retry_share.clamp(0.0, 1.0),
                 get,
+                retry_failed,
             };
             load::sustained(&common, &plan).await.map(|r| (common, r))
         }

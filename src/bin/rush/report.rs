@@ -45,6 +45,7 @@ pub struct Report {
     pub sales: u64,
     pub replays: u64,
     pub replay_mismatches: u64,
+    pub resent: u64,
     /// Milliseconds.
     pub latency_ms: Latency,
     /// Seconds from the end of the run until PostgreSQL held every sale.
@@ -88,6 +89,7 @@ impl Report {
             sales: tally.sales,
             replays: tally.replays,
             replay_mismatches: tally.replay_mismatches,
+            resent: tally.resent,
             latency_ms: Latency {
                 p50: ms(h.value_at_quantile(0.50)),
                 p90: ms(h.value_at_quantile(0.90)),
@@ -151,6 +153,9 @@ impl Report {
                 "  Retries: {} replayed identically, {} mismatched",
                 self.replays, self.replay_mismatches
             );
+        }
+        if self.resent > 0 {
+            println!("  Sent again after no answer or 502-504: {}", self.resent);
         }
         if let Some(after) = self.persisted_after_s {
             println!("  PostgreSQL held every sale {after:.2} s after the run");

@@ -148,15 +148,15 @@ async fn persisted(url: &str, report: &mut Report) -> Check {
     let started = Instant::now();
     let pattern = format!("rush-{}-%", report.run);
     loop {
-        let counted: Result<(i64, i64), _> = sqlx::query_as(
-            "SELECT count(*), COALESCE(SUM(quantity), 0)::int8 FROM purchases
-             WHERE event_id = $1 AND idempotency_key LIKE $2",
+        let counted: Result<(i64, i64, i64), _> = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT idempotency_key), COALESCE(SUM(quantity), 0)::int8
+             FROM purchases WHERE event_id = $1 AND idempotency_key LIKE $2",
         )
         .bind(report.event)
         .bind(&pattern)
         .fetch_one(&pool)
         .await;
-        let (rows, seats) = match counted {
+        let (rows, keys, seats) = match counted {
             Ok(counted) => counted,
             Err(e) => {
                 return Check {
@@ -166,8 +166,11 @@ async fn persisted(url: &str, report: &mut Report) -> Check {
                 };
             }
         };
-        let detail = format!("{rows} rows for {} sales, {seats} seats", report.sales);
-        if rows == report.sales as i64 && seats == report.seats_sold as i64 {
+        let detail = format!(
+            "{rows} rows ({keys} distinct keys) for {} sales, {seats} seats",
+            report.sales
+        );
+        if rows == report.sales as i64 && keys == rows && seats == report.seats_sold as i64 {
             report.persisted_after_s = Some(started.elapsed().as_secs_f64());
             return Check {
                 name,
