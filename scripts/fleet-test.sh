@@ -17,6 +17,8 @@ export BOXOFFICE_KEY_PREFIX="fleet-test-$$"
 export ADMIN_TOKEN="fleet-test-$$"
 export BOXOFFICE_LOG_FORMAT=json
 export BOXOFFICE_SHUTDOWN_DRAIN_MS=1000
+# The killed replica's pending sales are taken over after this (default 30 s).
+export BOXOFFICE_CLAIM_IDLE_MS=5000
 export FLEET_DIR=target/fleet-test
 export FLEET_PORT=3300
 export FLEET_BASE_PORT=3301
