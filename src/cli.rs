@@ -37,6 +37,15 @@ enum Command {
     /// Manage events.
     #[command(subcommand)]
     Event(EventCommand),
+    /// Compare each event's seats sold in Redis with PostgreSQL plus the stream;
+    /// exit 1 on drift.
+    Reconcile {
+        #[command(flatten)]
+        common: CommonConfig,
+        /// Raise Redis' counter where it is below what was sold (never lowers it).
+        #[arg(long)]
+        fix: bool,
+    },
     /// Print the OpenAPI document.
     Openapi,
     /// Exit 0 if the local server answers `GET /health/live` (for container HEALTHCHECKs,
@@ -120,19 +129,28 @@ impl Cli {
                 seats,
             }) => {
                 telemetry::init(common.log_format);
-                let stores = Stores::connect(&common.store, common.store.redis_timeout()).await?;
-                let gate = Gate::connect(
-                    &common.store.redis_url,
-                    common.store.redis_timeout(),
-                    stores.db.clone(),
-                    stores.keys.clone(),
-                    0,
-                )
-                .await?;
+                let (stores, gate) = connect(&common).await?;
                 let event = db::create_event(&stores.db, &name, seats).await?;
                 gate.load(&event).await?;
                 println!("{}", event.id);
                 Ok(())
+            }
+            Command::Reconcile { common, fix } => {
+                telemetry::init(common.log_format);
+                let (stores, gate) = connect(&common).await?;
+                let rows = crate::reconcile::run(&stores, &gate, fix).await?;
+                print!("{}", crate::reconcile::table(&rows));
+                let drifted = rows.iter().filter(|r| {
+                    matches!(
+                        r.status(),
+                        crate::reconcile::Status::RedisBehind
+                            | crate::reconcile::Status::RowsMissing
+                    )
+                });
+                match drifted.count() {
+                    0 => Ok(()),
+                    n => Err(Error::Drift(n)),
+                }
             }
             Command::Openapi => {
                 println!("{}", crate::api::openapi_json());
@@ -141,6 +159,21 @@ impl Cli {
             Command::Healthcheck { listen } => healthcheck(listen).await,
         }
     }
+}
+
+/// Both stores and the gate, for one-shot commands.
+async fn connect(common: &CommonConfig) -> Result<(Stores, Gate)> {
+    let timeout = common.store.redis_timeout();
+    let stores = Stores::connect(&common.store, timeout).await?;
+    let gate = Gate::connect(
+        &common.store.redis_url,
+        timeout,
+        stores.db.clone(),
+        stores.keys.clone(),
+        0,
+    )
+    .await?;
+    Ok((stores, gate))
 }
 
 /// `GET /health/live` on the local server; any answer but 200 within 2 s is a failure.

@@ -136,6 +136,18 @@ pub async fn seats_sold(pool: &PgPool, event: Uuid) -> Result<i64> {
     Ok(sold)
 }
 
+/// Which of `ids` are already rows of `purchases`.
+pub async fn existing_purchases(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM purchases WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
 /// Writes a batch of sales of one event in one statement. Sales already written
 /// (a redelivered stream entry) are skipped, so the write can be retried freely.
 /// Returns how many rows were new.

@@ -27,6 +27,10 @@ pub enum Error {
     #[error("unexpected reply from Redis: {0}")]
     UnexpectedReply(String),
 
+    /// `reconcile` found events whose counters disagree.
+    #[error("{0} event(s) drifted; see the table above")]
+    Drift(usize),
+
     /// A dependency is unreachable at startup; the message says how to fix it.
     #[error("{0}")]
     Startup(String),

@@ -8,6 +8,7 @@
 //!   sale atomically and appends it to the event's stream.
 //! * [`persist`]: the stream consumer that writes sales to PostgreSQL.
 //! * [`db`]: PostgreSQL connection, migrations and queries.
+//! * [`reconcile`]: checks Redis' counters against PostgreSQL and the streams.
 //! * [`keys`]: Redis key names.
 //! * [`domain`]: validated values (`IdempotencyKey`, `Quantity`).
 //! * [`config`], [`telemetry`], [`startup`], [`cli`]: configuration, logging, wiring and
@@ -22,6 +23,7 @@ pub mod error;
 pub mod keys;
 pub mod persist;
 pub mod purchase;
+pub mod reconcile;
 pub mod startup;
 pub mod telemetry;
 

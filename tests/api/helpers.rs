@@ -238,6 +238,24 @@ impl TestEnv {
             .unwrap_or_else(|_| unreachable!("exactly N apps"))
     }
 
+    /// The stores and purchase gate of this environment, as one-shot commands use them.
+    pub async fn gate(&self) -> (Stores, boxoffice::purchase::Gate) {
+        let args = self.serve_args(&AppOptions::default());
+        let stores = Stores::connect(&args.common.store, Duration::from_secs(1))
+            .await
+            .expect("stores");
+        let gate = boxoffice::purchase::Gate::connect(
+            &self.redis_url,
+            Duration::from_secs(2),
+            stores.db.clone(),
+            stores.keys.clone(),
+            60,
+        )
+        .await
+        .expect("gate");
+        (stores, gate)
+    }
+
     /// A stream consumer of this environment, not yet running.
     pub async fn consumer(&self, name: &str, claim_idle_ms: u64) -> Consumer {
         let mut args = self.serve_args(&AppOptions::default());

@@ -9,3 +9,4 @@ mod openapi;
 mod ops;
 mod persist;
 mod purchase;
+mod reconcile;
