@@ -27,7 +27,7 @@ LB="http://127.0.0.1:$FLEET_PORT"
 
 cleanup() {
     scripts/fleet.sh down >/dev/null 2>&1 || true
-    redis-cli --scan --pattern "$BOXOFFICE_KEY_PREFIX:*" | xargs -r -n 500 redis-cli del >/dev/null
+    redis-cli --scan --pattern "$BOXOFFICE_KEY_PREFIX:*" | xargs -r -d '\n' -n 500 redis-cli del >/dev/null
     psql "$PG/postgres" -qAtc 'DROP DATABASE IF EXISTS boxoffice_fleet_test WITH (FORCE)' >/dev/null
 }
 trap cleanup EXIT

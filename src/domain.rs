@@ -15,6 +15,10 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    pub fn as_string(&self) -> &String {
+        &self.0
+    }
 }
 
 impl TryFrom<String> for IdempotencyKey {

@@ -8,7 +8,10 @@ use poem::web::Data;
 use poem_openapi::auth::Bearer;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
+use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
+use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme};
+use std::borrow::Cow;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -34,10 +37,77 @@ pub struct Event {
 #[derive(Debug, Object)]
 #[oai(rename_all = "camelCase")]
 pub struct NewEvent {
-    #[oai(validator(min_length = 1, max_length = 200))]
-    pub name: String,
+    pub name: EventName,
     #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
     pub total_seats: i32,
+}
+
+/// An event's name: a JSON string of 1–200 characters without control characters.
+///
+/// Not a plain `String`: poem-openapi parses a JSON number or boolean into a `String`,
+/// and PostgreSQL refuses a NUL character with an error, not a 400.
+#[derive(Debug, Clone)]
+pub struct EventName(String);
+
+impl EventName {
+    const MAX_CHARS: usize = 200;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Type for EventName {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = String;
+    type RawElementValueType = String;
+
+    fn name() -> Cow<'static, str> {
+        "string".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        MetaSchemaRef::Inline(Box::new(MetaSchema {
+            min_length: Some(1),
+            max_length: Some(Self::MAX_CHARS),
+            // Documented for clients; checked in `parse_from_json` (no regex per request).
+            pattern: Some(r"^[^\u0000-\u001F\u007F-\u009F]*$".into()),
+            description: Some("1–200 characters, no control characters"),
+            ..MetaSchema::new("string")
+        }))
+    }
+
+    fn as_raw_value(&self) -> Option<&String> {
+        Some(&self.0)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a String> + 'a> {
+        Box::new(std::iter::once(&self.0))
+    }
+}
+
+impl ParseFromJSON for EventName {
+    fn parse_from_json(value: Option<serde_json::Value>) -> ParseResult<Self> {
+        let Some(serde_json::Value::String(name)) = value else {
+            return Err(ParseError::custom("name must be a string"));
+        };
+        let chars = name.chars().count();
+        if chars == 0 || chars > Self::MAX_CHARS {
+            return Err(ParseError::custom("name must be 1 to 200 characters long"));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(ParseError::custom(
+                "name may not contain control characters",
+            ));
+        }
+        Ok(Self(name))
+    }
+}
+
+impl ToJSON for EventName {
+    fn to_json(&self) -> Option<serde_json::Value> {
+        Some(serde_json::Value::String(self.0.clone()))
+    }
 }
 
 /// Admin token, configured on the server as `ADMIN_TOKEN`.
@@ -179,7 +249,7 @@ impl EventsApi {
             return e.into();
         }
         let created = async {
-            let row = db::create_event(&state.db, &body.name, body.total_seats).await?;
+            let row = db::create_event(&state.db, body.name.as_str(), body.total_seats).await?;
             state.gate.load(&row).await?;
             with_seats(&state, row).await
         };

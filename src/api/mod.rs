@@ -136,6 +136,7 @@ async fn observe<E: Endpoint>(
     );
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let path = path.as_str();
 
     let handled = async {
         if let Err(e) = limit_body(&mut req, state.body_limit).await {
@@ -143,7 +144,15 @@ async fn observe<E: Endpoint>(
         }
         match ep.call(req).await {
             Ok(response) => response.into_response(),
-            Err(e) => json_error(ApiError::from_status(e.status(), e.to_string())),
+            Err(e) => {
+                let mut response = json_error(ApiError::from_status(e.status(), e.to_string()));
+                if e.status() == StatusCode::METHOD_NOT_ALLOWED
+                    && let Some(allow) = allowed_methods(route_label(path))
+                {
+                    response.headers_mut().insert(header::ALLOW, allow);
+                }
+                response
+            }
         }
     };
     let mut response = REQUEST_ID
@@ -151,7 +160,7 @@ async fn observe<E: Endpoint>(
         .await;
 
     let status = response.status();
-    let route = route_label(&path);
+    let route = route_label(path);
     let elapsed = started.elapsed();
     let method_label = method_label(&method);
     metrics::counter!(
@@ -225,6 +234,28 @@ fn route_label(path: &str) -> &'static str {
         _ if path.starts_with("/docs") => "/docs",
         _ => "other",
     }
+}
+
+/// The `Allow` header for a route of the spec (a 405 must carry it).
+fn allowed_methods(route: &str) -> Option<HeaderValue> {
+    static ALLOWED: std::sync::LazyLock<std::collections::HashMap<String, HeaderValue>> =
+        std::sync::LazyLock::new(|| {
+            let spec: serde_json::Value =
+                serde_json::from_str(&openapi_json()).expect("the spec is JSON");
+            let paths = spec["paths"].as_object().cloned().unwrap_or_default();
+            paths
+                .into_iter()
+                .filter_map(|(path, operations)| {
+                    let methods: Vec<String> = operations
+                        .as_object()?
+                        .keys()
+                        .map(|m| m.to_uppercase())
+                        .collect();
+                    Some((path, HeaderValue::from_str(&methods.join(", ")).ok()?))
+                })
+                .collect()
+        });
+    ALLOWED.get(route).cloned()
 }
 
 /// Refuses bodies over `limit` bytes with 413: by `Content-Length` before reading,

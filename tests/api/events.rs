@@ -73,6 +73,8 @@ async fn creating_events_needs_the_admin_token() {
         json!({ "name": "x", "totalSeats": 0 }),
         json!({ "name": "x", "totalSeats": 1_000_001 }),
         json!({ "name": "x" }),
+        json!({ "name": 12345, "totalSeats": 5 }),
+        json!({ "name": "nul\u{0}byte", "totalSeats": 5 }),
     ];
     for body in invalid {
         let reply = app

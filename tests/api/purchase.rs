@@ -238,6 +238,14 @@ async fn unknown_and_malformed_events_are_refused() {
         (malformed.status, malformed.code()),
         (StatusCode::BAD_REQUEST, "INVALID_PARAMETER")
     );
+    let wrong_method = app
+        .client
+        .delete(app.url("/api/v1/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong_method.headers()["allow"], "GET, POST");
     let route = app.get("/api/v1/nothing-here").await;
     assert_eq!(
         (route.status, route.code()),

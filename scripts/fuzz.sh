@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Contract fuzzing: schemathesis (PyPI) with every check against a running instance's
+# /openapi.json, with the settings in schemathesis.toml. Starts its own instance (own
+# port, database and Redis key prefix) from BIN_DIR and removes what it created.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN_DIR=${BIN_DIR:-target/debug}
+PORT=${FUZZ_PORT:-3960}
+MAX_EXAMPLES=${MAX_EXAMPLES:-50}
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+DB_URL="$PG/boxoffice_fuzz"
+PREFIX="fuzz-$$"
+TOKEN="fuzz-$$"
+
+server=
+cleanup() {
+    [[ -n $server ]] && { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; }
+    redis-cli --scan --pattern "$PREFIX:*" | xargs -r -d '\n' -n 500 redis-cli del >/dev/null || true
+    psql "$PG/postgres" -qAtc 'DROP DATABASE IF EXISTS boxoffice_fuzz WITH (FORCE)' >/dev/null || true
+}
+trap cleanup EXIT
+cleanup
+
+BOXOFFICE_LISTEN=127.0.0.1:$PORT DATABASE_URL=$DB_URL BOXOFFICE_KEY_PREFIX=$PREFIX ADMIN_TOKEN=$TOKEN \
+    BOXOFFICE_LOG_FORMAT=json RUST_LOG=warn "$BIN_DIR/boxoffice" serve &
+server=$!
+schemathesis run "http://127.0.0.1:$PORT/openapi.json" --wait-for-schema 30 --checks all \
+    -H "Authorization: Bearer $TOKEN" --max-examples "$MAX_EXAMPLES" --no-color
