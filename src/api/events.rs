@@ -8,10 +8,9 @@ use poem::web::Data;
 use poem_openapi::auth::Bearer;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
-use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
-use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+use poem_openapi::registry::MetaSchema;
+use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON};
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme};
-use std::borrow::Cow;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -55,36 +54,22 @@ impl EventName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
 
-impl Type for EventName {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = String;
-    type RawElementValueType = String;
-
-    fn name() -> Cow<'static, str> {
-        "string".into()
-    }
-
-    fn schema_ref() -> MetaSchemaRef {
-        MetaSchemaRef::Inline(Box::new(MetaSchema {
-            min_length: Some(1),
-            max_length: Some(Self::MAX_CHARS),
-            // Documented for clients; checked in `parse_from_json` (no regex per request).
-            pattern: Some(r"^[^\u0000-\u001F\u007F-\u009F]*$".into()),
-            description: Some("1–200 characters, no control characters"),
-            ..MetaSchema::new("string")
-        }))
-    }
-
-    fn as_raw_value(&self) -> Option<&String> {
-        Some(&self.0)
-    }
-
-    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a String> + 'a> {
-        Box::new(std::iter::once(&self.0))
+    pub fn as_string(&self) -> &String {
+        &self.0
     }
 }
+
+checked_string_type!(
+    EventName,
+    MetaSchema {
+        min_length: Some(1),
+        max_length: Some(EventName::MAX_CHARS),
+        pattern: Some(r"^[^\u0000-\u001F\u007F-\u009F]*$".into()),
+        description: Some("1–200 characters, no control characters"),
+        ..MetaSchema::new("string")
+    }
+);
 
 impl ParseFromJSON for EventName {
     fn parse_from_json(value: Option<serde_json::Value>) -> ParseResult<Self> {

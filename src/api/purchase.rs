@@ -12,10 +12,8 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request};
 use super::{AppState, Tag};
-use std::borrow::Cow;
-
-use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
-use poem_openapi::types::{ParseError, ParseFromParameter, ParseResult, Type};
+use poem_openapi::registry::MetaSchema;
+use poem_openapi::types::{ParseError, ParseFromParameter, ParseResult};
 
 use crate::domain::{IdempotencyKey, MAX_KEY_LEN, Quantity};
 use crate::purchase::{Decision, Outcome};
@@ -195,37 +193,16 @@ fn record_outcome(decision: &Decision) {
     }
 }
 
-// The header is parsed straight into `IdempotencyKey`, whose schema documents the
-// allowed characters as a `pattern` while the check itself is plain code: poem-openapi's
-// `pattern` validator compiles its regex on every request (it cost a third of the
-// purchase throughput).
-impl Type for IdempotencyKey {
-    const IS_REQUIRED: bool = true;
-    type RawValueType = String;
-    type RawElementValueType = String;
-
-    fn name() -> Cow<'static, str> {
-        "string".into()
+checked_string_type!(
+    IdempotencyKey,
+    MetaSchema {
+        min_length: Some(1),
+        max_length: Some(MAX_KEY_LEN),
+        // Printable ASCII; no leading or trailing space (HTTP trims those).
+        pattern: Some("^[!-~]([ -~]*[!-~])?$".into()),
+        ..MetaSchema::new("string")
     }
-
-    fn schema_ref() -> MetaSchemaRef {
-        MetaSchemaRef::Inline(Box::new(MetaSchema {
-            min_length: Some(1),
-            max_length: Some(MAX_KEY_LEN),
-            // Printable ASCII; no leading or trailing space (HTTP trims those).
-            pattern: Some("^[!-~]([ -~]*[!-~])?$".into()),
-            ..MetaSchema::new("string")
-        }))
-    }
-
-    fn as_raw_value(&self) -> Option<&String> {
-        Some(self.as_string())
-    }
-
-    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a String> + 'a> {
-        Box::new(std::iter::once(self.as_string()))
-    }
-}
+);
 
 impl ParseFromParameter for IdempotencyKey {
     fn parse_from_parameter(value: &str) -> ParseResult<Self> {
