@@ -125,27 +125,55 @@ pub async fn default_event(pool: &PgPool, name: &str, seats: i32) -> Result<Even
     Ok(event)
 }
 
-/// Seats of `event` that PostgreSQL has recorded as sold.
-pub async fn seats_sold(pool: &PgPool, event: Uuid) -> Result<i64> {
-    let (sold,): (i64,) = sqlx::query_as(
-        "SELECT COALESCE(SUM(quantity), 0)::int8 FROM purchases WHERE event_id = $1",
+/// Seats of `event` in `purchases`, and which of `ids` are rows already; read in one
+/// statement so that a row written meanwhile is in both answers or in neither.
+pub async fn seats_sold_and_written(
+    pool: &PgPool,
+    event: Uuid,
+    ids: &[Uuid],
+) -> Result<(i64, Vec<Uuid>)> {
+    let (sold, written): (i64, Vec<Uuid>) = sqlx::query_as(
+        "SELECT COALESCE(SUM(quantity), 0)::int8,
+                COALESCE(array_agg(id) FILTER (WHERE id = ANY($2)), '{}')
+         FROM purchases WHERE event_id = $1",
     )
     .bind(event)
+    .bind(ids)
     .fetch_one(pool)
     .await?;
-    Ok(sold)
+    Ok((sold, written))
 }
 
-/// Which of `ids` are already rows of `purchases`.
-pub async fn existing_purchases(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM purchases WHERE id = ANY($1)")
-        .bind(ids)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+/// A sale recent enough that its idempotency record should still be in Redis.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RecentSale {
+    pub id: Uuid,
+    pub idempotency_key: String,
+    pub quantity: i16,
+    /// Seats left after this sale, in the order PostgreSQL has them.
+    pub seats_remaining: i64,
+    /// Seconds until the record would have expired.
+    pub ttl_left: i64,
+}
+
+/// Sales of `event` made within the last `ttl` seconds, newest first.
+pub async fn recent_sales(pool: &PgPool, event: &EventRow, ttl: u64) -> Result<Vec<RecentSale>> {
+    let ttl = i64::try_from(ttl).unwrap_or(i64::MAX);
+    let sales = sqlx::query_as(
+        "SELECT id, idempotency_key, quantity, seats_remaining,
+                GREATEST(1, CEIL($3 - EXTRACT(EPOCH FROM now() - sold_at)))::int8 AS ttl_left
+         FROM (SELECT id, idempotency_key, quantity, sold_at,
+                      $2 - SUM(quantity) OVER (ORDER BY sold_at, id) AS seats_remaining
+               FROM purchases WHERE event_id = $1) AS running
+         WHERE sold_at > now() - make_interval(secs => $3)
+         ORDER BY sold_at DESC, id DESC",
+    )
+    .bind(event.id)
+    .bind(i64::from(event.total_seats))
+    .bind(ttl as f64)
+    .fetch_all(pool)
+    .await?;
+    Ok(sales)
 }
 
 /// Writes a batch of sales of one event in one statement. Sales already written

@@ -5,11 +5,20 @@
 //! Purchases run over one multiplexed connection (`ConnectionManager`) shared by all
 //! requests, so concurrent scripts pipeline instead of each waiting for a pooled
 //! connection's round trip.
+//!
+//! Redis forgets its script cache on every restart, failover and restore, and those
+//! are exactly the moments it may have lost sales. So a `NOSCRIPT` reply is taken as
+//! "this Redis may be behind": before the purchase script is loaded again, every event
+//! is checked against PostgreSQL and the stream ([`Gate::recover`]). No instance can
+//! sell on a restored Redis before that check, because none can run the script.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::streams::StreamRangeReply;
+use redis::{AsyncCommands, ErrorKind, Script, ServerErrorKind};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -27,6 +36,12 @@ const RECONNECT_RETRIES: usize = 1;
 
 /// How often the Redis server's identity is checked (see [`Gate::watch_redis`]).
 const RUN_ID_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Stream entries read per XRANGE call when counting unwritten sales.
+const RANGE_CHUNK: usize = 10_000;
+
+/// Idempotency records written back per pipeline during recovery.
+const RESTORE_CHUNK: usize = 1_000;
 
 /// What one purchase request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +89,25 @@ pub struct Gate {
     idempotency_ttl: u64,
     purchase: Script,
     load_event: Script,
+    /// Held while this instance brings a Redis without the purchase script up to
+    /// date, so that concurrent requests wait for one recovery instead of racing.
+    recovery: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What PostgreSQL and the stream say about an event's sales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durable {
+    /// Seats in `purchases`.
+    pub persisted: i64,
+    /// Seats of stream entries that are not rows yet.
+    pub in_stream: i64,
+}
+
+impl Durable {
+    /// Seats sold for certain: Redis must never count fewer.
+    pub fn seats(&self) -> i64 {
+        self.persisted + self.in_stream
+    }
 }
 
 impl Gate {
@@ -105,6 +139,7 @@ impl Gate {
             idempotency_ttl,
             purchase: Script::new(include_str!("../lua/purchase.lua")),
             load_event: Script::new(include_str!("../lua/load_event.lua")),
+            recovery: Arc::default(),
         })
     }
 
@@ -148,22 +183,88 @@ impl Gate {
         quantity: Quantity,
     ) -> Result<(String, String)> {
         let started = std::time::Instant::now();
-        let reply = self
-            .purchase
-            .key(self.keys.inventory(event))
-            .key(self.keys.idempotency(event, key.as_str()))
-            .key(self.keys.stream(event))
+        // EVALSHA by hand rather than `Script::invoke_async`, which would load the
+        // script on NOSCRIPT without the recovery that must come first.
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha
+            .arg(self.purchase.get_hash())
+            .arg(3)
+            .arg(self.keys.inventory(event))
+            .arg(self.keys.idempotency(event, key.as_str()))
+            .arg(self.keys.stream(event))
             .arg(quantity.get())
             // 32 hex digits, not the 36-character hyphenated form: it keeps the whole
             // record within 44 bytes, which Redis stores inline with its object header.
             .arg(Uuid::now_v7().simple().to_string())
             .arg(self.idempotency_ttl)
-            .arg(key.as_str())
-            .invoke_async(&mut self.conn.clone())
-            .await;
+            .arg(key.as_str());
+        let mut conn = self.conn.clone();
+        let reply = match evalsha.query_async(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.recover().await?;
+                evalsha.query_async(&mut conn).await
+            }
+            reply => reply,
+        };
         metrics::histogram!("boxoffice_redis_script_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(reply?)
+    }
+
+    /// Makes a Redis that lacks the purchase script safe to sell from, then loads the
+    /// script. For every event: `sold` is raised to what PostgreSQL and the stream
+    /// hold, and the idempotency records of sales within the TTL are written back, so
+    /// a retried request gets its sale replayed rather than sold again. Does nothing
+    /// when the script is there (another request or replica recovered first).
+    pub async fn recover(&self) -> Result<()> {
+        let _recovering = self.recovery.lock().await;
+        let mut conn = self.conn.clone();
+        let (loaded,): (bool,) = redis::cmd("SCRIPT")
+            .arg("EXISTS")
+            .arg(self.purchase.get_hash())
+            .query_async(&mut conn)
+            .await?;
+        if loaded {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut records = 0;
+        let events = db::events(&self.db).await?;
+        for event in &events {
+            self.load(event).await?;
+            records += self.restore_records(event).await?;
+        }
+        self.purchase.load_async(&mut conn).await?;
+        tracing::warn!(
+            events = events.len(),
+            records,
+            took = ?started.elapsed(),
+            "Redis had no purchase script (new, restarted, failed over or restored): \
+             counters checked against PostgreSQL before selling"
+        );
+        Ok(())
+    }
+
+    /// Writes back the idempotency records of `event`'s sales made within the TTL,
+    /// where Redis lacks them. Returns how many PostgreSQL had.
+    async fn restore_records(&self, event: &EventRow) -> Result<usize> {
+        let sales = db::recent_sales(&self.db, event, self.idempotency_ttl).await?;
+        let mut conn = self.conn.clone();
+        for chunk in sales.chunks(RESTORE_CHUNK) {
+            let mut pipe = redis::pipe();
+            for sale in chunk {
+                pipe.cmd("SET")
+                    .arg(self.keys.idempotency(event.id, &sale.idempotency_key))
+                    .arg(sale_record(sale.quantity, sale.seats_remaining, sale.id))
+                    .arg("EX")
+                    .arg(sale.ttl_left)
+                    // A record Redis still has is newer than or equal to this one.
+                    .arg("NX")
+                    .ignore();
+            }
+            let _: () = pipe.query_async(&mut conn).await?;
+        }
+        Ok(sales.len())
     }
 
     /// Seat counters of `event`, loading it from PostgreSQL when Redis lacks it.
@@ -204,16 +305,17 @@ impl Gate {
         self.load(&row).await
     }
 
-    /// Puts `event` into Redis, or raises its `sold` counter to what PostgreSQL holds.
+    /// Puts `event` into Redis, or raises its `sold` counter to the seats PostgreSQL
+    /// and the stream hold (see [`Gate::durable`]).
     pub async fn load(&self, event: &EventRow) -> Result<()> {
-        let persisted = db::seats_sold(&self.db, event.id).await?;
+        let durable = self.durable(event.id).await?;
         let mut conn = self.conn.clone();
         let (created, raised): (i64, i64) = self
             .load_event
             .key(self.keys.inventory(event.id))
             .key(self.keys.stream(event.id))
             .arg(event.total_seats)
-            .arg(persisted)
+            .arg(durable.seats())
             .arg(CONSUMER_GROUP)
             .invoke_async(&mut conn)
             .await?;
@@ -221,15 +323,51 @@ impl Gate {
         // slot cannot be written by the script on a cluster, hence the second command.
         let _: () = conn.sadd(self.keys.events(), event.id.to_string()).await?;
         if created == 1 {
-            tracing::info!(event = %event.id, persisted, "loaded event into Redis");
+            tracing::info!(event = %event.id, persisted = durable.persisted, "loaded event into Redis");
         }
         if raised > 0 {
             tracing::warn!(
                 event = %event.id, raised,
-                "Redis had fewer seats sold than PostgreSQL (restored from an older snapshot?); raised it"
+                "Redis had fewer seats sold than PostgreSQL and the stream (restored from an older snapshot?); raised it"
             );
         }
         Ok(())
+    }
+
+    /// Seats of `event` sold for certain: rows in PostgreSQL plus stream entries not
+    /// written yet. Entries already written but not yet trimmed count once.
+    pub async fn durable(&self, event: Uuid) -> Result<Durable> {
+        let mut conn = self.conn.clone();
+        let stream = self.keys.stream(event);
+        let mut entries: Vec<(Uuid, i64)> = Vec::new();
+        let mut start = "-".to_owned();
+        loop {
+            let page: StreamRangeReply =
+                conn.xrange_count(&stream, &start, "+", RANGE_CHUNK).await?;
+            for entry in &page.ids {
+                let id = entry.get::<String>("p").and_then(|p| p.parse().ok());
+                if let (Some(id), Some(q)) = (id, entry.get::<i64>("q")) {
+                    entries.push((id, q));
+                }
+            }
+            match page.ids.last() {
+                Some(last) if page.ids.len() == RANGE_CHUNK => start = format!("({}", last.id),
+                _ => break,
+            }
+        }
+        let ids: Vec<Uuid> = entries.iter().map(|(id, _)| *id).collect();
+        // One statement, so that a row written meanwhile is counted in exactly one place.
+        let (persisted, written) = db::seats_sold_and_written(&self.db, event, &ids).await?;
+        let written: HashSet<Uuid> = written.into_iter().collect();
+        let in_stream = entries
+            .iter()
+            .filter(|(id, _)| !written.contains(id))
+            .map(|(_, q)| q)
+            .sum();
+        Ok(Durable {
+            persisted,
+            in_stream,
+        })
     }
 
     /// Loads every event of PostgreSQL into Redis (see [`Gate::load`]).
@@ -252,21 +390,16 @@ impl Gate {
             .ok_or_else(|| Error::UnexpectedReply("INFO server without run_id".into()))
     }
 
-    /// Reloads every event whenever the Redis server changes (a restart, failover or
-    /// restore gives it a new `run_id`): an empty Redis gets its events back, and an
-    /// older snapshot gets its `sold` counters raised before it sells seats twice.
+    /// Recovers (see [`Gate::recover`]) as soon as the Redis server changes, rather
+    /// than at the next purchase: a restart, failover or restore gives it a new
+    /// `run_id`.
     pub async fn watch_redis(self, shutdown: tokio_util::sync::CancellationToken) {
         let mut known: Option<String> = None;
         loop {
             match self.redis_run_id().await {
-                Ok(run_id) if known.as_ref() != Some(&run_id) => match self.load_all().await {
-                    Ok(()) => {
-                        if known.is_some() {
-                            tracing::warn!(%run_id, "Redis server changed; events reloaded");
-                        }
-                        known = Some(run_id);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "reloading events into Redis failed"),
+                Ok(run_id) if known.as_ref() != Some(&run_id) => match self.recover().await {
+                    Ok(()) => known = Some(run_id),
+                    Err(e) => tracing::warn!(error = %e, "recovering a new Redis failed"),
                 },
                 Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "Redis run_id check failed"),
@@ -277,6 +410,11 @@ impl Gate {
             }
         }
     }
+}
+
+/// The idempotency record of a sale, as `lua/purchase.lua` writes it.
+fn sale_record(quantity: i16, seats_remaining: i64, purchase_id: Uuid) -> String {
+    format!("S{quantity}:{seats_remaining}:{}", purchase_id.simple())
 }
 
 /// Parses a record written by `lua/purchase.lua` into its quantity and outcome.
@@ -326,5 +464,9 @@ mod tests {
         assert!(parse_record("").is_err());
         assert!(parse_record("S2:x:y").is_err());
         assert!(parse_record("Q1").is_err());
+        assert_eq!(
+            parse_record(&sale_record(2, 998, id)).unwrap(),
+            parse_record(&format!("S2:998:{}", id.simple())).unwrap()
+        );
     }
 }

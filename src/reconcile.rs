@@ -6,12 +6,10 @@
 //! means confirmed sales are missing from both PostgreSQL and the stream: lost rows,
 //! which no command can recreate.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::streams::StreamRangeReply;
 use uuid::Uuid;
 
 use crate::db::{self, EventRow};
@@ -19,8 +17,6 @@ use crate::error::Result;
 use crate::purchase::Gate;
 use crate::startup::Stores;
 
-/// Stream entries read per XRANGE call.
-const RANGE_CHUNK: usize = 10_000;
 /// Sales in flight make one reading inconsistent; a difference must survive this many
 /// readings, `SETTLE` apart, to count as drift.
 const READINGS: usize = 3;
@@ -79,21 +75,10 @@ pub async fn run(stores: &Stores, gate: &Gate, fix: bool) -> Result<Vec<Row>> {
     let events = db::events(&stores.db).await?;
     let mut rows = Vec::with_capacity(events.len());
     for event in &events {
-        let mut row = settled(stores, event).await?;
+        let mut row = settled(stores, gate, event).await?;
         if fix && row.status() == Status::RedisBehind {
             gate.load(event).await?;
-            let in_stream = row.in_stream;
-            if in_stream > 0 {
-                // Sales still in the stream are sold too; `load` raised to PostgreSQL.
-                let key = stores.keys.inventory(event.id);
-                let mut conn = stores.redis.get().await?;
-                let sold: i64 = conn.hget(&key, "sold").await?;
-                let target = row.persisted + in_stream;
-                if sold < target {
-                    let _: i64 = conn.hincr(&key, "sold", target - sold).await?;
-                }
-            }
-            row = settled(stores, event).await?;
+            row = settled(stores, gate, event).await?;
         }
         rows.push(row);
     }
@@ -101,60 +86,31 @@ pub async fn run(stores: &Stores, gate: &Gate, fix: bool) -> Result<Vec<Row>> {
 }
 
 /// A reading that is consistent, or the last of `READINGS` inconsistent ones.
-async fn settled(stores: &Stores, event: &EventRow) -> Result<Row> {
-    let mut row = read(stores, event).await?;
+async fn settled(stores: &Stores, gate: &Gate, event: &EventRow) -> Result<Row> {
+    let mut row = read(stores, gate, event).await?;
     for _ in 1..READINGS {
         if matches!(row.status(), Status::Ok | Status::NotLoaded) {
             break;
         }
         tokio::time::sleep(SETTLE).await;
-        row = read(stores, event).await?;
+        row = read(stores, gate, event).await?;
     }
     Ok(row)
 }
 
-async fn read(stores: &Stores, event: &EventRow) -> Result<Row> {
+async fn read(stores: &Stores, gate: &Gate, event: &EventRow) -> Result<Row> {
     let mut conn = stores.redis.get().await?;
+    // Redis first: a sale made after this reading shows up in PostgreSQL or the
+    // stream and reads as Redis behind for a moment; `settled` reads again.
     let redis_sold: Option<i64> = conn.hget(stores.keys.inventory(event.id), "sold").await?;
-
-    // Every entry still in the stream, by purchase id and seats.
-    let stream = stores.keys.stream(event.id);
-    let mut entries: Vec<(Uuid, i64)> = Vec::new();
-    let mut start = "-".to_owned();
-    loop {
-        let page: StreamRangeReply = conn.xrange_count(&stream, &start, "+", RANGE_CHUNK).await?;
-        let last = page.ids.last().map(|e| e.id.clone());
-        for entry in &page.ids {
-            let id = entry.get::<String>("p").and_then(|p| p.parse().ok());
-            if let (Some(id), Some(q)) = (id, entry.get::<i64>("q")) {
-                entries.push((id, q));
-            }
-        }
-        match last {
-            Some(last) if page.ids.len() == RANGE_CHUNK => start = format!("({last}"),
-            _ => break,
-        }
-    }
-    let ids: Vec<Uuid> = entries.iter().map(|(id, _)| *id).collect();
-    let written: HashSet<Uuid> = db::existing_purchases(&stores.db, &ids)
-        .await?
-        .into_iter()
-        .collect();
-    // PostgreSQL is read after the stream: a sale written in between is in both and
-    // counted once, in `persisted`.
-    let persisted = db::seats_sold(&stores.db, event.id).await?;
-    let in_stream = entries
-        .iter()
-        .filter(|(id, _)| !written.contains(id))
-        .map(|(_, q)| q)
-        .sum();
+    let durable = gate.durable(event.id).await?;
     Ok(Row {
         event: event.id,
         name: event.name.clone(),
         total: i64::from(event.total_seats),
         redis_sold,
-        persisted,
-        in_stream,
+        persisted: durable.persisted,
+        in_stream: durable.in_stream,
     })
 }
 

@@ -155,6 +155,19 @@ struct TestCli {
 
 impl TestEnv {
     pub async fn new() -> Self {
+        let services = services().await;
+        Self::on(&services.redis_url, &services.postgres_url).await
+    }
+
+    /// An environment on its own Redis and the shared PostgreSQL.
+    pub async fn with_redis(redis_url: &str) -> Self {
+        let services = services().await;
+        Self::on(redis_url, &services.postgres_url).await
+    }
+
+    /// An environment on the given servers: a Redis URL and a PostgreSQL server URL
+    /// without a database (the fault tests bring their own).
+    pub async fn on(redis_url: &str, postgres_url: &str) -> Self {
         // Warnings go to the test's captured output, shown when it fails.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -163,23 +176,22 @@ impl TestEnv {
             )
             .with_test_writer()
             .try_init();
-        let services = services().await;
         let id = Uuid::new_v4().simple().to_string();
         let db_name = format!("boxoffice_test_{id}");
-        let database_url = format!("{}/{db_name}", services.postgres_url);
+        let database_url = format!("{postgres_url}/{db_name}");
         // Creating and migrating the database is the app's job; do it once up front
         // so that the replicas of a test do not race on it.
         let db = boxoffice::db::connect(&database_url, 4)
             .await
             .expect("test database");
-        let redis = redis::Client::open(services.redis_url.as_str())
+        let redis = redis::Client::open(redis_url)
             .unwrap()
             .get_multiplexed_async_connection()
             .await
             .expect("test Redis");
         Self {
-            redis_url: services.redis_url.clone(),
-            postgres_url: services.postgres_url.clone(),
+            redis_url: redis_url.to_owned(),
+            postgres_url: postgres_url.to_owned(),
             database_url,
             db_name,
             prefix: format!("test-{id}"),
@@ -304,7 +316,13 @@ impl TestEnv {
     /// Redis' `sold` counter of an event.
     pub async fn redis_sold(&self, event: Uuid) -> i64 {
         let key = format!("{}:{{{event}}}:inv", self.prefix);
-        self.redis.clone().hget(key, "sold").await.unwrap()
+        // A connection of its own: a fault test may have restarted Redis since.
+        let mut conn = redis::Client::open(self.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        conn.hget(key, "sold").await.unwrap()
     }
 }
 

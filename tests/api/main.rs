@@ -3,10 +3,12 @@
 
 mod concurrency;
 mod events;
+mod faults;
 mod helpers;
 mod idempotency;
 mod openapi;
 mod ops;
 mod persist;
+mod processes;
 mod purchase;
 mod reconcile;

@@ -1,0 +1,264 @@
+//! Redis and PostgreSQL servers of one test's own, on ports of their own, so that a
+//! fault test can kill and restart them without disturbing the other tests.
+//!
+//! They need the server binaries (`redis-server`; PostgreSQL's `initdb`, `pg_ctl`),
+//! found on `PATH`, in `BOXOFFICE_TEST_PG_BIN`, or under `/usr/lib/postgresql/*/bin`.
+//! PostgreSQL refuses to run as root, so as root its commands run as the `postgres`
+//! user. Dropping a server stops it and removes its files.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn scratch_dir(kind: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("boxoffice-{kind}-{}", Uuid::new_v4().simple()))
+}
+
+/// How a private Redis keeps its data.
+#[derive(Debug, Clone, Copy)]
+pub enum Persistence {
+    /// Append-only file, fsync before every reply: what the shipped deployments use.
+    AofAlways,
+    /// Only what `SAVE` writes to `dump.rdb`; read back at start.
+    Snapshot,
+}
+
+pub struct PrivateRedis {
+    port: u16,
+    dir: PathBuf,
+    persistence: Persistence,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start(persistence: Persistence) -> Self {
+        let dir = scratch_dir("redis");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            port: free_port(),
+            dir,
+            persistence,
+            child: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts the server (again) on the same port and files; returns once it answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "Redis is already running");
+        let port = self.port.to_string();
+        let mut args = vec![
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--logfile",
+            "redis.log",
+        ];
+        args.extend(match self.persistence {
+            Persistence::AofAlways => ["--appendonly", "yes", "--appendfsync", "always"],
+            Persistence::Snapshot => ["--appendonly", "no", "--appendfsync", "no"],
+        });
+        let child = Command::new("redis-server")
+            .args(&args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (install Redis: apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ping(&self.url()).await {
+            assert!(
+                Instant::now() < deadline,
+                "private Redis did not answer; see {}",
+                self.dir.join("redis.log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: the server stops at once, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let attempt = async {
+        let client = redis::Client::open(url).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(_))
+    )
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct PrivatePostgres {
+    port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    /// Creates a cluster in a scratch directory and starts it.
+    pub fn start() -> Self {
+        let postgres = Self {
+            port: free_port(),
+            dir: scratch_dir("postgres"),
+            bin: postgres_bin(),
+        };
+        postgres.run(
+            "initdb",
+            &[
+                "--pgdata",
+                path_str(&postgres.dir),
+                "--username=postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+        );
+        postgres.resume();
+        postgres
+    }
+
+    /// The server URL without a database, as `TestEnv` takes it.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (fast shutdown: connections are cut, nothing is lost).
+    pub fn stop(&self) {
+        self.pg_ctl(&["stop", "--mode=fast"]);
+    }
+
+    /// Starts the stopped server again; returns once it accepts connections.
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            path_str(&self.dir)
+        );
+        let log = self.dir.join("server.log");
+        self.pg_ctl(&["start", "-o", &options, "-l", path_str(&log)]);
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let mut all = vec!["--pgdata", path_str(&self.dir), "--wait", "--silent"];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all);
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// One of PostgreSQL's programs, run as `postgres` when this process is root.
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        let mut command = if running_as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        command.stdin(Stdio::null());
+        command
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["--pgdata", path_str(&self.dir), "stop", "--mode=immediate"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("scratch paths are UTF-8")
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// Where PostgreSQL's server programs are.
+fn postgres_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("BOXOFFICE_TEST_PG_BIN") {
+        return bin.into();
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if bin.join("initdb").exists() {
+            return bin;
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect(
+        "PostgreSQL server programs (initdb, pg_ctl) not found: install PostgreSQL \
+         or set BOXOFFICE_TEST_PG_BIN to the directory that holds them",
+    )
+}
