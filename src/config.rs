@@ -91,6 +91,34 @@ pub struct ServeConfig {
     #[arg(long, env = "BOXOFFICE_BODY_LIMIT", default_value_t = 16 * 1024)]
     pub body_limit: usize,
 
+    /// Largest request line plus headers, in bytes (at least 8192); larger get 431.
+    #[arg(
+        long,
+        env = "BOXOFFICE_MAX_HEADER_BYTES",
+        default_value_t = 16 * 1024,
+        value_parser = clap::value_parser!(u32).range(crate::server::MIN_HEADER_BYTES as i64..)
+    )]
+    pub max_header_bytes: u32,
+
+    /// Milliseconds a client has to send a request's headers (and to start the next
+    /// request on a kept-alive connection); slower connections are closed.
+    #[arg(long, env = "BOXOFFICE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+
+    /// Milliseconds from a request's headers to its response, body upload included;
+    /// slower requests get 408.
+    #[arg(long, env = "BOXOFFICE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// Open connections at most; further ones wait in the accept queue.
+    #[arg(long, env = "BOXOFFICE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Origins allowed to call the API from a browser (comma-separated, e.g.
+    /// `https://shop.example`). Unset: no CORS headers, browsers refuse other origins.
+    #[arg(long, env = "BOXOFFICE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
     /// Milliseconds between SIGTERM and closing the listener. Readiness reports 503
     /// at once and requests keep being served, so load balancers stop sending new
     /// requests before connections are refused.
@@ -113,6 +141,16 @@ pub struct ServeConfig {
     /// Seats of the event created when the database has none.
     #[arg(long, env = "BOXOFFICE_DEFAULT_EVENT_SEATS", default_value_t = 5000)]
     pub default_event_seats: u32,
+}
+
+impl ServeConfig {
+    pub fn limits(&self) -> crate::server::Limits {
+        crate::server::Limits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            max_header_bytes: self.max_header_bytes as usize,
+        }
+    }
 }
 
 /// Log output format.

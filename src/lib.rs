@@ -24,6 +24,7 @@ pub mod keys;
 pub mod persist;
 pub mod purchase;
 pub mod reconcile;
+pub mod server;
 pub mod startup;
 pub mod telemetry;
 

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use poem::Server;
-use poem::listener::{Acceptor, TcpAcceptor};
 use redis::AsyncConnectionConfig;
 use sqlx::PgPool;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, Stats};
@@ -18,6 +17,7 @@ use crate::error::{Error, Result, redact_url};
 use crate::keys::Keys;
 use crate::persist::Consumer;
 use crate::purchase::Gate;
+use crate::server::{self, Limits};
 
 /// How long in-flight requests may take to finish after shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -73,7 +73,8 @@ impl Stores {
 
 /// A built, not yet running, `boxoffice serve`.
 pub struct Application {
-    acceptor: TcpAcceptor,
+    listener: TcpListener,
+    limits: Limits,
     port: u16,
     state: Arc<AppState>,
     consumer: Option<Consumer>,
@@ -103,12 +104,10 @@ impl Application {
         let default_event = db::default_event(&stores.db, &serve.default_event_name, seats).await?;
         gate.load_all().await?;
 
-        let acceptor = bind(serve).await?;
-        let port = acceptor
+        let listener = bind(serve).await?;
+        let port = listener
             .local_addr()
-            .first()
-            .and_then(|addr| addr.as_socket_addr().map(|a| a.port()))
-            .unwrap_or(serve.listen.port());
+            .map_or(serve.listen.port(), |addr| addr.port());
         let consumer = serve
             .consumer
             .then(|| stores.consumer(instance_id.clone(), consumer));
@@ -120,13 +119,22 @@ impl Application {
             instance_id,
             admin_token: serve.admin_token.clone().filter(|t| !t.is_empty()),
             body_limit: serve.body_limit,
+            request_timeout: Duration::from_millis(serve.request_timeout_ms),
+            // `BOXOFFICE_CORS_ORIGINS=` (empty) means off, like unset.
+            cors_origins: serve
+                .cors_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
             stats: Stats::default(),
             started: Instant::now(),
             metrics: crate::telemetry::metrics(),
             draining: AtomicBool::new(false),
         });
         Ok(Self {
-            acceptor,
+            listener,
+            limits: serve.limits(),
             port,
             state,
             consumer,
@@ -161,7 +169,8 @@ impl Application {
     /// the consumer's current batch finish.
     pub async fn run_until_stopped(self) -> Result<()> {
         let Self {
-            acceptor,
+            listener,
+            limits,
             state,
             consumer,
             shutdown,
@@ -170,12 +179,14 @@ impl Application {
         tracing::info!(port = self.port, instance = %state.instance_id, "serving");
         let consumer = consumer.map(|c| tokio::spawn(c.run(shutdown.clone())));
         let watcher = tokio::spawn(state.gate.clone().watch_redis(shutdown.clone()));
-        let server = Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
+        let served = server::serve(
+            listener,
             api::routes(state),
-            shutdown.clone().cancelled_owned(),
-            Some(SHUTDOWN_GRACE),
-        );
-        let served = server.await;
+            limits,
+            shutdown.clone(),
+            SHUTDOWN_GRACE,
+        )
+        .await;
         shutdown.cancel();
         if let Some(consumer) = consumer {
             let _ = consumer.await;
@@ -207,7 +218,7 @@ impl ShutdownHandle {
 
 /// Binds with an explicit accept backlog: tokio's default (1024) overflows when a
 /// flash crowd connects at once, and each dropped SYN costs the client a 1 s retry.
-async fn bind(serve: &ServeConfig) -> Result<TcpAcceptor> {
+async fn bind(serve: &ServeConfig) -> Result<TcpListener> {
     let addr = serve.listen;
     let fail = |e: std::io::Error| Error::Startup(format!("cannot listen on {addr}: {e}"));
     let socket = if addr.is_ipv4() {
@@ -219,8 +230,7 @@ async fn bind(serve: &ServeConfig) -> Result<TcpAcceptor> {
     socket.set_reuseaddr(true).map_err(fail)?;
     socket.set_nodelay(true).map_err(fail)?;
     socket.bind(addr).map_err(fail)?;
-    let listener = socket.listen(serve.listen_backlog).map_err(fail)?;
-    TcpAcceptor::from_tokio(listener).map_err(fail)
+    socket.listen(serve.listen_backlog).map_err(fail)
 }
 
 /// Resolves when the process receives SIGINT or SIGTERM.

@@ -37,6 +37,9 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// Body larger than the server accepts.
     PayloadTooLarge,
+    /// The request (its body included) was not received and answered in time. A
+    /// purchase may have been made: retry with the same `Idempotency-Key` to learn.
+    RequestTimeout,
     /// `Content-Type` missing or not `application/json`.
     UnsupportedMediaType,
     /// Missing or wrong bearer token.
@@ -147,6 +150,7 @@ impl ApiError {
             StatusCode::NOT_FOUND => ErrorCode::NotFound,
             StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
             StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
             StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
             StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
             StatusCode::SERVICE_UNAVAILABLE => ErrorCode::ServiceUnavailable,

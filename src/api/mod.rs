@@ -68,6 +68,10 @@ pub struct AppState {
     pub instance_id: String,
     pub admin_token: Option<String>,
     pub body_limit: usize,
+    /// Longest a request may take, body upload included (408 after).
+    pub request_timeout: std::time::Duration,
+    /// Browser origins allowed by CORS; empty: CORS off.
+    pub cors_origins: Vec<String>,
     pub stats: Stats,
     pub started: Instant,
     /// Renders `/metrics`.
@@ -109,13 +113,32 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     let service = service();
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
+    let cors_on = !state.cors_origins.is_empty();
+    let cors = cors(&state.cors_origins);
     Route::new()
         .nest("/", service)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
         .data(state.clone())
+        .with_if(cors_on, cors)
         .into_endpoint()
         .around(move |ep, req| observe(ep, req, state.clone()))
+}
+
+/// CORS for the configured origins: what a browser client needs to buy and to read
+/// the answer's headers. Off (no CORS headers at all) unless origins are configured.
+fn cors(origins: &[String]) -> poem::middleware::Cors {
+    poem::middleware::Cors::new()
+        .allow_origins(origins.iter().map(String::as_str))
+        .allow_methods([poem::http::Method::GET, poem::http::Method::POST])
+        .allow_headers([
+            "content-type",
+            "idempotency-key",
+            "authorization",
+            "x-request-id",
+        ])
+        .expose_headers(["idempotent-replayed", "retry-after", "x-request-id"])
+        .max_age(600)
 }
 
 tokio::task_local! {
@@ -169,6 +192,7 @@ async fn observe<E: Endpoint>(
     let path = req.uri().path().to_owned();
     let path = path.as_str();
 
+    let timeout = state.request_timeout;
     let handled = async {
         if let Err(e) = limit_body(&mut req, state.body_limit).await {
             return e;
@@ -185,6 +209,18 @@ async fn observe<E: Endpoint>(
                 response
             }
         }
+    };
+    // A sale the handler already made stands when the answer times out; the client
+    // learns it by retrying with the same key (the error code says so).
+    let handled = async {
+        tokio::time::timeout(timeout, handled)
+            .await
+            .unwrap_or_else(|_| {
+                json_error(ApiError::from_status(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request was not received and answered within {timeout:?}"),
+                ))
+            })
     };
     let mut response = REQUEST_ID
         .scope(request_id.clone(), handled.instrument(span))

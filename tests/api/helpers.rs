@@ -121,6 +121,10 @@ pub struct AppOptions {
     pub claim_idle_ms: u64,
     pub idempotency_ttl: u64,
     pub admin_token: Option<&'static str>,
+    pub header_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub max_connections: usize,
+    pub cors_origins: &'static str,
 }
 
 impl Default for AppOptions {
@@ -131,6 +135,10 @@ impl Default for AppOptions {
             claim_idle_ms: 30_000,
             idempotency_ttl: 86_400,
             admin_token: Some(ADMIN_TOKEN),
+            header_timeout_ms: 10_000,
+            request_timeout_ms: 10_000,
+            max_connections: 10_000,
+            cors_origins: "",
         }
     }
 }
@@ -212,6 +220,10 @@ impl TestEnv {
             format!("--consumer={}", options.consumer),
             format!("--default-event-seats={}", options.default_seats),
             format!("--claim-idle-ms={}", options.claim_idle_ms),
+            format!("--header-timeout-ms={}", options.header_timeout_ms),
+            format!("--request-timeout-ms={}", options.request_timeout_ms),
+            format!("--max-connections={}", options.max_connections),
+            format!("--cors-origins={}", options.cors_origins),
             "--consumer-block-ms=200".into(),
             "--db-pool-size=4".into(),
             "--log-format=pretty".into(),

@@ -6,6 +6,8 @@ mod events;
 mod faults;
 mod helpers;
 mod idempotency;
+mod limits;
+mod logs;
 mod openapi;
 mod ops;
 mod persist;

@@ -38,17 +38,24 @@ pub struct PrivateRedis {
     port: u16,
     dir: PathBuf,
     persistence: Persistence,
+    password: Option<String>,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     pub async fn start(persistence: Persistence) -> Self {
+        Self::start_with(persistence, None).await
+    }
+
+    /// A server that requires `password` (`requirepass`).
+    pub async fn start_with(persistence: Persistence, password: Option<&str>) -> Self {
         let dir = scratch_dir("redis");
         std::fs::create_dir_all(&dir).unwrap();
         let mut redis = Self {
             port: free_port(),
             dir,
             persistence,
+            password: password.map(str::to_owned),
             child: None,
         };
         redis.restart().await;
@@ -56,7 +63,10 @@ impl PrivateRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -81,6 +91,9 @@ impl PrivateRedis {
             Persistence::AofAlways => ["--appendonly", "yes", "--appendfsync", "always"],
             Persistence::Snapshot => ["--appendonly", "no", "--appendfsync", "no"],
         });
+        if let Some(password) = &self.password {
+            args.extend(["--requirepass", password]);
+        }
         let child = Command::new("redis-server")
             .args(&args)
             .current_dir(&self.dir)

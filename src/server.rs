@@ -1,0 +1,111 @@
+//! The HTTP/1.1 server: accepts connections and serves the poem endpoint over hyper
+//! with the limits a public endpoint needs.
+//!
+//! poem's own `Server` leaves hyper's HTTP/1 settings at their defaults: no deadline
+//! for a client to send its headers (a slow client holds its connection forever),
+//! ~400 KiB of headers, no bound on connections. This loop sets them; everything above
+//! the connection (routing, middleware, the API) is still poem.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use poem::web::{LocalAddr, RemoteAddr};
+use poem::{Endpoint, Request};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Connection-level limits (see `ServeConfig` for what each means to operators).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open connections at most; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, and to start the next request
+    /// on a kept-alive connection.
+    pub header_timeout: Duration,
+    /// Bytes of request line and headers at most; more gets 431.
+    pub max_header_bytes: usize,
+}
+
+/// hyper refuses a read buffer smaller than this.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// Serves `endpoint` on `listener` until `shutdown` is cancelled, then stops
+/// accepting, lets requests in flight finish for up to `grace`, and returns.
+pub async fn serve<E>(
+    listener: TcpListener,
+    endpoint: E,
+    limits: Limits,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> io::Result<()>
+where
+    E: Endpoint + 'static,
+{
+    let endpoint = Arc::new(endpoint);
+    let local = LocalAddr(poem::Addr::SocketAddr(listener.local_addr()?));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES));
+
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let endpoint = endpoint.clone();
+        let local = local.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let endpoint = endpoint.clone();
+            let request = Request::from((
+                request,
+                local.clone(),
+                RemoteAddr(poem::Addr::SocketAddr(remote)),
+                poem::http::uri::Scheme::HTTP,
+            ));
+            async move {
+                let response = endpoint.get_response(request).await;
+                Ok::<_, Infallible>(hyper::Response::<BoxBody<Bytes, io::Error>>::from(response))
+            }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // Errors here are the client's (reset, timeout, malformed request).
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "requests still in flight when the shutdown grace ran out");
+        }
+    }
+    Ok(())
+}
