@@ -105,8 +105,8 @@ pub struct ServeConfig {
     #[arg(long, env = "BOXOFFICE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_timeout_ms: u64,
 
-    /// Milliseconds from a request's headers to its response, body upload included;
-    /// slower requests get 408.
+    /// Milliseconds from the headers of a request with a body to its response, the
+    /// upload included; slower requests get 408.
     #[arg(long, env = "BOXOFFICE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
 
