@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::helpers::TestEnv;
-use crate::processes::{Persistence, PrivateRedis};
+use crate::processes::{Persistence, PrivateRedis, servers_available};
 
 const REDIS_PASSWORD: &str = "redis-pw-4d1e0a";
 const PG_PASSWORD: &str = "pg-pw-9b7c2f";
@@ -73,6 +73,9 @@ fn assert_no_secrets(output: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_log() {
+    if !servers_available() {
+        return;
+    }
     let mut redis = PrivateRedis::start_with(Persistence::AofAlways, Some(REDIS_PASSWORD)).await;
     let env = TestEnv::with_redis(&redis.url()).await;
     // Trust authentication ignores the password; the process still has to keep it quiet.
