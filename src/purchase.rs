@@ -231,8 +231,11 @@ impl Gate {
         let mut records = 0;
         let events = db::events(&self.db).await?;
         for event in &events {
-            self.load(event).await?;
-            records += self.restore_records(event).await?;
+            // A script's writes reach the AOF/RDB together, so a counter that was not
+            // behind still has the records of its sales; only a lossy Redis needs them.
+            if self.load(event).await? {
+                records += self.restore_records(event).await?;
+            }
         }
         self.purchase.load_async(&mut conn).await?;
         tracing::warn!(
@@ -247,7 +250,7 @@ impl Gate {
 
     /// Writes back the idempotency records of `event`'s sales made within the TTL,
     /// where Redis lacks them. Returns how many PostgreSQL had.
-    async fn restore_records(&self, event: &EventRow) -> Result<usize> {
+    pub async fn restore_records(&self, event: &EventRow) -> Result<usize> {
         let sales = db::recent_sales(&self.db, event, self.idempotency_ttl).await?;
         let mut conn = self.conn.clone();
         for chunk in sales.chunks(RESTORE_CHUNK) {
@@ -298,16 +301,21 @@ impl Gate {
         })
     }
 
+    /// Loads an event Redis lacks. Its idempotency records are written back first:
+    /// a Redis that lost the event lost them too, and the moment the counter exists a
+    /// retried key could otherwise be sold again.
     async fn load_from_db(&self, event: Uuid) -> Result<()> {
         let row = db::event(&self.db, event)
             .await?
             .ok_or(Error::EventNotFound(event))?;
-        self.load(&row).await
+        self.restore_records(&row).await?;
+        self.load(&row).await.map(drop)
     }
 
     /// Puts `event` into Redis, or raises its `sold` counter to the seats PostgreSQL
-    /// and the stream hold (see [`Gate::durable`]).
-    pub async fn load(&self, event: &EventRow) -> Result<()> {
+    /// and the stream hold (see [`Gate::durable`]). Returns whether Redis had lost
+    /// sales of it: the event was missing or its counter was behind.
+    pub async fn load(&self, event: &EventRow) -> Result<bool> {
         let durable = self.durable(event.id).await?;
         let mut conn = self.conn.clone();
         let (created, raised): (i64, i64) = self
@@ -331,7 +339,7 @@ impl Gate {
                 "Redis had fewer seats sold than PostgreSQL and the stream (restored from an older snapshot?); raised it"
             );
         }
-        Ok(())
+        Ok(created == 1 || raised > 0)
     }
 
     /// Seats of `event` sold for certain: rows in PostgreSQL plus stream entries not

@@ -77,6 +77,8 @@ pub async fn run(stores: &Stores, gate: &Gate, fix: bool) -> Result<Vec<Row>> {
     for event in &events {
         let mut row = settled(stores, gate, event).await?;
         if fix && row.status() == Status::RedisBehind {
+            // Records first: once raised, the counter sells again (see `Gate::recover`).
+            gate.restore_records(event).await?;
             gate.load(event).await?;
             row = settled(stores, gate, event).await?;
         }

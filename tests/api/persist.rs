@@ -136,3 +136,36 @@ async fn a_redis_behind_postgres_is_raised_before_selling_again() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn retries_after_redis_lost_an_event_are_replayed_not_sold_again() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app(AppOptions::default()).await;
+    let event = app.create_event("lost", 10).await;
+    let mut first = Vec::new();
+    for i in 0..3 {
+        let reply = app.purchase_event(event, &format!("l-{i}"), 2).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        first.push(reply.body["purchaseId"].clone());
+    }
+    env.wait_for_rows(event, 3, Duration::from_secs(10)).await;
+
+    // Every key of the event gone, as after a FLUSHALL (the script stays loaded).
+    let mut redis = env.redis.clone();
+    let keys: Vec<String> = redis
+        .keys(format!("{}:{{{event}}}:*", env.prefix))
+        .await
+        .unwrap();
+    assert!(keys.len() >= 4, "{keys:?}");
+    let _: () = redis.del(&keys).await.unwrap();
+
+    for (i, purchase_id) in first.iter().enumerate() {
+        let again = app.purchase_event(event, &format!("l-{i}"), 2).await;
+        assert_eq!(again.status, StatusCode::OK);
+        assert!(again.replayed, "l-{i} sold again");
+        assert_eq!(&again.body["purchaseId"], purchase_id);
+    }
+    let fresh = app.purchase_event(event, "l-new", 2).await;
+    assert_eq!(fresh.body["seatsRemaining"], 2, "{fresh:?}");
+    env.wait_for_rows(event, 4, Duration::from_secs(10)).await;
+}
