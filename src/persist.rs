@@ -5,14 +5,16 @@
 //! acknowledged, so delivery is at-least-once and the rows exactly-once: a batch
 //! redelivered after a crash writes nothing new. While PostgreSQL is down, sales wait
 //! in the stream; entries left pending by a dead consumer are taken over (`XAUTOCLAIM`)
-//! once idle for `claim_idle_ms`.
+//! once idle for `claim_idle_ms`, and a consumer gone for good (no pending entries,
+//! silent for [`Consumer::departed_after`]) is removed from the group so that replicas
+//! of past deployments do not pile up in it.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamPendingReply, StreamReadOptions,
-    StreamReadReply,
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoConsumersReply,
+    StreamPendingReply, StreamReadOptions, StreamReadReply,
 };
 use deadpool_redis::redis::{self, AsyncCommands};
 use sqlx::PgPool;
@@ -44,6 +46,7 @@ pub struct Consumer {
     keys: Keys,
     name: String,
     config: ConsumerConfig,
+    forget_consumer: redis::Script,
 }
 
 /// What the consumer remembers between reads.
@@ -76,6 +79,7 @@ impl Consumer {
             keys,
             name,
             config,
+            forget_consumer: redis::Script::new(include_str!("../lua/forget_consumer.lua")),
         }
     }
 
@@ -132,6 +136,47 @@ impl Consumer {
         Duration::from_millis((self.config.claim_idle_ms / 2).max(100))
     }
 
+    /// Silence after which a consumer without pending entries counts as gone: ten
+    /// claim timeouts (5 minutes by default). A live consumer polls every
+    /// `consumer_block_ms`, so it is never that quiet; one that was only paused is
+    /// recreated by its next read.
+    pub fn departed_after(&self) -> Duration {
+        Duration::from_millis(self.config.claim_idle_ms.saturating_mul(10))
+    }
+
+    /// Removes consumers of `stream`'s group that left: nothing pending, silent for
+    /// [`Consumer::departed_after`].
+    async fn forget_departed(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        stream: &str,
+    ) -> Result<()> {
+        let info: StreamInfoConsumersReply = conn.xinfo_consumers(stream, CONSUMER_GROUP).await?;
+        let departed_ms = self.departed_after().as_millis();
+        for consumer in info.consumers {
+            if consumer.pending == 0
+                && consumer.idle as u128 >= departed_ms
+                && consumer.name != self.name
+            {
+                let removed: i64 = self
+                    .forget_consumer
+                    .key(stream)
+                    .arg(CONSUMER_GROUP)
+                    .arg(&consumer.name)
+                    .invoke_async(&mut **conn)
+                    .await?;
+                if removed == 1 {
+                    tracing::info!(
+                        stream,
+                        consumer = consumer.name,
+                        "removed a departed consumer"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One read-write-acknowledge round.
     async fn step(&self, cursor: &mut Cursor) -> Result<Round> {
         let mut conn = match cursor.conn.take() {
@@ -182,6 +227,7 @@ impl Consumer {
             for stream in &cursor.streams {
                 self.claim_stale(conn, stream, &mut cursor.untrimmed)
                     .await?;
+                self.forget_departed(conn, stream).await?;
             }
             cursor.last_claim = Some(Instant::now());
         }

@@ -63,10 +63,50 @@ async fn entries_left_pending_by_a_dead_consumer_are_reclaimed() {
         .await
         .unwrap();
     assert_eq!(taken.keys[0].ids.len(), 25);
+    // The removal script refuses a consumer that still holds entries.
+    let forget = redis::Script::new(include_str!("../../lua/forget_consumer.lua"));
+    let removed: i64 = forget
+        .key(env.stream_key(event))
+        .arg("persist")
+        .arg("doomed")
+        .invoke_async(&mut env.redis.clone())
+        .await
+        .unwrap();
+    assert_eq!(removed, 0, "a consumer holding entries was removed");
+    // And one that joined and left without reading anything.
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(env.stream_key(event))
+        .arg("persist")
+        .arg("idle-ghost")
+        .query_async(&mut env.redis.clone())
+        .await
+        .unwrap();
 
     let stop = CancellationToken::new();
     let survivor = tokio::spawn(env.consumer("survivor", 300).await.run(stop.clone()));
     env.wait_for_rows(event, 25, Duration::from_secs(15)).await;
+
+    // Both leave the group once silent for ten claim timeouts (3 s here) with nothing
+    // pending; "doomed" only after its entries were taken over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let info: redis::streams::StreamInfoConsumersReply = env
+            .redis
+            .clone()
+            .xinfo_consumers(env.stream_key(event), "persist")
+            .await
+            .unwrap();
+        let names: Vec<String> = info.consumers.into_iter().map(|c| c.name).collect();
+        if names == ["survivor"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still in the group: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stop.cancel();
     survivor.await.unwrap();
 
