@@ -79,6 +79,7 @@ http {
     upstream boxoffice {
         zone boxoffice 64k;
 $servers        keepalive 64;
+        keepalive_timeout 5s;
     }
     server {
         listen 127.0.0.1:$PORT backlog=4096;
