@@ -31,6 +31,11 @@ pub enum Error {
     #[error("{0} event(s) drifted; see the table above")]
     Drift(usize),
 
+    /// Redis lost its purchase script and could not be checked against PostgreSQL a
+    /// moment ago; no sale is made until it can be (see `Gate::recover`).
+    #[error("Redis awaits recovery, which just failed: {0}")]
+    RecoveryPending(String),
+
     /// A dependency is unreachable at startup; the message says how to fix it.
     #[error("{0}")]
     Startup(String),
@@ -41,7 +46,16 @@ impl Error {
     /// as opposed to a bug.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Redis(_) | Error::RedisPool(_) | Error::Startup(_) => true,
+            Error::Redis(_)
+            | Error::RedisPool(_)
+            | Error::RecoveryPending(_)
+            | Error::Startup(_) => true,
+            Error::Db(sqlx::Error::Database(e)) => {
+                // SQLSTATE classes 08 (connection exception) and 57 (operator
+                // intervention: shutting down, starting up, terminated connection).
+                e.code()
+                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57"))
+            }
             Error::Db(e) => matches!(
                 e,
                 sqlx::Error::Io(_)

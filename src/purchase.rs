@@ -40,6 +40,9 @@ const RUN_ID_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Stream entries read per XRANGE call when counting unwritten sales.
 const RANGE_CHUNK: usize = 10_000;
 
+/// After a failed recovery, how long requests fail at once instead of trying again.
+const RECOVERY_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Idempotency records written back per pipeline during recovery.
 const RESTORE_CHUNK: usize = 1_000;
 
@@ -91,7 +94,8 @@ pub struct Gate {
     load_event: Script,
     /// Held while this instance brings a Redis without the purchase script up to
     /// date, so that concurrent requests wait for one recovery instead of racing.
-    recovery: Arc<tokio::sync::Mutex<()>>,
+    /// Holds when and why the last attempt failed.
+    recovery: Arc<tokio::sync::Mutex<Option<(std::time::Instant, String)>>>,
 }
 
 /// What PostgreSQL and the stream say about an event's sales.
@@ -217,7 +221,7 @@ impl Gate {
     /// a retried request gets its sale replayed rather than sold again. Does nothing
     /// when the script is there (another request or replica recovered first).
     pub async fn recover(&self) -> Result<()> {
-        let _recovering = self.recovery.lock().await;
+        let mut last_failure = self.recovery.lock().await;
         let mut conn = self.conn.clone();
         let (loaded,): (bool,) = redis::cmd("SCRIPT")
             .arg("EXISTS")
@@ -227,7 +231,32 @@ impl Gate {
         if loaded {
             return Ok(());
         }
+        // Requests that queued behind an attempt that just failed fail with it
+        // rather than each waiting out PostgreSQL's timeouts again.
+        if let Some((at, error)) = last_failure.as_ref()
+            && at.elapsed() < RECOVERY_RETRY_AFTER
+        {
+            return Err(Error::RecoveryPending(error.clone()));
+        }
         let started = std::time::Instant::now();
+        let recovered = self.recover_events(&mut conn).await;
+        *last_failure = match &recovered {
+            Ok(_) => None,
+            Err(e) => Some((std::time::Instant::now(), e.to_string())),
+        };
+        let (events, records) = recovered?;
+        tracing::warn!(
+            events,
+            records,
+            took = ?started.elapsed(),
+            "Redis had no purchase script (new, restarted, failed over or restored): \
+             counters checked against PostgreSQL before selling"
+        );
+        Ok(())
+    }
+
+    /// The work of [`Gate::recover`]; returns how many events and records it handled.
+    async fn recover_events(&self, conn: &mut ConnectionManager) -> Result<(usize, usize)> {
         let mut records = 0;
         let events = db::events(&self.db).await?;
         for event in &events {
@@ -237,15 +266,8 @@ impl Gate {
                 records += self.restore_records(event).await?;
             }
         }
-        self.purchase.load_async(&mut conn).await?;
-        tracing::warn!(
-            events = events.len(),
-            records,
-            took = ?started.elapsed(),
-            "Redis had no purchase script (new, restarted, failed over or restored): \
-             counters checked against PostgreSQL before selling"
-        );
-        Ok(())
+        self.purchase.load_async(conn).await?;
+        Ok((events.len(), records))
     }
 
     /// Writes back the idempotency records of `event`'s sales made within the TTL,
