@@ -196,20 +196,22 @@ async fn bounded<F: Future>(test: F) -> F::Output {
         .expect("fault test ran out of time")
 }
 
+/// Runs a test that starts its own servers, bounded, where it can (see
+/// `servers_available`).
+async fn on_private_servers(test: impl Future<Output = ()>) {
+    if servers_available() {
+        bounded(test).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sales_made_while_postgres_is_down_are_written_when_it_returns() {
-    if !servers_available() {
-        return;
-    }
-    bounded(async {
+    on_private_servers(async {
         let postgres = block_in_place(PrivatePostgres::start);
         let redis = PrivateRedis::start(Persistence::AofAlways).await;
         let env = TestEnv::on(&redis.url(), &postgres.url()).await;
         let app = env
-            .spawn_app(AppOptions {
-                default_seats: 1_000_000,
-                ..AppOptions::default()
-            })
+            .spawn_app(AppOptions::with_seats(1_000_000))
             .await;
         let event = app.default_event;
 
@@ -369,10 +371,7 @@ async fn timed_purchase(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purchases_fail_fast_while_redis_is_down_and_resume_when_it_returns() {
-    if !servers_available() {
-        return;
-    }
-    bounded(async {
+    on_private_servers(async {
         let mut redis = PrivateRedis::start(Persistence::AofAlways).await;
         let env = TestEnv::with_redis(&redis.url()).await;
         let app = env.spawn_app(AppOptions::default()).await;
@@ -457,19 +456,11 @@ async fn purchases_fail_fast_while_redis_is_down_and_resume_when_it_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_crash_with_appendfsync_always_loses_no_confirmed_sale() {
-    if !servers_available() {
-        return;
-    }
-    bounded(async {
+    on_private_servers(async {
         let mut redis = PrivateRedis::start(Persistence::AofAlways).await;
         let env = TestEnv::with_redis(&redis.url()).await;
         let capacity = 4000;
-        let app = env
-            .spawn_app(AppOptions {
-                default_seats: capacity,
-                ..AppOptions::default()
-            })
-            .await;
+        let app = env.spawn_app(AppOptions::with_seats(capacity)).await;
         let event = app.default_event;
         let crowd = Crowd {
             quantity: |n| (n % 3 + 1) as u8,
@@ -498,18 +489,10 @@ async fn a_redis_crash_with_appendfsync_always_loses_no_confirmed_sale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restored_from_an_older_snapshot_sells_no_seat_twice() {
-    if !servers_available() {
-        return;
-    }
-    bounded(async {
+    on_private_servers(async {
         let mut redis = PrivateRedis::start(Persistence::Snapshot).await;
         let env = TestEnv::with_redis(&redis.url()).await;
-        let app = env
-            .spawn_app(AppOptions {
-                default_seats: 1000,
-                ..AppOptions::default()
-            })
-            .await;
+        let app = env.spawn_app(AppOptions::with_seats(1000)).await;
         let event = app.default_event;
         let apps = [&app];
         let sell = |tag: &'static str, buyers| {
@@ -583,19 +566,11 @@ async fn a_redis_restored_from_an_older_snapshot_sells_no_seat_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restarted_while_postgres_is_down_sells_nothing_until_it_returns() {
-    if !servers_available() {
-        return;
-    }
-    bounded(async {
+    on_private_servers(async {
         let postgres = block_in_place(PrivatePostgres::start);
         let mut redis = PrivateRedis::start(Persistence::AofAlways).await;
         let env = TestEnv::on(&redis.url(), &postgres.url()).await;
-        let app = env
-            .spawn_app(AppOptions {
-                default_seats: 100,
-                ..AppOptions::default()
-            })
-            .await;
+        let app = env.spawn_app(AppOptions::with_seats(100)).await;
         let event = app.default_event;
         let url = app.url(&format!("/api/v1/events/{event}/purchase"));
         let mut bought = Vec::new();

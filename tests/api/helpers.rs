@@ -54,7 +54,8 @@ async fn find_services() -> Services {
     containers::start().await
 }
 
-async fn redis_answers(url: &str) -> bool {
+/// Whether a Redis answers PING at `url` within 2 s.
+pub async fn redis_answers(url: &str) -> bool {
     let ping = async {
         let client = redis::Client::open(url).ok()?;
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
@@ -139,6 +140,16 @@ impl Default for AppOptions {
             request_timeout_ms: 10_000,
             max_connections: 10_000,
             cors_origins: "",
+        }
+    }
+}
+
+impl AppOptions {
+    /// Default options with a default event of `seats` seats.
+    pub fn with_seats(seats: u32) -> Self {
+        Self {
+            default_seats: seats,
+            ..Self::default()
         }
     }
 }

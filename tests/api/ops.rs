@@ -25,12 +25,7 @@ async fn health_probes_answer() {
 #[tokio::test]
 async fn stats_count_this_instance_and_all_replicas() {
     let env = TestEnv::new().await;
-    let a = env
-        .spawn_app(AppOptions {
-            default_seats: 3,
-            ..AppOptions::default()
-        })
-        .await;
+    let a = env.spawn_app(AppOptions::with_seats(3)).await;
     let b = env.spawn_app(AppOptions::default()).await;
 
     assert_eq!(a.purchase("st-1", 2).await.status, StatusCode::OK);

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use crate::helpers::redis_answers;
+
 /// Whether this machine can run private servers. When it cannot: a panic where they
 /// are required (CI must run every fault test), elsewhere a note on stderr and `false`.
 pub fn servers_available() -> bool {
@@ -132,7 +134,7 @@ impl PrivateRedis {
             .expect("redis-server runs (install Redis: apt-get install redis-server)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !ping(&self.url()).await {
+        while !redis_answers(&self.url()).await {
             assert!(
                 Instant::now() < deadline,
                 "private Redis did not answer; see {}",
@@ -149,21 +151,6 @@ impl PrivateRedis {
             let _ = child.wait();
         }
     }
-}
-
-async fn ping(url: &str) -> bool {
-    let attempt = async {
-        let client = redis::Client::open(url).ok()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .ok()
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), attempt).await,
-        Ok(Some(_))
-    )
 }
 
 impl Drop for PrivateRedis {
@@ -273,10 +260,13 @@ fn path_str(path: &Path) -> &str {
 }
 
 fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    static ROOT: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    });
+    *ROOT
 }
 
 /// Where PostgreSQL's server programs are.

@@ -41,12 +41,7 @@ async fn a_purchase_sells_seats_and_reaches_postgres() {
 #[tokio::test]
 async fn a_sold_out_event_answers_409_and_sells_nothing() {
     let env = TestEnv::new().await;
-    let app = env
-        .spawn_app(AppOptions {
-            default_seats: 3,
-            ..AppOptions::default()
-        })
-        .await;
+    let app = env.spawn_app(AppOptions::with_seats(3)).await;
 
     assert_eq!(app.purchase("so-1", 2).await.status, StatusCode::OK);
     let refused = app.purchase("so-2", 2).await;
