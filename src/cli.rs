@@ -5,8 +5,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CommonConfig, ConsumerConfig, ServeConfig};
 use crate::db;
+use crate::domain::Seats;
 use crate::error::{Error, Result};
 use crate::purchase::Gate;
+use crate::recovery::Mode;
 use crate::startup::{Application, Stores, shutdown_signal};
 use crate::telemetry;
 
@@ -37,12 +39,14 @@ enum Command {
     /// Manage events.
     #[command(subcommand)]
     Event(EventCommand),
-    /// Compare each event's seats sold in Redis with PostgreSQL plus the stream;
-    /// exit 1 on drift.
+    /// Compare each event in Redis with PostgreSQL and the streams (seats sold,
+    /// idempotency records, parked sales); exit 1 on drift.
     Reconcile {
         #[command(flatten)]
         common: CommonConfig,
-        /// Raise Redis' counter where it is below what was sold (never lowers it).
+        /// Repair what drifted: check the event against PostgreSQL again (raise a
+        /// counter that is behind, never lower one; restore missing records) and send
+        /// parked sales back to the stream.
         #[arg(long)]
         fix: bool,
     },
@@ -85,8 +89,8 @@ enum EventCommand {
         #[arg(long)]
         name: String,
         /// Number of seats.
-        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1_000_000))]
-        seats: i32,
+        #[arg(long)]
+        seats: Seats,
     },
 }
 
@@ -131,23 +135,16 @@ impl Cli {
                 telemetry::init(common.log_format);
                 let (stores, gate) = connect(&common).await?;
                 let event = db::create_event(&stores.db, &name, seats).await?;
-                gate.load(&event).await?;
+                gate.recovery().ensure_event(&event, Mode::Check).await?;
                 println!("{}", event.id);
                 Ok(())
             }
             Command::Reconcile { common, fix } => {
                 telemetry::init(common.log_format);
                 let (stores, gate) = connect(&common).await?;
-                let rows = crate::reconcile::run(&stores, &gate, fix).await?;
+                let rows = crate::reconcile::run(&stores, gate.recovery(), fix).await?;
                 print!("{}", crate::reconcile::table(&rows));
-                let drifted = rows.iter().filter(|r| {
-                    matches!(
-                        r.status(),
-                        crate::reconcile::Status::RedisBehind
-                            | crate::reconcile::Status::RowsMissing
-                    )
-                });
-                match drifted.count() {
+                match rows.iter().filter(|r| r.status().is_drift()).count() {
                     0 => Ok(()),
                     n => Err(Error::Drift(n)),
                 }
@@ -165,14 +162,7 @@ impl Cli {
 async fn connect(common: &CommonConfig) -> Result<(Stores, Gate)> {
     let timeout = common.store.redis_timeout();
     let stores = Stores::connect(&common.store, timeout).await?;
-    let gate = Gate::connect(
-        &common.store.redis_url,
-        timeout,
-        stores.db.clone(),
-        stores.keys.clone(),
-        0,
-    )
-    .await?;
+    let gate = Gate::connect(&common.store, stores.db.clone()).await?;
     Ok((stores, gate))
 }
 

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::domain::{MAX_IDEMPOTENCY_TTL, MAX_SEATS};
+
 /// Where the service finds Redis and PostgreSQL and how it names its keys.
 #[derive(Debug, Clone, Args)]
 pub struct StoreConfig {
@@ -37,6 +39,17 @@ pub struct StoreConfig {
     /// Milliseconds a Redis command may take before the request fails with 503.
     #[arg(long, env = "BOXOFFICE_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     pub redis_timeout_ms: u64,
+
+    /// Seconds an Idempotency-Key and its outcome are remembered (1 to 2592000, 30
+    /// days). Every command that restores records from PostgreSQL needs the same
+    /// value as the servers, so it is a store setting.
+    #[arg(
+        long,
+        env = "BOXOFFICE_IDEMPOTENCY_TTL",
+        default_value_t = 86_400,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_IDEMPOTENCY_TTL))
+    )]
+    pub idempotency_ttl: u32,
 }
 
 impl StoreConfig {
@@ -82,10 +95,6 @@ pub struct ServeConfig {
     /// Bearer token for the admin endpoints (creating events). Unset: they answer 403.
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-
-    /// Seconds an Idempotency-Key and its outcome are remembered.
-    #[arg(long, env = "BOXOFFICE_IDEMPOTENCY_TTL", default_value_t = 86_400)]
-    pub idempotency_ttl: u64,
 
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "BOXOFFICE_BODY_LIMIT", default_value_t = 16 * 1024)]
@@ -139,11 +148,28 @@ pub struct ServeConfig {
     pub default_event_name: String,
 
     /// Seats of the event created when the database has none.
-    #[arg(long, env = "BOXOFFICE_DEFAULT_EVENT_SEATS", default_value_t = 5000)]
-    pub default_event_seats: u32,
+    #[arg(
+        long,
+        env = "BOXOFFICE_DEFAULT_EVENT_SEATS",
+        default_value_t = 5000,
+        value_parser = clap::value_parser!(i32).range(1..=i64::from(MAX_SEATS))
+    )]
+    pub default_event_seats: i32,
+
+    /// Milliseconds between checks of which Redis server answers. A new one (restart,
+    /// restore, failover) has every event checked against PostgreSQL at once rather
+    /// than at each event's next request. 0: only at the next request, and not at
+    /// startup either.
+    #[arg(long, env = "BOXOFFICE_REDIS_WATCH_MS", default_value_t = 1000)]
+    pub redis_watch_ms: u64,
 }
 
 impl ServeConfig {
+    /// How often the Redis server is checked; `None` when the watcher is off.
+    pub fn redis_watch(&self) -> Option<Duration> {
+        (self.redis_watch_ms > 0).then(|| Duration::from_millis(self.redis_watch_ms))
+    }
+
     pub fn limits(&self) -> crate::server::Limits {
         crate::server::Limits {
             max_connections: self.max_connections.max(1),

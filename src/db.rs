@@ -8,7 +8,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{FromRow, Postgres};
 use uuid::Uuid;
 
+use crate::domain::Seats;
 use crate::error::{Error, Result, redact_url};
+use crate::records::Entry;
 
 /// How long startup and requests wait for a PostgreSQL connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -23,16 +25,6 @@ pub struct EventRow {
     pub id: Uuid,
     pub name: String,
     pub total_seats: i32,
-}
-
-/// One sale on its way from the stream to `purchases`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sale {
-    pub id: Uuid,
-    pub idempotency_key: String,
-    pub quantity: i16,
-    /// Microseconds since the Unix epoch, from Redis' clock.
-    pub sold_at_micros: i64,
 }
 
 /// Connects to PostgreSQL, creating the database if it does not exist, and migrates it.
@@ -62,17 +54,20 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
     Ok(pool)
 }
 
-pub async fn create_event(pool: &PgPool, name: &str, total_seats: i32) -> Result<EventRow> {
-    let row = sqlx::query_as(
+pub async fn create_event<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    name: &str,
+    seats: Seats,
+) -> Result<EventRow> {
+    Ok(sqlx::query_as(
         "INSERT INTO events (id, name, total_seats) VALUES ($1, $2, $3)
          RETURNING id, name, total_seats",
     )
     .bind(Uuid::now_v7())
     .bind(name)
-    .bind(total_seats)
-    .fetch_one(pool)
-    .await?;
-    Ok(row)
+    .bind(seats.get())
+    .fetch_one(db)
+    .await?)
 }
 
 pub async fn event(pool: &PgPool, id: Uuid) -> Result<Option<EventRow>> {
@@ -93,31 +88,30 @@ pub async fn events(pool: &PgPool) -> Result<Vec<EventRow>> {
     )
 }
 
-/// The default event, which the seed-compatible endpoints sell from: the oldest
-/// event, created with `name` and `seats` when there is none.
-pub async fn default_event(pool: &PgPool, name: &str, seats: i32) -> Result<EventRow> {
+/// The default event, which the seed-compatible endpoints sell from. It is recorded
+/// in `default_event` once, by the first replica to start on an empty database
+/// (which creates it with `name` and `seats`); every replica then reads the same one.
+pub async fn default_event(pool: &PgPool, name: &str, seats: Seats) -> Result<EventRow> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(DEFAULT_EVENT_LOCK)
         .execute(&mut *tx)
         .await?;
-    let existing: Option<EventRow> =
-        sqlx::query_as("SELECT id, name, total_seats FROM events ORDER BY created_at, id LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?;
+    let existing: Option<EventRow> = sqlx::query_as(
+        "SELECT e.id, e.name, e.total_seats
+         FROM default_event d JOIN events e ON e.id = d.event_id",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     let event = match existing {
         Some(event) => event,
         None => {
-            let event: EventRow = sqlx::query_as(
-                "INSERT INTO events (id, name, total_seats) VALUES ($1, $2, $3)
-                 RETURNING id, name, total_seats",
-            )
-            .bind(Uuid::now_v7())
-            .bind(name)
-            .bind(seats)
-            .fetch_one(&mut *tx)
-            .await?;
-            tracing::info!(event = %event.id, seats, "created the default event");
+            let event = create_event(&mut *tx, name, seats).await?;
+            sqlx::query("INSERT INTO default_event (event_id) VALUES ($1)")
+                .bind(event.id)
+                .execute(&mut *tx)
+                .await?;
+            tracing::info!(event = %event.id, seats = seats.get(), "created the default event");
             event
         }
     };
@@ -150,27 +144,29 @@ pub struct RecentSale {
     pub id: Uuid,
     pub idempotency_key: String,
     pub quantity: i16,
-    /// Seats left after this sale, in the order PostgreSQL has them.
+    /// Seats left right after this sale: as its 200 said, or for rows from before
+    /// that was stored, recomputed from the order PostgreSQL has the sales in.
     pub seats_remaining: i64,
     /// Seconds until the record would have expired.
     pub ttl_left: i64,
 }
 
 /// Sales of `event` made within the last `ttl` seconds, newest first.
-pub async fn recent_sales(pool: &PgPool, event: &EventRow, ttl: u64) -> Result<Vec<RecentSale>> {
-    let ttl = i64::try_from(ttl).unwrap_or(i64::MAX);
+pub async fn recent_sales(pool: &PgPool, event: &EventRow, ttl: u32) -> Result<Vec<RecentSale>> {
     let sales = sqlx::query_as(
         "SELECT id, idempotency_key, quantity, seats_remaining,
                 GREATEST(1, CEIL($3 - EXTRACT(EPOCH FROM now() - sold_at)))::int8 AS ttl_left
          FROM (SELECT id, idempotency_key, quantity, sold_at,
-                      $2 - SUM(quantity) OVER (ORDER BY sold_at, id) AS seats_remaining
+                      COALESCE(seats_remaining,
+                               $2 - SUM(quantity) OVER (ORDER BY sold_at, id))::int8
+                          AS seats_remaining
                FROM purchases WHERE event_id = $1) AS running
          WHERE sold_at > now() - make_interval(secs => $3)
          ORDER BY sold_at DESC, id DESC",
     )
     .bind(event.id)
     .bind(i64::from(event.total_seats))
-    .bind(ttl as f64)
+    .bind(f64::from(ttl))
     .fetch_all(pool)
     .await?;
     Ok(sales)
@@ -179,23 +175,42 @@ pub async fn recent_sales(pool: &PgPool, event: &EventRow, ttl: u64) -> Result<V
 /// Writes a batch of sales of one event in one statement. Sales already written
 /// (a redelivered stream entry) are skipped, so the write can be retried freely.
 /// Returns how many rows were new.
-pub async fn insert_sales(pool: &PgPool, event: Uuid, sales: &[Sale]) -> Result<u64> {
+pub async fn insert_sales(pool: &PgPool, event: Uuid, sales: &[Entry]) -> Result<u64> {
     let ids: Vec<Uuid> = sales.iter().map(|s| s.id).collect();
     let keys: Vec<&str> = sales.iter().map(|s| s.idempotency_key.as_str()).collect();
     let quantities: Vec<i16> = sales.iter().map(|s| s.quantity).collect();
+    let remaining: Vec<Option<i32>> = sales.iter().map(|s| s.seats_remaining).collect();
     let sold_at: Vec<i64> = sales.iter().map(|s| s.sold_at_micros).collect();
     let done = sqlx::query(
-        "INSERT INTO purchases (id, event_id, idempotency_key, quantity, sold_at)
-         SELECT id, $1, key, quantity, timestamptz 'epoch' + micros * interval '1 microsecond'
-         FROM UNNEST($2::uuid[], $3::text[], $4::int2[], $5::int8[]) AS s(id, key, quantity, micros)
+        "INSERT INTO purchases (id, event_id, idempotency_key, quantity, seats_remaining, sold_at)
+         SELECT id, $1, key, quantity, remaining,
+                timestamptz 'epoch' + micros * interval '1 microsecond'
+         FROM UNNEST($2::uuid[], $3::text[], $4::int2[], $5::int4[], $6::int8[])
+              AS s(id, key, quantity, remaining, micros)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(event)
     .bind(&ids)
     .bind(&keys)
     .bind(&quantities)
+    .bind(&remaining)
     .bind(&sold_at)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// The SQLSTATE of an error by which PostgreSQL refused a write because of what was
+/// written, so that writing it again can never succeed: class 22 (data exception,
+/// e.g. a value out of range) or 23 (integrity constraint violation, e.g. a sale of
+/// an event it does not have). `None` for anything else (connection lost, server
+/// shutting down), which may pass next time.
+pub fn refused_for_good(e: &Error) -> Option<String> {
+    match e {
+        Error::Db(sqlx::Error::Database(e)) => e
+            .code()
+            .filter(|code| code.starts_with("22") || code.starts_with("23"))
+            .map(|code| code.into_owned()),
+        _ => None,
+    }
 }

@@ -1,11 +1,18 @@
-//! Values that cannot hold a bad value once constructed.
+//! Values that cannot hold a bad value once constructed, and the limits they enforce.
+//! Every other place (the OpenAPI schemas, the command line, error messages) takes
+//! its numbers from the constants here.
 
 use std::fmt;
 
 /// Most seats one purchase may buy.
 pub const MAX_QUANTITY: u8 = 10;
+/// Most seats one event may have.
+pub const MAX_SEATS: i32 = 1_000_000;
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_KEY_LEN: usize = 255;
+/// Longest time a key and its outcome may be remembered: 30 days. Memory grows with
+/// it (about 224 bytes per remembered purchase).
+pub const MAX_IDEMPOTENCY_TTL: u32 = 30 * 24 * 3600;
 
 /// A client's `Idempotency-Key`: 1–255 printable ASCII characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,16 +56,56 @@ impl Quantity {
     pub fn get(self) -> u8 {
         self.0
     }
+
+    /// What a client is told when a quantity is out of range.
+    pub fn rule() -> String {
+        format!("quantity must be an integer from 1 to {MAX_QUANTITY}")
+    }
 }
 
 impl TryFrom<i64> for Quantity {
-    type Error = &'static str;
+    type Error = String;
 
     fn try_from(n: i64) -> Result<Self, Self::Error> {
         match u8::try_from(n) {
             Ok(q) if (1..=MAX_QUANTITY).contains(&q) => Ok(Self(q)),
-            _ => Err("quantity must be an integer from 1 to 10"),
+            _ => Err(Self::rule()),
         }
+    }
+}
+
+/// Seats of one event: 1 to [`MAX_SEATS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seats(i32);
+
+impl Seats {
+    pub fn get(self) -> i32 {
+        self.0
+    }
+
+    pub fn rule() -> String {
+        format!("an event has from 1 to {MAX_SEATS} seats")
+    }
+}
+
+impl TryFrom<i64> for Seats {
+    type Error = String;
+
+    fn try_from(n: i64) -> Result<Self, Self::Error> {
+        match i32::try_from(n) {
+            Ok(seats) if (1..=MAX_SEATS).contains(&seats) => Ok(Self(seats)),
+            _ => Err(Self::rule()),
+        }
+    }
+}
+
+impl std::str::FromStr for Seats {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse::<i64>()
+            .map_err(|_| Self::rule())
+            .and_then(Self::try_from)
     }
 }
 
@@ -83,5 +130,13 @@ mod tests {
         assert_eq!(Quantity::try_from(10).unwrap().get(), 10);
         assert!(Quantity::try_from(11).is_err());
         assert!(Quantity::try_from(-1).is_err());
+    }
+
+    #[test]
+    fn seats() {
+        assert!(Seats::try_from(0).is_err());
+        assert_eq!("1000000".parse::<Seats>().unwrap().get(), 1_000_000);
+        assert!("1000001".parse::<Seats>().is_err());
+        assert!("ten".parse::<Seats>().is_err());
     }
 }

@@ -17,7 +17,8 @@ impl Keys {
         }
     }
 
-    /// Hash with the event's `total`, `sold`, `purchases` and `rejected` counters.
+    /// Hash with the event's `total`, `sold`, `purchases` and `rejected` counters, and
+    /// `run`, the Redis server it was last checked on (see `recovery`).
     pub fn inventory(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:inv", self.prefix)
     }
@@ -30,6 +31,11 @@ impl Keys {
     /// Stream of the event's sales, consumed into PostgreSQL.
     pub fn stream(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:log", self.prefix)
+    }
+
+    /// Sales PostgreSQL refused for good, set aside with the reason (see `lua/park.lua`).
+    pub fn dead_letters(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:dead", self.prefix)
     }
 
     /// Set of the ids of events loaded into Redis; the consumer reads their streams.

@@ -6,13 +6,28 @@
 //! * [`api`]: the HTTP surface (poem-openapi): operations, error mapping, middleware.
 //! * [`purchase`]: the gate. One Lua script in Redis (`lua/purchase.lua`) decides each
 //!   sale atomically and appends it to the event's stream.
+//! * [`recovery`]: the one way an event's state comes into Redis, and why a retried
+//!   request is never sold twice whatever Redis lost.
 //! * [`persist`]: the stream consumer that writes sales to PostgreSQL.
 //! * [`db`]: PostgreSQL connection, migrations and queries.
-//! * [`reconcile`]: checks Redis' counters against PostgreSQL and the streams.
+//! * [`reconcile`]: checks Redis' counters and records against PostgreSQL and the streams.
+//! * [`records`]: the idempotency record and stream entry formats the scripts write.
 //! * [`keys`]: Redis key names.
-//! * [`domain`]: validated values (`IdempotencyKey`, `Quantity`).
-//! * [`config`], [`telemetry`], [`startup`], [`cli`]: configuration, logging, wiring and
-//!   the command line.
+//! * [`domain`]: validated values (`IdempotencyKey`, `Quantity`, `Seats`) and limits.
+//! * [`metrics`]: every Prometheus series.
+//! * [`config`], [`telemetry`], [`startup`], [`server`], [`cli`]: configuration,
+//!   logging, wiring, the HTTP server and the command line.
+
+/// A script of `lua/` with `lua/prelude.lua`, the helpers scripts share, in front.
+macro_rules! lua_script {
+    ($file:literal) => {
+        ::redis::Script::new(concat!(
+            include_str!("../lua/prelude.lua"),
+            include_str!(concat!("../lua/", $file))
+        ))
+    };
+}
+pub(crate) use lua_script;
 
 pub mod api;
 pub mod cli;
@@ -21,9 +36,12 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod keys;
+pub mod metrics;
 pub mod persist;
 pub mod purchase;
 pub mod reconcile;
+pub mod records;
+pub mod recovery;
 pub mod server;
 pub mod startup;
 pub mod telemetry;

@@ -8,24 +8,32 @@
 //! once idle for `claim_idle_ms`, and a consumer gone for good (no pending entries,
 //! silent for [`Consumer::departed_after`]) is removed from the group so that replicas
 //! of past deployments do not pile up in it.
+//!
+//! A sale PostgreSQL refuses for good (a constraint or data error, see
+//! [`db::refused_for_good`]) is parked in the event's dead-letter stream
+//! (`lua/park.lua`) rather than retried forever in front of every later sale;
+//! `boxoffice reconcile` reports parked sales and `--fix` sends them back.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoConsumersReply,
-    StreamPendingReply, StreamReadOptions, StreamReadReply,
+    StreamReadOptions, StreamReadReply,
 };
-use deadpool_redis::redis::{self, AsyncCommands};
+use deadpool_redis::redis::{self, AsyncCommands, Script};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::ConsumerConfig;
-use crate::db::{self, Sale};
+use crate::db;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::purchase::CONSUMER_GROUP;
+use crate::records::Entry;
+
+/// Name of the consumer group that writes sales to PostgreSQL.
+pub const CONSUMER_GROUP: &str = "persist";
 
 /// How often the list of event streams is re-read (new events appear while running).
 const REFRESH_STREAMS_EVERY: Duration = Duration::from_secs(1);
@@ -39,6 +47,8 @@ const SPLIT_BATCH_AT: usize = 200;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
+type Connection = deadpool_redis::Connection;
+
 /// Persists sales from the streams of every event in Redis.
 pub struct Consumer {
     redis: deadpool_redis::Pool,
@@ -46,23 +56,53 @@ pub struct Consumer {
     keys: Keys,
     name: String,
     config: ConsumerConfig,
-    forget_consumer: redis::Script,
+    forget_consumer: Script,
+    trim: Script,
+    park: Script,
 }
 
-/// What the consumer remembers between reads.
+/// What the consumer remembers between reads. All of it describes one Redis server
+/// and connection, so an error forgets it ([`Cursor::reset`]): the next round may
+/// meet another server, restored or empty.
 struct Cursor {
     /// Held across rounds: a pool checkout costs a PING round trip.
-    conn: Option<deadpool_redis::Connection>,
+    conn: Option<Connection>,
     streams: Vec<String>,
     refreshed: Option<Instant>,
-    /// Per stream: the highest id acknowledged since the last trim, and when that was.
-    untrimmed: HashMap<String, ((u64, u64), Instant)>,
+    /// Streams with acknowledged entries not yet trimmed, and since when.
+    untrimmed: HashMap<String, Instant>,
     /// Streams whose group is known to exist.
     grouped: HashSet<String>,
     /// Read our own pending entries (`0`) instead of new ones (`>`): at start (a
     /// restart under the same name) and after a failed write.
     backlog: bool,
     last_claim: Option<Instant>,
+}
+
+impl Cursor {
+    fn new() -> Self {
+        Self {
+            conn: None,
+            streams: Vec::new(),
+            refreshed: None,
+            untrimmed: HashMap::new(),
+            grouped: HashSet::new(),
+            backlog: true,
+            last_claim: None,
+        }
+    }
+
+    fn reset(&mut self) {
+        *self = Self::new();
+    }
+}
+
+/// What one round found to read.
+enum Round {
+    NoStreams,
+    Empty,
+    Partial,
+    Full,
 }
 
 impl Consumer {
@@ -79,7 +119,9 @@ impl Consumer {
             keys,
             name,
             config,
-            forget_consumer: redis::Script::new(include_str!("../lua/forget_consumer.lua")),
+            forget_consumer: Script::new(include_str!("../lua/forget_consumer.lua")),
+            trim: Script::new(include_str!("../lua/trim.lua")),
+            park: Script::new(include_str!("../lua/park.lua")),
         }
     }
 
@@ -87,15 +129,7 @@ impl Consumer {
     /// acknowledged before it returns.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(consumer = %self.name, "stream consumer started");
-        let mut cursor = Cursor {
-            conn: None,
-            streams: Vec::new(),
-            refreshed: None,
-            untrimmed: HashMap::new(),
-            grouped: HashSet::new(),
-            backlog: true,
-            last_claim: None,
-        };
+        let mut cursor = Cursor::new();
         let mut backoff = MIN_BACKOFF;
         while !shutdown.is_cancelled() {
             match self.step(&mut cursor).await {
@@ -105,18 +139,17 @@ impl Consumer {
                 Ok(Round::Partial) => pause(&shutdown, self.linger()).await,
                 Ok(Round::Full | Round::Empty) => backoff = MIN_BACKOFF,
                 Err(e) => {
-                    metrics::counter!("boxoffice_consumer_errors_total").increment(1);
+                    crate::metrics::consumer_error();
                     tracing::warn!(error = %e, retry_in = ?backoff, "persisting sales failed");
-                    cursor.conn = None;
-                    cursor.backlog = true;
+                    cursor.reset();
                     pause(&shutdown, backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
         if let Some(mut conn) = cursor.conn.take() {
-            for (stream, (acked, _)) in cursor.untrimmed.drain() {
-                if let Err(e) = trim(&mut conn, &stream, acked).await {
+            for stream in cursor.untrimmed.keys() {
+                if let Err(e) = self.trim_stream(&mut conn, stream).await {
                     tracing::debug!(error = %e, stream, "trim on shutdown failed");
                 }
             }
@@ -144,13 +177,135 @@ impl Consumer {
         Duration::from_millis(self.config.claim_idle_ms.saturating_mul(10))
     }
 
+    /// One round: find the streams, look after the group, read, write, acknowledge, trim.
+    async fn step(&self, cursor: &mut Cursor) -> Result<Round> {
+        let mut conn = match cursor.conn.take() {
+            Some(conn) => conn,
+            None => self.redis.get().await?,
+        };
+        // With no stream yet, look again every round: the first sale must not wait.
+        if cursor.streams.is_empty()
+            || cursor
+                .refreshed
+                .is_none_or(|at| at.elapsed() >= REFRESH_STREAMS_EVERY)
+        {
+            self.refresh_streams(&mut conn, cursor).await?;
+        }
+        if cursor.streams.is_empty() {
+            cursor.conn = Some(conn);
+            return Ok(Round::NoStreams);
+        }
+        if cursor
+            .last_claim
+            .is_none_or(|at| at.elapsed() >= self.claim_every())
+        {
+            self.look_after_group(&mut conn, cursor).await?;
+        }
+        let longest = self.read(&mut conn, cursor).await?;
+        self.trim_due(&mut conn, cursor, longest == 0).await?;
+        cursor.conn = Some(conn);
+        Ok(match longest {
+            0 => Round::Empty,
+            n if n >= self.config.consumer_batch => Round::Full,
+            _ => Round::Partial,
+        })
+    }
+
+    /// Re-reads the set of events (new ones appear while running), makes sure each
+    /// stream has the group, and updates the backlog gauge.
+    async fn refresh_streams(&self, conn: &mut Connection, cursor: &mut Cursor) -> Result<()> {
+        let ids: Vec<String> = conn.smembers(self.keys.events()).await?;
+        cursor.streams = ids
+            .iter()
+            .filter_map(|id| id.parse().ok())
+            .map(|id| self.keys.stream(id))
+            .collect();
+        cursor.refreshed = Some(Instant::now());
+        let mut pending = 0;
+        for stream in &cursor.streams {
+            if !cursor.grouped.contains(stream) {
+                ensure_group(conn, stream).await?;
+                cursor.grouped.insert(stream.clone());
+            }
+            pending += backlog(conn, stream).await.unwrap_or(0);
+        }
+        crate::metrics::stream_backlog(pending);
+        Ok(())
+    }
+
+    /// Takes over what dead consumers left pending, and removes departed ones.
+    async fn look_after_group(&self, conn: &mut Connection, cursor: &mut Cursor) -> Result<()> {
+        for stream in &cursor.streams {
+            self.claim_stale(conn, stream, &mut cursor.untrimmed)
+                .await?;
+            self.forget_departed(conn, stream).await?;
+        }
+        cursor.last_claim = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Reads and persists one batch from every stream; returns the longest batch.
+    async fn read(&self, conn: &mut Connection, cursor: &mut Cursor) -> Result<usize> {
+        let mut options = StreamReadOptions::default()
+            .group(CONSUMER_GROUP, &self.name)
+            .count(self.config.consumer_batch);
+        let from = if cursor.backlog {
+            "0"
+        } else {
+            options = options.block(self.config.consumer_block_ms as usize);
+            ">"
+        };
+        let ids = vec![from; cursor.streams.len()];
+        let reply: Option<StreamReadReply> = conn
+            .xread_options(&cursor.streams, &ids, &options)
+            .await
+            .inspect_err(|e| {
+                // A stream deleted by hand loses its group; recreate it next round.
+                if e.code() == Some("NOGROUP") {
+                    cursor.grouped.clear();
+                    cursor.refreshed = None;
+                }
+            })?;
+        let mut longest = 0;
+        for stream in reply.map(|r| r.keys).unwrap_or_default() {
+            longest = longest.max(stream.ids.len());
+            self.persist(conn, &stream.key, stream.ids, &mut cursor.untrimmed)
+                .await?;
+        }
+        if cursor.backlog && longest == 0 {
+            cursor.backlog = false;
+        }
+        Ok(longest)
+    }
+
+    /// Trims streams acknowledged a while ago, or all of them when the round was idle.
+    async fn trim_due(&self, conn: &mut Connection, cursor: &mut Cursor, idle: bool) -> Result<()> {
+        let due: Vec<String> = cursor
+            .untrimmed
+            .iter()
+            .filter(|(_, since)| idle || since.elapsed() >= TRIM_EVERY)
+            .map(|(stream, _)| stream.clone())
+            .collect();
+        for stream in due {
+            self.trim_stream(conn, &stream).await?;
+            cursor.untrimmed.remove(&stream);
+        }
+        Ok(())
+    }
+
+    async fn trim_stream(&self, conn: &mut Connection, stream: &str) -> Result<()> {
+        let _: i64 = self
+            .trim
+            .key(stream)
+            .arg(CONSUMER_GROUP)
+            .invoke_async(&mut **conn)
+            .await?;
+        Ok(())
+    }
+
     /// Removes consumers of `stream`'s group that left: nothing pending, silent for
     /// [`Consumer::departed_after`].
-    async fn forget_departed(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-        stream: &str,
-    ) -> Result<()> {
+    async fn forget_departed(&self, conn: &mut Connection, stream: &str) -> Result<()> {
         let info: StreamInfoConsumersReply = conn.xinfo_consumers(stream, CONSUMER_GROUP).await?;
         let departed_ms = self.departed_after().as_millis();
         for consumer in info.consumers {
@@ -177,115 +332,12 @@ impl Consumer {
         Ok(())
     }
 
-    /// One read-write-acknowledge round.
-    async fn step(&self, cursor: &mut Cursor) -> Result<Round> {
-        let mut conn = match cursor.conn.take() {
-            Some(conn) => conn,
-            None => self.redis.get().await?,
-        };
-        let round = self.step_on(&mut conn, cursor).await?;
-        cursor.conn = Some(conn);
-        Ok(round)
-    }
-
-    async fn step_on(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-        cursor: &mut Cursor,
-    ) -> Result<Round> {
-        if cursor
-            .refreshed
-            .is_none_or(|at| at.elapsed() >= REFRESH_STREAMS_EVERY)
-        {
-            let ids: Vec<String> = conn.smembers(self.keys.events()).await?;
-            cursor.streams = ids
-                .iter()
-                .filter_map(|id| id.parse().ok())
-                .map(|id| self.keys.stream(id))
-                .collect();
-            cursor.refreshed = Some(Instant::now());
-            let mut pending = 0;
-            for stream in &cursor.streams {
-                pending += backlog(conn, stream).await.unwrap_or(0);
-            }
-            metrics::gauge!("boxoffice_stream_backlog").set(pending as f64);
-        }
-        if cursor.streams.is_empty() {
-            return Ok(Round::NoStreams);
-        }
-        for stream in &cursor.streams {
-            if !cursor.grouped.contains(stream) {
-                ensure_group(conn, stream).await?;
-                cursor.grouped.insert(stream.clone());
-            }
-        }
-
-        if cursor
-            .last_claim
-            .is_none_or(|at| at.elapsed() >= self.claim_every())
-        {
-            for stream in &cursor.streams {
-                self.claim_stale(conn, stream, &mut cursor.untrimmed)
-                    .await?;
-                self.forget_departed(conn, stream).await?;
-            }
-            cursor.last_claim = Some(Instant::now());
-        }
-
-        let batch = self.config.consumer_batch;
-        let mut options = StreamReadOptions::default()
-            .group(CONSUMER_GROUP, &self.name)
-            .count(batch);
-        let from = if cursor.backlog {
-            "0"
-        } else {
-            options = options.block(self.config.consumer_block_ms as usize);
-            ">"
-        };
-        let ids = vec![from; cursor.streams.len()];
-        let reply: Option<StreamReadReply> = conn
-            .xread_options(&cursor.streams, &ids, &options)
-            .await
-            .inspect_err(|e| {
-                // A stream deleted by hand loses its group; recreate it next round.
-                if e.code() == Some("NOGROUP") {
-                    cursor.grouped.clear();
-                }
-            })?;
-        let mut longest = 0;
-        for stream in reply.map(|r| r.keys).unwrap_or_default() {
-            longest = longest.max(stream.ids.len());
-            self.persist(conn, &stream.key, stream.ids, &mut cursor.untrimmed)
-                .await?;
-        }
-        let idle = longest == 0;
-        if cursor.backlog && idle {
-            cursor.backlog = false;
-        }
-        let due: Vec<String> = cursor
-            .untrimmed
-            .iter()
-            .filter(|(_, (_, since))| idle || since.elapsed() >= TRIM_EVERY)
-            .map(|(stream, _)| stream.clone())
-            .collect();
-        for stream in due {
-            if let Some((acked, _)) = cursor.untrimmed.remove(&stream) {
-                trim(conn, &stream, acked).await?;
-            }
-        }
-        Ok(match longest {
-            0 => Round::Empty,
-            n if n >= batch => Round::Full,
-            _ => Round::Partial,
-        })
-    }
-
     /// Takes over entries another consumer left unacknowledged for too long.
     async fn claim_stale(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut Connection,
         stream: &str,
-        untrimmed: &mut HashMap<String, ((u64, u64), Instant)>,
+        untrimmed: &mut HashMap<String, Instant>,
     ) -> Result<()> {
         let mut start = "0-0".to_owned();
         loop {
@@ -314,13 +366,14 @@ impl Consumer {
         }
     }
 
-    /// Writes one batch of a stream to PostgreSQL, then acknowledges it.
+    /// Writes one batch of a stream to PostgreSQL, then acknowledges it. Entries that
+    /// are not sales, or that PostgreSQL refuses for good, are parked instead.
     async fn persist(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut Connection,
         stream: &str,
         entries: Vec<StreamId>,
-        untrimmed: &mut HashMap<String, ((u64, u64), Instant)>,
+        untrimmed: &mut HashMap<String, Instant>,
     ) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
@@ -329,79 +382,123 @@ impl Consumer {
             .keys
             .event_of_stream(stream)
             .ok_or_else(|| Error::UnexpectedReply(format!("stream key {stream}")))?;
-        let mut sales = Vec::with_capacity(entries.len());
+        // Parallel vectors: the sales, and the id of the entry each came in.
+        let (mut sales, mut sale_ids) = (Vec::with_capacity(entries.len()), Vec::new());
         for entry in &entries {
-            match parse_sale(entry) {
-                Some(sale) => sales.push(sale),
-                // Not written by the purchase script; acknowledged so it cannot block
-                // the stream, and logged so it is not lost silently.
-                None => tracing::error!(stream, id = %entry.id, fields = ?entry.map,
-                    "skipping a stream entry that is not a sale"),
+            match Entry::from_stream(entry) {
+                Some(sale) => {
+                    sales.push(sale);
+                    sale_ids.push(entry.id.as_str());
+                }
+                None => {
+                    let reason = "not a sale written by lua/purchase.lua";
+                    self.park_entry(conn, event, &entry.id, reason).await?;
+                }
             }
         }
-        let written = if sales.len() >= SPLIT_BATCH_AT {
-            // Two statements on two connections: PostgreSQL inserts them on two cores.
-            // Each is idempotent, and nothing is acknowledged unless both succeed.
-            let (first, second) = sales.split_at(sales.len() / 2);
-            let (a, b) = tokio::try_join!(
-                db::insert_sales(&self.db, event, first),
-                db::insert_sales(&self.db, event, second),
-            )?;
-            a + b
-        } else {
-            db::insert_sales(&self.db, event, &sales).await?
+        let written = match self.write(event, &sales).await {
+            Err(e) if db::refused_for_good(&e).is_some() => {
+                tracing::warn!(error = %e, %event, "PostgreSQL refused a batch; writing it sale by sale");
+                self.write_one_by_one(conn, event, &sales, &sale_ids)
+                    .await?
+            }
+            written => written?,
         };
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let _: i64 = conn.xack(stream, CONSUMER_GROUP, &ids).await?;
-        metrics::histogram!("boxoffice_consumer_batch_size").record(entries.len() as f64);
-        metrics::counter!("boxoffice_consumer_rows_written_total").increment(written);
+        crate::metrics::consumer_batch(entries.len(), written);
         tracing::debug!(%event, read = entries.len(), written, "persisted sales");
-        if let Some(last) = ids.iter().filter_map(|id| parse_stream_id(id)).max() {
-            let entry = untrimmed
-                .entry(stream.to_owned())
-                .or_insert((last, Instant::now()));
-            entry.0 = entry.0.max(last);
+        untrimmed
+            .entry(stream.to_owned())
+            .or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// One batch in one statement, or two in parallel for long batches: PostgreSQL
+    /// inserts them on two cores. Each is idempotent, and nothing is acknowledged
+    /// unless both succeed.
+    async fn write(&self, event: Uuid, sales: &[Entry]) -> Result<u64> {
+        if sales.len() < SPLIT_BATCH_AT {
+            return db::insert_sales(&self.db, event, sales).await;
         }
+        let (first, second) = sales.split_at(sales.len() / 2);
+        let (a, b) = tokio::try_join!(
+            db::insert_sales(&self.db, event, first),
+            db::insert_sales(&self.db, event, second),
+        )?;
+        Ok(a + b)
+    }
+
+    /// After PostgreSQL refused a batch: each sale alone, parking those it refuses.
+    async fn write_one_by_one(
+        &self,
+        conn: &mut Connection,
+        event: Uuid,
+        sales: &[Entry],
+        ids: &[&str],
+    ) -> Result<u64> {
+        let mut written = 0;
+        for (sale, id) in sales.iter().zip(ids) {
+            match db::insert_sales(&self.db, event, std::slice::from_ref(sale)).await {
+                Ok(n) => written += n,
+                Err(e) => match db::refused_for_good(&e) {
+                    Some(code) => {
+                        let reason = format!("SQLSTATE {code}: {e}");
+                        self.park_entry(conn, event, id, &reason).await?;
+                    }
+                    None => return Err(e),
+                },
+            }
+        }
+        Ok(written)
+    }
+
+    async fn park_entry(
+        &self,
+        conn: &mut Connection,
+        event: Uuid,
+        entry: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let _: i64 = self
+            .park
+            .key(self.keys.stream(event))
+            .key(self.keys.dead_letters(event))
+            .arg(CONSUMER_GROUP)
+            .arg(entry)
+            .arg(reason)
+            .invoke_async(&mut **conn)
+            .await?;
+        crate::metrics::parked();
+        tracing::error!(
+            %event, entry, reason,
+            "parked a sale PostgreSQL cannot take; see `boxoffice reconcile`"
+        );
         Ok(())
     }
 }
 
-/// What one round found to read.
-enum Round {
-    NoStreams,
-    Empty,
-    Partial,
-    Full,
+/// Sends the sales parked for `event` back to its stream for another try; returns
+/// how many.
+pub async fn requeue_parked(conn: &mut Connection, keys: &Keys, event: Uuid) -> Result<usize> {
+    const PER_CALL: usize = 1_000;
+    let requeue = Script::new(include_str!("../lua/requeue.lua"));
+    let mut moved = 0;
+    loop {
+        let n: usize = requeue
+            .key(keys.stream(event))
+            .key(keys.dead_letters(event))
+            .arg(PER_CALL)
+            .invoke_async(&mut **conn)
+            .await?;
+        moved += n;
+        if n < PER_CALL {
+            return Ok(moved);
+        }
+    }
 }
 
-/// Removes acknowledged entries so streams do not grow without bound. Every entry up
-/// to `acked` has been delivered (ids only grow), so any of them not yet acknowledged
-/// is in the group's pending list: trimming below both bounds removes only entries
-/// already in PostgreSQL.
-async fn trim(
-    conn: &mut deadpool_redis::Connection,
-    stream: &str,
-    acked: (u64, u64),
-) -> Result<()> {
-    let pending: StreamPendingReply = conn.xpending(stream, CONSUMER_GROUP).await?;
-    let oldest_pending = match &pending {
-        StreamPendingReply::Data(data) => parse_stream_id(&data.start_id),
-        _ => None,
-    };
-    let (ms, seq) = match oldest_pending {
-        Some(pending) if pending <= acked => pending,
-        _ => (acked.0, acked.1 + 1),
-    };
-    let _: i64 = redis::cmd("XTRIM")
-        .arg(stream)
-        .arg("MINID")
-        .arg(format!("{ms}-{seq}"))
-        .query_async(conn)
-        .await?;
-    Ok(())
-}
-
-async fn ensure_group(conn: &mut deadpool_redis::Connection, stream: &str) -> Result<()> {
+async fn ensure_group(conn: &mut Connection, stream: &str) -> Result<()> {
     let created: redis::RedisResult<()> = conn
         .xgroup_create_mkstream(stream, CONSUMER_GROUP, "0")
         .await;
@@ -418,31 +515,15 @@ async fn pause(shutdown: &CancellationToken, duration: Duration) {
     }
 }
 
-fn parse_sale(entry: &StreamId) -> Option<Sale> {
-    Some(Sale {
-        id: entry.get::<String>("p")?.parse::<Uuid>().ok()?,
-        idempotency_key: entry.get("k")?,
-        quantity: entry.get("q")?,
-        sold_at_micros: entry.get("t")?,
-    })
-}
-
-fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
-}
-
 /// Sales not yet in PostgreSQL for one stream: delivered but unacknowledged
 /// (`pending`) plus not yet delivered (`lag`).
-pub async fn backlog(conn: &mut deadpool_redis::Connection, stream: &str) -> Result<i64> {
-    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+pub async fn backlog(conn: &mut Connection, stream: &str) -> Result<i64> {
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
         .query_async(conn)
         .await?;
-    let field = |group: &std::collections::HashMap<String, redis::Value>, name: &str| match group
-        .get(name)
-    {
+    let field = |group: &HashMap<String, redis::Value>, name: &str| match group.get(name) {
         Some(redis::Value::Int(n)) => *n,
         _ => 0,
     };
@@ -451,19 +532,4 @@ pub async fn backlog(conn: &mut deadpool_redis::Connection, stream: &str) -> Res
         .filter(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == CONSUMER_GROUP.as_bytes()))
         .map(|g| field(g, "pending") + field(g, "lag"))
         .sum())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_stream_id;
-
-    #[test]
-    fn stream_ids_order_numerically() {
-        assert_eq!(
-            parse_stream_id("1700000000000-12"),
-            Some((1_700_000_000_000, 12))
-        );
-        assert!(parse_stream_id("9-0") < parse_stream_id("10-0"));
-        assert_eq!(parse_stream_id("nope"), None);
-    }
 }

@@ -1,20 +1,23 @@
-//! `boxoffice reconcile`: per event, whether Redis' `sold` counter equals the seats
-//! PostgreSQL holds plus the seats of sales still waiting in the stream.
+//! `boxoffice reconcile`: per event, whether Redis agrees with PostgreSQL and the
+//! streams — its `sold` counter with the seats PostgreSQL holds plus the seats of
+//! sales still waiting in the stream or parked, and its idempotency records with the
+//! sales made within the TTL.
 //!
-//! Redis below that sum means Redis lost sales (restored from an older snapshot) and
-//! would sell those seats again: `--fix` raises it (never lowers it). Redis above it
-//! means confirmed sales are missing from both PostgreSQL and the stream: lost rows,
-//! which no command can recreate.
+//! Redis behind, or missing records, means a seat or a retried request could be sold
+//! twice: `--fix` brings the event back through the one recovery every path uses
+//! ([`Recovery::ensure_event`], forced), and sends parked sales back to the stream.
+//! Redis ahead means confirmed sales are missing from both PostgreSQL and the stream:
+//! lost rows, which no command can recreate; it is reported.
 
 use std::fmt;
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use uuid::Uuid;
 
 use crate::db::{self, EventRow};
 use crate::error::Result;
-use crate::purchase::Gate;
+use crate::persist;
+use crate::recovery::{Mode, Recovery};
 use crate::startup::Stores;
 
 /// Sales in flight make one reading inconsistent; a difference must survive this many
@@ -30,29 +33,53 @@ pub struct Row {
     pub total: i64,
     /// `None` when Redis does not have the event (it is loaded on first use).
     pub redis_sold: Option<i64>,
+    /// Checked against PostgreSQL on the Redis server now running.
+    pub on_sale: bool,
     pub persisted: i64,
     /// Seats of stream entries not yet in PostgreSQL.
     pub in_stream: i64,
+    /// Seats of sales PostgreSQL refused, set aside.
+    pub parked: i64,
+    /// Sales within the idempotency TTL whose record Redis lacks.
+    pub records_missing: usize,
 }
 
-/// How an event's counters relate.
+/// How an event's state in Redis relates to PostgreSQL and the streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Ok,
-    /// Not in Redis; it is loaded from PostgreSQL when first used.
+    /// Not in Redis; it is brought back at its next request.
     NotLoaded,
+    /// Not checked on this Redis server yet (it restarted, or was restored or
+    /// replaced); it is at the event's next request.
+    NotChecked,
     /// Redis counts fewer seats than were sold: it would sell them again.
     RedisBehind,
-    /// Redis counts more seats than PostgreSQL and the stream hold: rows were lost.
+    /// Redis counts more seats than PostgreSQL and the streams hold: rows were lost.
     RowsMissing,
+    /// Idempotency records of recent sales are gone: their retries would buy again.
+    RecordsMissing,
+    /// Sales PostgreSQL refused for good wait in the dead-letter stream.
+    Parked,
+}
+
+impl Status {
+    /// Whether this needs an operator: `reconcile` exits 1 on it.
+    pub fn is_drift(self) -> bool {
+        !matches!(self, Status::Ok | Status::NotLoaded | Status::NotChecked)
+    }
 }
 
 impl Row {
     pub fn status(&self) -> Status {
+        let durable = self.persisted + self.in_stream + self.parked;
         match self.redis_sold {
             None => Status::NotLoaded,
-            Some(sold) if sold < self.persisted + self.in_stream => Status::RedisBehind,
-            Some(sold) if sold > self.persisted + self.in_stream => Status::RowsMissing,
+            Some(_) if !self.on_sale => Status::NotChecked,
+            Some(sold) if sold < durable => Status::RedisBehind,
+            Some(sold) if sold > durable => Status::RowsMissing,
+            Some(_) if self.records_missing > 0 => Status::RecordsMissing,
+            Some(_) if self.parked > 0 => Status::Parked,
             Some(_) => Status::Ok,
         }
     }
@@ -63,76 +90,98 @@ impl fmt::Display for Status {
         f.write_str(match self {
             Status::Ok => "ok",
             Status::NotLoaded => "not loaded",
+            Status::NotChecked => "not checked yet",
             Status::RedisBehind => "DRIFT: Redis behind",
             Status::RowsMissing => "DRIFT: rows missing",
+            Status::RecordsMissing => "DRIFT: records missing",
+            Status::Parked => "DRIFT: sales parked",
         })
     }
 }
 
-/// Reads every event's counters; with `fix`, raises Redis where it is behind and
-/// reads again. Returns the final reading.
-pub async fn run(stores: &Stores, gate: &Gate, fix: bool) -> Result<Vec<Row>> {
+/// Reads every event; with `fix`, repairs what can be repaired (see the module docs)
+/// and reads again. Returns the final reading.
+pub async fn run(stores: &Stores, recovery: &Recovery, fix: bool) -> Result<Vec<Row>> {
     let events = db::events(&stores.db).await?;
     let mut rows = Vec::with_capacity(events.len());
     for event in &events {
-        let mut row = settled(stores, gate, event).await?;
-        if fix && row.status() == Status::RedisBehind {
-            // Records first: once raised, the counter sells again (see `Gate::recover`).
-            gate.restore_records(event).await?;
-            gate.load(event).await?;
-            row = settled(stores, gate, event).await?;
+        let mut row = settled(recovery, event).await?;
+        if fix && row.status() != Status::Ok {
+            repair(stores, recovery, event, &row).await?;
+            row = settled(recovery, event).await?;
         }
         rows.push(row);
     }
     Ok(rows)
 }
 
+async fn repair(stores: &Stores, recovery: &Recovery, event: &EventRow, row: &Row) -> Result<()> {
+    if row.parked > 0 {
+        let mut conn = stores.redis.get().await?;
+        let sent = persist::requeue_parked(&mut conn, &stores.keys, event.id).await?;
+        tracing::info!(event = %event.id, sent, "parked sales sent back to the stream");
+    }
+    if row.status() != Status::RowsMissing {
+        let report = recovery.ensure_event(event, Mode::Force).await?;
+        tracing::info!(event = %event.id, ?report, "event checked against PostgreSQL");
+    }
+    Ok(())
+}
+
 /// A reading that is consistent, or the last of `READINGS` inconsistent ones.
-async fn settled(stores: &Stores, gate: &Gate, event: &EventRow) -> Result<Row> {
-    let mut row = read(stores, gate, event).await?;
+async fn settled(recovery: &Recovery, event: &EventRow) -> Result<Row> {
+    let mut row = read(recovery, event).await?;
     for _ in 1..READINGS {
-        if matches!(row.status(), Status::Ok | Status::NotLoaded) {
+        if !row.status().is_drift() {
             break;
         }
         tokio::time::sleep(SETTLE).await;
-        row = read(stores, gate, event).await?;
+        row = read(recovery, event).await?;
     }
     Ok(row)
 }
 
-async fn read(stores: &Stores, gate: &Gate, event: &EventRow) -> Result<Row> {
-    let mut conn = stores.redis.get().await?;
+async fn read(recovery: &Recovery, event: &EventRow) -> Result<Row> {
     // Redis first: a sale made after this reading shows up in PostgreSQL or the
     // stream and reads as Redis behind for a moment; `settled` reads again.
-    let redis_sold: Option<i64> = conn.hget(stores.keys.inventory(event.id), "sold").await?;
-    let durable = gate.durable(event.id).await?;
+    let state = recovery.state(event.id).await?;
+    let durable = recovery.durable(event.id).await?;
+    let records_missing = match state {
+        Some((_, true)) => recovery.missing_records(event).await?,
+        _ => 0,
+    };
     Ok(Row {
         event: event.id,
         name: event.name.clone(),
         total: i64::from(event.total_seats),
-        redis_sold,
+        redis_sold: state.map(|(inventory, _)| inventory.sold),
+        on_sale: state.is_some_and(|(_, on_sale)| on_sale),
         persisted: durable.persisted,
         in_stream: durable.in_stream,
+        parked: durable.parked,
+        records_missing,
     })
 }
 
 /// The table `boxoffice reconcile` prints.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<36}  {:<20}  {:>9}  {:>9}  {:>9}  {:>9}  status\n",
-        "event", "name", "total", "redis", "postgres", "stream"
+        "{:<36}  {:<20}  {:>9}  {:>9}  {:>9}  {:>9}  {:>7}  {:>9}  status\n",
+        "event", "name", "total", "redis", "postgres", "stream", "parked", "no-record"
     );
     for row in rows {
         let redis = row.redis_sold.map_or("-".to_owned(), |s| s.to_string());
         let name: String = row.name.chars().take(20).collect();
         out.push_str(&format!(
-            "{:<36}  {:<20}  {:>9}  {:>9}  {:>9}  {:>9}  {}\n",
+            "{:<36}  {:<20}  {:>9}  {:>9}  {:>9}  {:>9}  {:>7}  {:>9}  {}\n",
             row.event,
             name,
             row.total,
             redis,
             row.persisted,
             row.in_stream,
+            row.parked,
+            row.records_missing,
             row.status()
         ));
     }

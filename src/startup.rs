@@ -1,5 +1,9 @@
 //! Wiring: builds the application from its configuration and runs the HTTP server,
 //! the stream consumer and the Redis watcher under one shutdown signal.
+//!
+//! Startup checks no event in Redis itself: the watcher's first round does, like
+//! every later one after a Redis server change, and a request for an event not yet
+//! checked has it checked first (see `recovery`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState, Stats};
 use crate::config::{CommonConfig, ConsumerConfig, ServeConfig, StoreConfig};
 use crate::db;
+use crate::domain::Seats;
 use crate::error::{Error, Result, redact_url};
 use crate::keys::Keys;
 use crate::persist::Consumer;
@@ -75,6 +80,8 @@ impl Stores {
 pub struct Application {
     listener: TcpListener,
     limits: Limits,
+    /// How often the watcher checks which Redis server answers; `None`: no watcher.
+    redis_watch: Option<Duration>,
     port: u16,
     state: Arc<AppState>,
     consumer: Option<Consumer>,
@@ -91,18 +98,10 @@ impl Application {
         let instance_id = common.instance_id();
         let block = Duration::from_millis(consumer.consumer_block_ms);
         let stores = Stores::connect(&common.store, block).await?;
-        let gate = Gate::connect(
-            &common.store.redis_url,
-            common.store.redis_timeout(),
-            stores.db.clone(),
-            stores.keys.clone(),
-            serve.idempotency_ttl,
-        )
-        .await?;
-        let seats = i32::try_from(serve.default_event_seats)
-            .map_err(|_| Error::Startup("BOXOFFICE_DEFAULT_EVENT_SEATS is too large".into()))?;
+        let gate = Gate::connect(&common.store, stores.db.clone()).await?;
+        let seats =
+            Seats::try_from(i64::from(serve.default_event_seats)).map_err(Error::Startup)?;
         let default_event = db::default_event(&stores.db, &serve.default_event_name, seats).await?;
-        gate.load_all().await?;
 
         let listener = bind(serve).await?;
         let port = listener
@@ -129,12 +128,13 @@ impl Application {
                 .collect(),
             stats: Stats::default(),
             started: Instant::now(),
-            metrics: crate::telemetry::metrics(),
+            metrics: crate::metrics::install(),
             draining: AtomicBool::new(false),
         });
         Ok(Self {
             listener,
             limits: serve.limits(),
+            redis_watch: serve.redis_watch(),
             port,
             state,
             consumer,
@@ -171,6 +171,7 @@ impl Application {
         let Self {
             listener,
             limits,
+            redis_watch,
             state,
             consumer,
             shutdown,
@@ -178,7 +179,10 @@ impl Application {
         } = self;
         tracing::info!(port = self.port, instance = %state.instance_id, "serving");
         let consumer = consumer.map(|c| tokio::spawn(c.run(shutdown.clone())));
-        let watcher = tokio::spawn(state.gate.clone().watch_redis(shutdown.clone()));
+        let watcher = redis_watch.map(|every| {
+            let recovery = state.gate.recovery().clone();
+            tokio::spawn(recovery.watch_redis(every, shutdown.clone()))
+        });
         let served = server::serve(
             listener,
             api::routes(state),
@@ -191,7 +195,9 @@ impl Application {
         if let Some(consumer) = consumer {
             let _ = consumer.await;
         }
-        let _ = watcher.await;
+        if let Some(watcher) = watcher {
+            let _ = watcher.await;
+        }
         served.map_err(|e| Error::Startup(format!("HTTP server failed: {e}")))
     }
 }

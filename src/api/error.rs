@@ -7,6 +7,7 @@ use poem_openapi::error::{
 };
 use poem_openapi::{Enum, Object};
 
+use crate::domain::Quantity;
 use crate::error::Error;
 
 /// Seconds a client is told to wait (`Retry-After`) when a dependency is down.
@@ -136,9 +137,7 @@ impl ApiError {
             ErrorCode::InvalidBody
         };
         let message = match code {
-            ErrorCode::InvalidQuantity => {
-                format!("quantity must be an integer from 1 to 10 ({reason})")
-            }
+            ErrorCode::InvalidQuantity => format!("{} ({reason})", Quantity::rule()),
             _ => format!("the body must be a JSON object as documented ({reason})"),
         };
         Self::new(StatusCode::BAD_REQUEST, code, message)
@@ -183,6 +182,12 @@ impl From<Error> for ApiError {
             }
         }
     }
+}
+
+/// A handler's result as its response enum, so handlers can use `?` and every error
+/// is mapped here.
+pub fn respond<T: From<ApiError>>(result: Result<T, ApiError>) -> T {
+    result.unwrap_or_else(T::from)
 }
 
 /// The `bad_request_handler` of every response enum.

@@ -14,10 +14,11 @@ use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request};
+use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
 use super::{AppState, Tag};
 use crate::db::{self, EventRow};
-use crate::error::Result;
+use crate::domain::{MAX_SEATS, Seats};
+use crate::recovery::Mode;
 
 pub struct EventsApi;
 
@@ -37,9 +38,10 @@ pub struct Event {
 #[oai(rename_all = "camelCase")]
 pub struct NewEvent {
     pub name: EventName,
-    #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
-    pub total_seats: i32,
+    pub total_seats: Seats,
 }
+
+checked_integer_type!(Seats, 1, MAX_SEATS, "int32");
 
 /// An event's name: a JSON string of 1–200 characters without control characters.
 ///
@@ -209,17 +211,7 @@ impl EventsApi {
     /// All events
     #[oai(path = "/api/v1/events", method = "get", tag = "Tag::Events")]
     async fn events(&self, state: Data<&Arc<AppState>>) -> EventListResponse {
-        let list = async {
-            let mut events = Vec::new();
-            for row in db::events(&state.db).await? {
-                events.push(with_seats(&state, row).await?);
-            }
-            Result::<_>::Ok(events)
-        };
-        match list.await {
-            Ok(events) => EventListResponse::Ok(Json(events)),
-            Err(e) => ApiError::from(e).into(),
-        }
+        respond(list_events(&state).await)
     }
 
     /// Create an event (admin)
@@ -230,23 +222,34 @@ impl EventsApi {
         body: Json<NewEvent>,
         state: Data<&Arc<AppState>>,
     ) -> CreateEventResponse {
-        if let Err(e) = authorize(&state, &auth) {
-            return e.into();
-        }
-        let created = async {
-            let row = db::create_event(&state.db, body.name.as_str(), body.total_seats).await?;
-            state.gate.load(&row).await?;
-            with_seats(&state, row).await
-        };
-        match created.await {
-            Ok(event) => {
-                tracing::info!(event = %event.id, seats = event.total_seats, "event created");
-                let location = format!("/api/v1/events/{}", event.id);
-                CreateEventResponse::Created(Json(event), location)
-            }
-            Err(e) => ApiError::from(e).into(),
-        }
+        respond(create_event(&state, &auth, &body).await)
     }
+}
+
+async fn list_events(state: &AppState) -> Result<EventListResponse, ApiError> {
+    let mut events = Vec::new();
+    for row in db::events(&state.db).await? {
+        events.push(with_seats(state, row).await?);
+    }
+    Ok(EventListResponse::Ok(Json(events)))
+}
+
+async fn create_event(
+    state: &AppState,
+    auth: &AdminAuth,
+    new: &NewEvent,
+) -> Result<CreateEventResponse, ApiError> {
+    authorize(state, auth)?;
+    let row = db::create_event(&state.db, new.name.as_str(), new.total_seats).await?;
+    state
+        .gate
+        .recovery()
+        .ensure_event(&row, Mode::Check)
+        .await?;
+    let event = with_seats(state, row).await?;
+    tracing::info!(event = %event.id, seats = event.total_seats, "event created");
+    let location = format!("/api/v1/events/{}", event.id);
+    Ok(CreateEventResponse::Created(Json(event), location))
 }
 
 async fn event_response(state: &AppState, id: Uuid) -> EventResponse {
@@ -254,15 +257,12 @@ async fn event_response(state: &AppState, id: Uuid) -> EventResponse {
         let row = db::event(&state.db, id)
             .await?
             .ok_or(crate::Error::EventNotFound(id))?;
-        with_seats(state, row).await
+        Ok(EventResponse::Ok(Json(with_seats(state, row).await?)))
     };
-    match event.await {
-        Ok(event) => EventResponse::Ok(Json(event)),
-        Err(e) => ApiError::from(e).into(),
-    }
+    respond(event.await)
 }
 
-async fn with_seats(state: &AppState, row: EventRow) -> Result<Event> {
+async fn with_seats(state: &AppState, row: EventRow) -> crate::Result<Event> {
     let inventory = state.gate.inventory(row.id).await?;
     Ok(Event {
         id: row.id,

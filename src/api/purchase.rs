@@ -3,19 +3,18 @@
 
 use std::sync::Arc;
 
-use poem::http::StatusCode;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use uuid::Uuid;
 
-use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request};
+use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
 use super::{AppState, Tag};
 use poem_openapi::registry::MetaSchema;
 use poem_openapi::types::{ParseError, ParseFromParameter, ParseResult};
 
-use crate::domain::{IdempotencyKey, MAX_KEY_LEN, Quantity};
+use crate::domain::{IdempotencyKey, MAX_KEY_LEN, MAX_QUANTITY, Quantity};
 use crate::purchase::{Decision, Outcome};
 
 pub struct PurchaseApi;
@@ -24,9 +23,10 @@ pub struct PurchaseApi;
 #[derive(Debug, Object)]
 pub struct PurchaseRequest {
     /// Seats to buy, 1 to 10. All or nothing: if fewer remain, none are sold.
-    #[oai(validator(minimum(value = "1"), maximum(value = "10")))]
-    pub quantity: i64,
+    pub quantity: Quantity,
 }
+
+checked_integer_type!(Quantity, 1, MAX_QUANTITY, "int64");
 
 /// A completed sale.
 #[derive(Debug, Object)]
@@ -112,7 +112,7 @@ impl PurchaseApi {
         body: Json<PurchaseRequest>,
         state: Data<&Arc<AppState>>,
     ) -> PurchaseResponse {
-        buy(&state, state.default_event, &key.0, body.0.quantity).await
+        respond(buy(&state, state.default_event, &key.0, body.0.quantity).await)
     }
 
     /// Buy seats of an event
@@ -131,7 +131,7 @@ impl PurchaseApi {
         body: Json<PurchaseRequest>,
         state: Data<&Arc<AppState>>,
     ) -> PurchaseResponse {
-        buy(&state, id.0, &key.0, body.0.quantity).await
+        respond(buy(&state, id.0, &key.0, body.0.quantity).await)
     }
 }
 
@@ -139,22 +139,12 @@ async fn buy(
     state: &AppState,
     event: Uuid,
     key: &IdempotencyKey,
-    quantity: i64,
-) -> PurchaseResponse {
-    let quantity = match Quantity::try_from(quantity) {
-        Ok(quantity) => quantity,
-        Err(message) => {
-            return ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidQuantity, message)
-                .into();
-        }
-    };
-    let decision = match state.gate.purchase(event, key, quantity).await {
-        Ok(decision) => decision,
-        Err(e) => return ApiError::from(e).into(),
-    };
+    quantity: Quantity,
+) -> Result<PurchaseResponse, ApiError> {
+    let decision = state.gate.purchase(event, key, quantity).await?;
     let replayed = decision.replayed.then_some(true);
     record_outcome(&decision);
-    match decision.outcome {
+    Ok(match decision.outcome {
         Outcome::Sold(sale) => PurchaseResponse::Ok(
             Json(PurchaseOk {
                 success: true,
@@ -176,21 +166,16 @@ async fn buy(
             error: ErrorCode::IdempotencyKeyReused,
             message: "this Idempotency-Key was used for a purchase with another quantity".into(),
         })),
-    }
+    })
 }
 
 fn record_outcome(decision: &Decision) {
-    let outcome = match &decision.outcome {
-        Outcome::Sold(_) => "sold",
-        Outcome::SoldOut => "sold_out",
-        Outcome::KeyReused => "key_reused",
+    let (outcome, seats) = match &decision.outcome {
+        Outcome::Sold(sale) => ("sold", sale.quantity),
+        Outcome::SoldOut => ("sold_out", 0),
+        Outcome::KeyReused => ("key_reused", 0),
     };
-    metrics::counter!("boxoffice_purchases_total", "outcome" => outcome).increment(1);
-    if decision.replayed {
-        metrics::counter!("boxoffice_purchases_replayed_total", "outcome" => outcome).increment(1);
-    } else if let Outcome::Sold(sale) = &decision.outcome {
-        metrics::counter!("boxoffice_seats_sold_total").increment(u64::from(sale.quantity));
-    }
+    crate::metrics::purchase(outcome, decision.replayed, seats);
 }
 
 checked_string_type!(

@@ -4,7 +4,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::helpers::{AppOptions, TestEnv, rush};
+use crate::helpers::{TestEnv, rush};
 
 const CAPACITY: i64 = 1000;
 
@@ -83,7 +83,7 @@ async fn thousands_of_buyers_on_three_instances_never_oversell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_test_sells_1000_of_1000() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let event = app.create_event("seed", CAPACITY as u32).await;
 
     let replies = rush(

@@ -3,12 +3,12 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{ADMIN_TOKEN, AppOptions, TestEnv};
+use crate::helpers::{ADMIN_TOKEN, TestEnv};
 
 #[tokio::test]
 async fn events_are_created_listed_and_sold_without_a_restart() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
 
     let created = app
         .send(
@@ -53,7 +53,7 @@ async fn events_are_created_listed_and_sold_without_a_restart() {
 #[tokio::test]
 async fn creating_events_needs_the_admin_token() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let new_event = json!({ "name": "x", "totalSeats": 5 });
     let post = || app.client.post(app.url("/api/v1/events")).json(&new_event);
 
@@ -102,12 +102,7 @@ async fn creating_events_needs_the_admin_token() {
 #[tokio::test]
 async fn without_a_configured_token_the_admin_api_is_disabled() {
     let env = TestEnv::new().await;
-    let app = env
-        .spawn_app(AppOptions {
-            admin_token: None,
-            ..AppOptions::default()
-        })
-        .await;
+    let app = env.spawn_app_with(|c| c.serve.admin_token = None).await;
 
     let reply = app
         .send(
@@ -120,5 +115,27 @@ async fn without_a_configured_token_the_admin_api_is_disabled() {
     assert_eq!(
         (reply.status, reply.code()),
         (StatusCode::FORBIDDEN, "ADMIN_DISABLED")
+    );
+}
+
+#[tokio::test]
+async fn every_replica_sells_the_same_default_event_whatever_else_exists() {
+    let env = TestEnv::new().await;
+    let first = env.spawn_app().await;
+    // An event that sorts before the default one (as one created by hand, or by a
+    // CLI racing the first boot, may): replicas used to take the oldest as default.
+    sqlx::query(
+        "INSERT INTO events (id, name, total_seats, created_at)
+         VALUES ($1, 'older', 10, now() - interval '1 day')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .execute(&env.db)
+    .await
+    .unwrap();
+    let second = env.spawn_app().await;
+    assert_eq!(second.default_event, first.default_event);
+    assert_eq!(
+        first.get("/api/v1/event").await.body["id"],
+        second.get("/api/v1/event").await.body["id"]
     );
 }

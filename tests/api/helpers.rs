@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boxoffice::cli::ServeArgs;
+use boxoffice::config::LogFormat;
 use boxoffice::persist::Consumer;
 use boxoffice::startup::{Application, Stores};
 use clap::Parser;
@@ -114,46 +115,6 @@ mod containers {
     }
 }
 
-/// Options for one app instance.
-#[derive(Clone)]
-pub struct AppOptions {
-    pub consumer: bool,
-    pub default_seats: u32,
-    pub claim_idle_ms: u64,
-    pub idempotency_ttl: u64,
-    pub admin_token: Option<&'static str>,
-    pub header_timeout_ms: u64,
-    pub request_timeout_ms: u64,
-    pub max_connections: usize,
-    pub cors_origins: &'static str,
-}
-
-impl Default for AppOptions {
-    fn default() -> Self {
-        Self {
-            consumer: true,
-            default_seats: 5000,
-            claim_idle_ms: 30_000,
-            idempotency_ttl: 86_400,
-            admin_token: Some(ADMIN_TOKEN),
-            header_timeout_ms: 10_000,
-            request_timeout_ms: 10_000,
-            max_connections: 10_000,
-            cors_origins: "",
-        }
-    }
-}
-
-impl AppOptions {
-    /// Default options with a default event of `seats` seats.
-    pub fn with_seats(seats: u32) -> Self {
-        Self {
-            default_seats: seats,
-            ..Self::default()
-        }
-    }
-}
-
 /// One isolated world: its own PostgreSQL database and Redis key prefix. Several apps
 /// started from one `TestEnv` share them, like replicas. Dropping it removes both.
 pub struct TestEnv {
@@ -219,33 +180,31 @@ impl TestEnv {
         }
     }
 
-    pub fn serve_args(&self, options: &AppOptions) -> ServeArgs {
-        let args = [
-            "boxoffice".to_string(),
-            "--listen=127.0.0.1:0".into(),
-            format!("--redis-url={}", self.redis_url),
-            format!("--database-url={}", self.database_url),
-            format!("--key-prefix={}", self.prefix),
-            format!("--admin-token={}", options.admin_token.unwrap_or_default()),
-            format!("--idempotency-ttl={}", options.idempotency_ttl),
-            format!("--consumer={}", options.consumer),
-            format!("--default-event-seats={}", options.default_seats),
-            format!("--claim-idle-ms={}", options.claim_idle_ms),
-            format!("--header-timeout-ms={}", options.header_timeout_ms),
-            format!("--request-timeout-ms={}", options.request_timeout_ms),
-            format!("--max-connections={}", options.max_connections),
-            format!("--cors-origins={}", options.cors_origins),
-            "--consumer-block-ms=200".into(),
-            "--db-pool-size=4".into(),
-            "--log-format=pretty".into(),
-        ];
-        TestCli::parse_from(args).args
+    /// The configuration of an app instance in this environment: the command line's
+    /// defaults, this environment's stores, and settings that keep tests quick.
+    pub fn config(&self) -> ServeArgs {
+        let mut config = TestCli::parse_from(["boxoffice"]).args;
+        config.serve.listen = "127.0.0.1:0".parse().unwrap();
+        config.serve.admin_token = Some(ADMIN_TOKEN.into());
+        config.common.store.redis_url = self.redis_url.clone();
+        config.common.store.database_url = self.database_url.clone();
+        config.common.store.key_prefix = self.prefix.clone();
+        config.common.store.db_pool_size = 4;
+        config.common.log_format = LogFormat::Pretty;
+        config.consumer.consumer_block_ms = 200;
+        config
     }
 
     /// Starts one app instance (a replica) in this environment.
-    pub async fn spawn_app(&self, options: AppOptions) -> TestApp {
-        let args = self.serve_args(&options);
-        let app = Application::build(&args.common, &args.serve, &args.consumer)
+    pub async fn spawn_app(&self) -> TestApp {
+        self.spawn_app_with(|_| {}).await
+    }
+
+    /// Starts one app instance with `change` made to its configuration.
+    pub async fn spawn_app_with(&self, change: impl FnOnce(&mut ServeArgs)) -> TestApp {
+        let mut config = self.config();
+        change(&mut config);
+        let app = Application::build(&config.common, &config.serve, &config.consumer)
             .await
             .expect("app starts");
         let address = format!("http://127.0.0.1:{}", app.port());
@@ -263,11 +222,11 @@ impl TestEnv {
         }
     }
 
-    /// `N` app instances with default options: replicas behind an imaginary load balancer.
+    /// `N` app instances: replicas behind an imaginary load balancer.
     pub async fn spawn_replicas<const N: usize>(&self) -> [TestApp; N] {
         let mut apps = Vec::with_capacity(N);
         for _ in 0..N {
-            apps.push(self.spawn_app(AppOptions::default()).await);
+            apps.push(self.spawn_app().await);
         }
         apps.try_into()
             .unwrap_or_else(|_| unreachable!("exactly N apps"))
@@ -275,30 +234,24 @@ impl TestEnv {
 
     /// The stores and purchase gate of this environment, as one-shot commands use them.
     pub async fn gate(&self) -> (Stores, boxoffice::purchase::Gate) {
-        let args = self.serve_args(&AppOptions::default());
-        let stores = Stores::connect(&args.common.store, Duration::from_secs(1))
+        let store = self.config().common.store;
+        let stores = Stores::connect(&store, Duration::from_secs(1))
             .await
             .expect("stores");
-        let gate = boxoffice::purchase::Gate::connect(
-            &self.redis_url,
-            Duration::from_secs(2),
-            stores.db.clone(),
-            stores.keys.clone(),
-            60,
-        )
-        .await
-        .expect("gate");
+        let gate = boxoffice::purchase::Gate::connect(&store, stores.db.clone())
+            .await
+            .expect("gate");
         (stores, gate)
     }
 
     /// A stream consumer of this environment, not yet running.
     pub async fn consumer(&self, name: &str, claim_idle_ms: u64) -> Consumer {
-        let mut args = self.serve_args(&AppOptions::default());
-        args.consumer.claim_idle_ms = claim_idle_ms;
-        let stores = Stores::connect(&args.common.store, Duration::from_millis(200))
+        let mut config = self.config();
+        config.consumer.claim_idle_ms = claim_idle_ms;
+        let stores = Stores::connect(&config.common.store, Duration::from_millis(200))
             .await
             .expect("stores");
-        stores.consumer(name.to_owned(), &args.consumer)
+        stores.consumer(name.to_owned(), &config.consumer)
     }
 
     /// Rows of `purchases` for `event`: (purchase id, idempotency key, quantity).
@@ -336,16 +289,20 @@ impl TestEnv {
         format!("{}:{{{event}}}:log", self.prefix)
     }
 
-    /// Redis' `sold` counter of an event.
-    pub async fn redis_sold(&self, event: Uuid) -> i64 {
-        let key = format!("{}:{{{event}}}:inv", self.prefix);
-        // A connection of its own: a fault test may have restarted Redis since.
-        let mut conn = redis::Client::open(self.redis_url.as_str())
+    /// A new connection to this environment's Redis; unlike `redis`, it works after a
+    /// fault test restarted the server.
+    pub async fn redis_now(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
             .await
-            .unwrap();
-        conn.hget(key, "sold").await.unwrap()
+            .unwrap()
+    }
+
+    /// Redis' `sold` counter of an event.
+    pub async fn redis_sold(&self, event: Uuid) -> i64 {
+        let key = format!("{}:{{{event}}}:inv", self.prefix);
+        self.redis_now().await.hget(key, "sold").await.unwrap()
     }
 }
 
@@ -437,6 +394,15 @@ pub struct Reply {
 impl Reply {
     pub async fn read(response: Response) -> Self {
         let status = response.status();
+        Self::try_read(response)
+            .await
+            .unwrap_or_else(|text| panic!("{status}: body is not JSON: {text:?}"))
+    }
+
+    /// The reply, or what arrived of its body when that is not JSON (a connection cut
+    /// half-way, say).
+    pub async fn try_read(response: Response) -> Result<Self, String> {
+        let status = response.status();
         let replayed = response
             .headers()
             .get("idempotent-replayed")
@@ -447,15 +413,14 @@ impl Reply {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let text = response.text().await.unwrap();
-        let body = serde_json::from_str(&text)
-            .unwrap_or_else(|_| panic!("{status}: body is not JSON: {text:?}"));
-        Self {
+        let text = response.text().await.map_err(|e| e.to_string())?;
+        let body = serde_json::from_str(&text).map_err(|_| text)?;
+        Ok(Self {
             status,
             replayed,
             body,
             content_type,
-        }
+        })
     }
 
     /// The `error` code of an error body.
@@ -550,6 +515,41 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// One purchase as a client that follows the API's advice sends it: on a 503 or a
+/// lost connection, the same request again with the same key, until it gets another
+/// answer or `give_up` passes. Returns the answer (`None` if there was none) and the
+/// number of attempts.
+pub async fn buy_until_answered(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    quantity: u8,
+    give_up: Duration,
+) -> (Option<Reply>, u32) {
+    let deadline = Instant::now() + give_up;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let sent = client
+            .post(url)
+            .header("Idempotency-Key", key)
+            .json(&json!({ "quantity": quantity }))
+            .send()
+            .await;
+        if let Ok(response) = sent
+            && response.status() != StatusCode::SERVICE_UNAVAILABLE
+            && response.status() != StatusCode::REQUEST_TIMEOUT
+            && let Ok(reply) = Reply::try_read(response).await
+        {
+            return (Some(reply), attempts);
+        }
+        if Instant::now() > deadline {
+            return (None, attempts);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -2,12 +2,12 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::helpers::{AppOptions, TestEnv, rush};
+use crate::helpers::{TestEnv, rush};
 
 #[tokio::test]
 async fn a_repeated_request_gets_the_same_answer_and_sells_once() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
 
     let first = app.purchase("retry-me", 3).await;
     let again = app.purchase("retry-me", 3).await;
@@ -24,7 +24,7 @@ async fn a_repeated_request_gets_the_same_answer_and_sells_once() {
 #[tokio::test]
 async fn a_key_reused_with_another_quantity_is_refused_and_sells_nothing() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     assert_eq!(app.purchase("reused", 2).await.status, StatusCode::OK);
 
     let reused = app.purchase("reused", 5).await;
@@ -37,7 +37,7 @@ async fn a_key_reused_with_another_quantity_is_refused_and_sells_nothing() {
 #[tokio::test]
 async fn a_replayed_sold_out_stays_sold_out() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let event = app.create_event("tiny", 1).await;
 
     let refused = app.purchase_event(event, "too-many", 2).await;
@@ -53,7 +53,7 @@ async fn a_replayed_sold_out_stays_sold_out() {
 #[tokio::test]
 async fn keys_are_scoped_to_an_event() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let (a, b) = (
         app.create_event("a", 10).await,
         app.create_event("b", 10).await,
@@ -98,10 +98,7 @@ async fn one_key_fired_at_three_instances_at_once_sells_once() {
 async fn an_expired_key_may_buy_again_and_both_sales_are_persisted() {
     let env = TestEnv::new().await;
     let app = env
-        .spawn_app(AppOptions {
-            idempotency_ttl: 1,
-            ..AppOptions::default()
-        })
+        .spawn_app_with(|c| c.common.store.idempotency_ttl = 1)
         .await;
 
     let first = app.purchase("short-lived", 1).await;

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{AppOptions, Reply, TestApp, TestEnv};
+use crate::helpers::{Reply, TestApp, TestEnv};
 
 async fn connect(app: &TestApp) -> TcpStream {
     TcpStream::connect(app.address.trim_start_matches("http://"))
@@ -34,7 +34,7 @@ async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> (String,
 #[tokio::test]
 async fn headers_over_the_limit_get_431_and_under_it_are_served() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let big = app
         .client
         .get(app.url("/health"))
@@ -57,10 +57,7 @@ async fn headers_over_the_limit_get_431_and_under_it_are_served() {
 async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
     let env = TestEnv::new().await;
     let app = env
-        .spawn_app(AppOptions {
-            header_timeout_ms: 300,
-            ..AppOptions::default()
-        })
+        .spawn_app_with(|c| c.serve.header_timeout_ms = 300)
         .await;
     // Half a request line, then nothing: the connection is closed, not kept.
     let mut slow = connect(&app).await;
@@ -89,10 +86,7 @@ async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
 async fn a_body_that_does_not_arrive_in_time_gets_408() {
     let env = TestEnv::new().await;
     let app = env
-        .spawn_app(AppOptions {
-            request_timeout_ms: 300,
-            ..AppOptions::default()
-        })
+        .spawn_app_with(|c| c.serve.request_timeout_ms = 300)
         .await;
     let mut slow = connect(&app).await;
     slow.write_all(
@@ -118,12 +112,7 @@ async fn a_body_that_does_not_arrive_in_time_gets_408() {
 #[tokio::test]
 async fn connections_over_the_limit_wait_until_one_closes() {
     let env = TestEnv::new().await;
-    let app = env
-        .spawn_app(AppOptions {
-            max_connections: 2,
-            ..AppOptions::default()
-        })
-        .await;
+    let app = env.spawn_app_with(|c| c.serve.max_connections = 2).await;
     let held = [connect(&app).await, connect(&app).await];
     let mut third = connect(&app).await;
     third
@@ -142,7 +131,7 @@ async fn connections_over_the_limit_wait_until_one_closes() {
 #[tokio::test]
 async fn deeply_nested_json_is_refused_quickly() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let depth = 5_000;
     let body = format!(
         "{{\"quantity\":{}1{}}}",
@@ -188,7 +177,7 @@ async fn cors_is_off_unless_origins_are_configured() {
             .map(|v| v.to_str().unwrap().to_owned())
     };
 
-    let closed = env.spawn_app(AppOptions::default()).await;
+    let closed = env.spawn_app().await;
     let response = preflight(&closed, "https://shop.example").await.unwrap();
     assert_eq!(allowed(&response), None);
     let response = closed
@@ -201,10 +190,7 @@ async fn cors_is_off_unless_origins_are_configured() {
     assert_eq!(allowed(&response), None);
 
     let open = env
-        .spawn_app(AppOptions {
-            cors_origins: "https://shop.example",
-            ..AppOptions::default()
-        })
+        .spawn_app_with(|c| c.serve.cors_origins = vec!["https://shop.example".into()])
         .await;
     let response = preflight(&open, "https://shop.example").await.unwrap();
     assert!(response.status().is_success(), "{}", response.status());
@@ -219,4 +205,34 @@ async fn cors_is_off_unless_origins_are_configured() {
     assert_eq!(allowed(&response).as_deref(), Some("https://shop.example"));
     let response = preflight(&open, "https://evil.example").await.unwrap();
     assert_eq!(allowed(&response), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_uploading_a_body_over_the_limit_reads_the_413() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let size = 2 * 1024 * 1024;
+    for _ in 0..3 {
+        let mut stream = connect(&app).await;
+        let head = format!(
+            "POST /api/v1/purchase HTTP/1.1\r\nHost: x\r\nIdempotency-Key: big-body\r\n\
+             Connection: close\r\nContent-Type: application/json\r\n\
+             Content-Length: {size}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&vec![b' '; size / 2]).await.unwrap();
+        // Half-way through the upload nothing has come back: an answer now, and the
+        // connection closed after it, would cut the upload off (a broken pipe, and
+        // most clients never read the answer).
+        let mut early = [0u8; 64];
+        let answered = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut early));
+        assert!(answered.await.is_err(), "answered before the upload ended");
+        stream.write_all(&vec![b' '; size / 2]).await.unwrap();
+        let (answer, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+        assert!(answer.contains("\"PAYLOAD_TOO_LARGE\""), "{answer}");
+    }
+    // Nothing was sold under the key.
+    let reply = app.purchase("big-body", 1).await;
+    assert_eq!((reply.status, reply.replayed), (StatusCode::OK, false));
 }

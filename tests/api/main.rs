@@ -14,3 +14,5 @@ mod persist;
 mod processes;
 mod purchase;
 mod reconcile;
+mod records;
+mod recovery;

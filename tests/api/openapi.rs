@@ -1,7 +1,7 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{AppOptions, TestEnv};
+use crate::helpers::TestEnv;
 
 const COMMITTED: &str = include_str!("../../openapi/openapi.json");
 
@@ -41,7 +41,7 @@ fn every_error_response_is_documented_as_an_error_body() {
 #[tokio::test]
 async fn the_spec_and_swagger_ui_are_served() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
 
     let spec = app.get("/openapi.json").await;
     assert_eq!(spec.status, StatusCode::OK);

@@ -2,12 +2,12 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::helpers::{AppOptions, TestEnv};
+use crate::helpers::TestEnv;
 
 #[tokio::test]
 async fn health_probes_answer() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
 
     for path in ["/health", "/health/live"] {
         let reply = app.get(path).await;
@@ -25,8 +25,10 @@ async fn health_probes_answer() {
 #[tokio::test]
 async fn stats_count_this_instance_and_all_replicas() {
     let env = TestEnv::new().await;
-    let a = env.spawn_app(AppOptions::with_seats(3)).await;
-    let b = env.spawn_app(AppOptions::default()).await;
+    let a = env
+        .spawn_app_with(|c| c.serve.default_event_seats = 3)
+        .await;
+    let b = env.spawn_app().await;
 
     assert_eq!(a.purchase("st-1", 2).await.status, StatusCode::OK);
     assert_eq!(b.purchase("st-2", 1).await.status, StatusCode::OK);
@@ -49,7 +51,7 @@ async fn stats_count_this_instance_and_all_replicas() {
 #[tokio::test]
 async fn on_shutdown_readiness_fails_first_while_requests_are_still_served() {
     let env = TestEnv::new().await;
-    let mut app = env.spawn_app(AppOptions::default()).await;
+    let mut app = env.spawn_app().await;
     let (address, event) = (app.address.clone(), app.default_event);
 
     let stopping = app.begin_shutdown(Duration::from_millis(800));
@@ -77,7 +79,7 @@ async fn on_shutdown_readiness_fails_first_while_requests_are_still_served() {
 #[tokio::test]
 async fn metrics_are_served_in_prometheus_format() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     assert_eq!(app.purchase("metered", 2).await.status, StatusCode::OK);
     assert_eq!(app.purchase("metered", 2).await.status, StatusCode::OK);
 

@@ -5,19 +5,12 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{AppOptions, TestEnv};
-
-fn without_consumer() -> AppOptions {
-    AppOptions {
-        consumer: false,
-        ..AppOptions::default()
-    }
-}
+use crate::helpers::TestEnv;
 
 #[tokio::test]
 async fn sales_made_while_the_consumer_is_stopped_are_written_when_it_starts() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(without_consumer()).await;
+    let app = env.spawn_app_with(|c| c.serve.consumer = false).await;
     let event = app.default_event;
     for i in 0..40 {
         let reply = app
@@ -44,7 +37,7 @@ async fn sales_made_while_the_consumer_is_stopped_are_written_when_it_starts() {
 #[tokio::test]
 async fn entries_left_pending_by_a_dead_consumer_are_reclaimed() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(without_consumer()).await;
+    let app = env.spawn_app_with(|c| c.serve.consumer = false).await;
     let event = app.default_event;
     for i in 0..25 {
         assert_eq!(
@@ -122,7 +115,7 @@ async fn entries_left_pending_by_a_dead_consumer_are_reclaimed() {
 #[tokio::test]
 async fn an_event_lost_from_redis_is_reloaded_with_its_persisted_sales() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let event = app.create_event("reload", 50).await;
     for i in 0..5 {
         assert_eq!(
@@ -148,39 +141,9 @@ async fn an_event_lost_from_redis_is_reloaded_with_its_persisted_sales() {
 }
 
 #[tokio::test]
-async fn a_redis_behind_postgres_is_raised_before_selling_again() {
-    let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
-    let event = app.create_event("restored", 10).await;
-    for i in 0..4 {
-        assert_eq!(
-            app.purchase_event(event, &format!("s-{i}"), 2).await.status,
-            StatusCode::OK
-        );
-    }
-    env.wait_for_rows(event, 4, Duration::from_secs(10)).await;
-    app.stop().await;
-
-    // As if Redis came back from a snapshot taken before those sales.
-    let inventory = format!("{}:{{{event}}}:inv", env.prefix);
-    let _: () = env.redis.clone().hset(&inventory, "sold", 0).await.unwrap();
-
-    let app = env.spawn_app(AppOptions::default()).await;
-    assert_eq!(app.event(event).await["seatsSold"], 8);
-    assert_eq!(
-        app.purchase_event(event, "s-late", 3).await.code(),
-        "SOLD_OUT"
-    );
-    assert_eq!(
-        app.purchase_event(event, "s-last", 2).await.status,
-        StatusCode::OK
-    );
-}
-
-#[tokio::test]
 async fn retries_after_redis_lost_an_event_are_replayed_not_sold_again() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let event = app.create_event("lost", 10).await;
     let mut first = Vec::new();
     for i in 0..3 {
@@ -208,4 +171,162 @@ async fn retries_after_redis_lost_an_event_are_replayed_not_sold_again() {
     let fresh = app.purchase_event(event, "l-new", 2).await;
     assert_eq!(fresh.body["seatsRemaining"], 2, "{fresh:?}");
     env.wait_for_rows(event, 4, Duration::from_secs(10)).await;
+}
+
+/// A sale as `lua/purchase.lua` writes it to a stream, by hand.
+async fn append_sale(env: &TestEnv, event: uuid::Uuid, key: &str, quantity: i64) {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+        .to_string();
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let fields = [
+        ("p", id.as_str()),
+        ("k", key),
+        ("q", &quantity.to_string()),
+        ("r", "0"),
+        ("t", &micros),
+    ];
+    let _: String = env
+        .redis_now()
+        .await
+        .xadd(env.stream_key(event), "*", &fields)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_sale_postgres_refuses_for_good_is_parked_and_the_rest_go_on() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("parking", 100).await;
+    assert_eq!(
+        app.purchase_event(event, "p-1", 1).await.status,
+        StatusCode::OK
+    );
+    // A quantity the table's CHECK refuses, between two good sales of the event...
+    append_sale(&env, event, "p-bad", 50).await;
+    let _: i64 = env
+        .redis_now()
+        .await
+        .hincr(format!("{}:{{{event}}}:inv", env.prefix), "sold", 50)
+        .await
+        .unwrap();
+    assert_eq!(
+        app.purchase_event(event, "p-2", 1).await.status,
+        StatusCode::OK
+    );
+    // ...and a stream of an event PostgreSQL does not have (a foreign key refuses it).
+    let stranger = uuid::Uuid::now_v7();
+    append_sale(&env, stranger, "s-1", 2).await;
+    let _: i64 = env
+        .redis_now()
+        .await
+        .sadd(format!("{}:events", env.prefix), stranger.to_string())
+        .await
+        .unwrap();
+    assert_eq!(
+        app.purchase_event(event, "p-3", 1).await.status,
+        StatusCode::OK
+    );
+
+    // The good sales are written; the two refused ones wait, parked, with the reason.
+    env.wait_for_rows(event, 3, Duration::from_secs(10)).await;
+    let parked = |event: uuid::Uuid| format!("{}:{{{event}}}:dead", env.prefix);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut redis = env.redis_now().await;
+        let here: usize = redis.xlen(parked(event)).await.unwrap();
+        let there: usize = redis.xlen(parked(stranger)).await.unwrap();
+        if (here, there) == (1, 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "parked: {here}, {there}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead: redis::streams::StreamRangeReply = env
+        .redis_now()
+        .await
+        .xrange_all(parked(event))
+        .await
+        .unwrap();
+    let reason: String = dead.ids[0].get("reason").unwrap();
+    assert!(reason.contains("23514"), "{reason}");
+
+    let (stores, gate) = env.gate().await;
+    let rows = boxoffice::reconcile::run(&stores, gate.recovery(), false)
+        .await
+        .unwrap();
+    let row = rows.iter().find(|r| r.event == event).unwrap();
+    assert_eq!(
+        (row.persisted, row.parked, row.status()),
+        (3, 50, boxoffice::reconcile::Status::Parked)
+    );
+
+    // Once the cause is fixed, `reconcile --fix` sends the sale back and it is written.
+    sqlx::query("INSERT INTO events (id, name, total_seats) VALUES ($1, 'late', 10)")
+        .bind(stranger)
+        .execute(&env.db)
+        .await
+        .unwrap();
+    let rows = boxoffice::reconcile::run(&stores, gate.recovery(), true)
+        .await
+        .unwrap();
+    let late = rows.iter().find(|r| r.event == stranger).unwrap();
+    assert_eq!(late.redis_sold, Some(2), "{late:?}");
+    env.wait_for_rows(stranger, 1, Duration::from_secs(10))
+        .await;
+}
+
+#[tokio::test]
+async fn trimming_removes_only_what_the_group_acknowledged() {
+    let env = TestEnv::new().await;
+    let stream = env.stream_key(uuid::Uuid::now_v7());
+    let mut redis = env.redis_now().await;
+    let _: () = redis
+        .xgroup_create_mkstream(&stream, "persist", "0")
+        .await
+        .unwrap();
+    for i in 1..=6 {
+        let _: String = redis
+            .xadd(&stream, format!("{i}-0"), &[("n", i)])
+            .await
+            .unwrap();
+    }
+    // Four delivered, of which 1, 2 and 4 acknowledged; 5 and 6 never delivered.
+    let options = StreamReadOptions::default().group("persist", "c").count(4);
+    let _: StreamReadReply = redis
+        .xread_options(&[&stream], &[">"], &options)
+        .await
+        .unwrap();
+    let _: i64 = redis
+        .xack(&stream, "persist", &["1-0", "2-0", "4-0"])
+        .await
+        .unwrap();
+    let trim = redis::Script::new(include_str!("../../lua/trim.lua"));
+    let removed: i64 = trim
+        .key(&stream)
+        .arg("persist")
+        .invoke_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(removed, 2, "below the oldest pending entry (3) only");
+    let _: i64 = redis.xack(&stream, "persist", &["3-0"]).await.unwrap();
+    let removed: i64 = trim
+        .key(&stream)
+        .arg("persist")
+        .invoke_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        removed, 2,
+        "up to the last delivered (4), not the undelivered 5 and 6"
+    );
+    let left: redis::streams::StreamRangeReply = redis.xrange_all(&stream).await.unwrap();
+    let ids: Vec<&str> = left.ids.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["5-0", "6-0"]);
 }

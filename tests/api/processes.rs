@@ -45,6 +45,24 @@ pub fn servers_available() -> bool {
     false
 }
 
+/// No test on private servers may run longer than this, whatever breaks.
+const TEST_LIMIT: Duration = Duration::from_secs(150);
+
+/// Runs `test` with a time limit.
+pub async fn bounded<F: Future>(test: F) -> F::Output {
+    tokio::time::timeout(TEST_LIMIT, test)
+        .await
+        .expect("fault test ran out of time")
+}
+
+/// Runs a test that starts its own servers, bounded, where it can (see
+/// [`servers_available`]).
+pub async fn on_private_servers(test: impl Future<Output = ()>) {
+    if servers_available() {
+        bounded(test).await;
+    }
+}
+
 /// A port nothing listens on right now.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -58,7 +76,7 @@ fn scratch_dir(kind: &str) -> PathBuf {
 }
 
 /// How a private Redis keeps its data.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Persistence {
     /// Append-only file, fsync before every reply: what the shipped deployments use.
     AofAlways,
@@ -142,6 +160,13 @@ impl PrivateRedis {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Deletes what the stopped server keeps on disk: its next start is empty.
+    pub fn wipe(&self) {
+        assert!(self.child.is_none(), "stop Redis before wiping it");
+        let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
+        let _ = std::fs::remove_dir_all(self.dir.join("appendonlydir"));
     }
 
     /// SIGKILL: the server stops at once, as in a crash.

@@ -2,12 +2,12 @@ use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{AppOptions, TestEnv};
+use crate::helpers::TestEnv;
 
 #[tokio::test]
 async fn a_purchase_sells_seats_and_reaches_postgres() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
 
     let reply = app.purchase("happy-1", 2).await;
 
@@ -41,7 +41,9 @@ async fn a_purchase_sells_seats_and_reaches_postgres() {
 #[tokio::test]
 async fn a_sold_out_event_answers_409_and_sells_nothing() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::with_seats(3)).await;
+    let app = env
+        .spawn_app_with(|c| c.serve.default_event_seats = 3)
+        .await;
 
     assert_eq!(app.purchase("so-1", 2).await.status, StatusCode::OK);
     let refused = app.purchase("so-2", 2).await;
@@ -60,7 +62,7 @@ async fn a_sold_out_event_answers_409_and_sells_nothing() {
 #[tokio::test]
 async fn the_last_seats_sell_exactly() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let event = app.create_event("last seats", 12).await;
     assert_eq!(
         app.purchase_event(event, "ls-1", 5).await.status,
@@ -111,7 +113,7 @@ fn case(name: &'static str, body: &str, status: StatusCode, code: &'static str) 
 #[tokio::test]
 async fn invalid_requests_get_json_errors_and_sell_nothing() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
     let bad = StatusCode::BAD_REQUEST;
     let valid = r#"{"quantity":1}"#;
     let cases = vec![
@@ -220,7 +222,7 @@ async fn invalid_requests_get_json_errors_and_sell_nothing() {
 #[tokio::test]
 async fn unknown_and_malformed_events_are_refused() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
 
     let unknown = app.purchase_event(Uuid::now_v7(), "ghost", 1).await;
     assert_eq!(
@@ -251,7 +253,7 @@ async fn unknown_and_malformed_events_are_refused() {
 #[tokio::test]
 async fn request_ids_are_echoed_or_generated() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app(AppOptions::default()).await;
+    let app = env.spawn_app().await;
 
     let echoed = app
         .client
