@@ -139,22 +139,25 @@ impl Cli {
                 println!("{}", event.id);
                 Ok(())
             }
-            Command::Reconcile { common, fix } => {
-                telemetry::init(common.log_format);
-                let (stores, gate) = connect(&common).await?;
-                let rows = crate::reconcile::run(&stores, gate.recovery(), fix).await?;
-                print!("{}", crate::reconcile::table(&rows));
-                match rows.iter().filter(|r| r.status().is_drift()).count() {
-                    0 => Ok(()),
-                    n => Err(Error::Drift(n)),
-                }
-            }
+            Command::Reconcile { common, fix } => reconcile(&common, fix).await,
             Command::Openapi => {
                 println!("{}", crate::api::openapi_json());
                 Ok(())
             }
             Command::Healthcheck { listen } => healthcheck(listen).await,
         }
+    }
+}
+
+/// `boxoffice reconcile`: prints the table; drift is an error (exit 1).
+async fn reconcile(common: &CommonConfig, fix: bool) -> Result<()> {
+    telemetry::init(common.log_format);
+    let (stores, gate) = connect(common).await?;
+    let rows = crate::reconcile::run(&stores, gate.recovery(), fix).await?;
+    print!("{}", crate::reconcile::table(&rows));
+    match rows.iter().filter(|r| r.status().is_drift()).count() {
+        0 => Ok(()),
+        n => Err(Error::Drift(n)),
     }
 }
 

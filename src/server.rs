@@ -76,21 +76,7 @@ where
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let endpoint = endpoint.clone();
-        let local = local.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let endpoint = endpoint.clone();
-            let request = Request::from((
-                request,
-                local.clone(),
-                RemoteAddr(poem::Addr::SocketAddr(remote)),
-                poem::http::uri::Scheme::HTTP,
-            ));
-            async move {
-                let response = endpoint.get_response(request).await;
-                Ok::<_, Infallible>(hyper::Response::<BoxBody<Bytes, io::Error>>::from(response))
-            }
-        });
+        let service = service(endpoint.clone(), local.clone(), remote);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             // Errors here are the client's (reset, timeout, malformed request).
@@ -108,4 +94,34 @@ where
         }
     }
     Ok(())
+}
+
+/// What the server answers a request with.
+type Answer = hyper::Response<BoxBody<Bytes, io::Error>>;
+
+/// The hyper service of one connection: each request goes to the poem endpoint with
+/// the connection's addresses.
+fn service<E: Endpoint + 'static>(
+    endpoint: Arc<E>,
+    local: LocalAddr,
+    remote: std::net::SocketAddr,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = Answer,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Answer, Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |request| {
+        let endpoint = endpoint.clone();
+        let request = Request::from((
+            request,
+            local.clone(),
+            RemoteAddr(poem::Addr::SocketAddr(remote)),
+            poem::http::uri::Scheme::HTTP,
+        ));
+        async move {
+            let response = endpoint.get_response(request).await;
+            Ok::<_, Infallible>(Answer::from(response))
+        }
+    })
 }

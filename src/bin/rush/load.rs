@@ -327,6 +327,13 @@ struct Shared {
     done: Arc<AtomicU64>,
     started: Instant,
     deadline: Instant,
+    get: Option<String>,
+    rate: Option<u64>,
+    requests: Option<u64>,
+    retry_share: f64,
+    retry_failed: u32,
+    quantity: crate::QuantityArg,
+    timeout: Duration,
 }
 
 /// Keep-alive connections, each sending as answers arrive (closed model) or at its
@@ -350,121 +357,20 @@ pub async fn sustained(common: &Common, plan: &Plan) -> Result<Report, String> {
         done: Arc::new(AtomicU64::new(0)),
         started,
         deadline: started + plan.duration,
+        get: plan.get.clone(),
+        rate: plan.rate,
+        requests: plan.requests,
+        retry_share: plan.retry_share,
+        retry_failed: plan.retry_failed,
+        quantity: common.quantity,
+        timeout: common.timeout,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let ticker = progress(shared.done.clone(), stop.clone(), common.json);
     let mut workers = tokio::task::JoinSet::new();
     for connection in 0..plan.connections {
-        let shared = shared.clone();
-        let (get, rate, requests) = (plan.get.clone(), plan.rate, plan.requests);
-        let retry_failed = plan.retry_failed;
-        let (retry_share, quantity, timeout) = (plan.retry_share, common.quantity, common.timeout);
-        workers.spawn(async move {
-            let target = shared.targets[connection % shared.targets.len()].clone();
-            let mut tally = Tally::default();
-            let mut sender: Option<Sender> = None;
-            let mut history: Vec<(String, u8, Answer)> = Vec::new();
-            loop {
-                let n = shared.next.fetch_add(1, Ordering::Relaxed);
-                if requests.is_some_and(|max| n >= max) {
-                    break;
-                }
-                let scheduled = match rate {
-                    Some(rate) => {
-                        let at = shared.started + Duration::from_secs_f64(n as f64 / rate as f64);
-                        if at >= shared.deadline {
-                            break;
-                        }
-                        tokio::time::sleep_until(at.into()).await;
-                        at
-                    }
-                    None => Instant::now(),
-                };
-                if requests.is_none() && Instant::now() >= shared.deadline {
-                    break;
-                }
-                // A fixed hash of n decides retries: spread out, and no RNG to seed.
-                let retry = retry_share > 0.0
-                    && !history.is_empty()
-                    && (n.wrapping_mul(2_654_435_761) % 10_000) as f64 / 10_000.0 < retry_share;
-                let (request, key, qty) = if let Some(path) = &get {
-                    (get_request(&target, path), String::new(), 0)
-                } else if retry {
-                    let (key, qty, _) = &history[n as usize % history.len()];
-                    (
-                        purchase_request(&target, shared.event, key, *qty),
-                        key.clone(),
-                        *qty,
-                    )
-                } else {
-                    let key = format!("rush-{}-{n}", shared.run);
-                    let qty = quantity.pick(n);
-                    (purchase_request(&target, shared.event, &key, qty), key, qty)
-                };
-                let mut attempt = 0;
-                let result = loop {
-                    let result = match sender.take() {
-                        Some(conn) => Ok(conn),
-                        None => connect(&target).await,
-                    };
-                    let result = match result {
-                        Ok(mut conn) => {
-                            let answer = send(&mut conn, clone_request(&request), timeout).await;
-                            if answer.is_ok() {
-                                sender = Some(conn);
-                            }
-                            answer
-                        }
-                        Err(e) => Err(e),
-                    };
-                    let failed = match &result {
-                        Ok(answer) => matches!(answer.status, 502..=504),
-                        Err(_) => true,
-                    };
-                    if !failed || attempt >= retry_failed {
-                        break result;
-                    }
-                    attempt += 1;
-                    tally.resent += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                };
-                tally.record_latency(scheduled.elapsed());
-                shared.done.fetch_add(1, Ordering::Relaxed);
-                let answer = match result {
-                    Ok(answer) => answer,
-                    Err(e) => {
-                        tally.error(e);
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                *tally.statuses.entry(answer.status).or_default() += 1;
-                if get.is_some() {
-                    continue;
-                }
-                if retry {
-                    let (_, _, first) = &history[n as usize % history.len()];
-                    if answer.replayed && answer.status == first.status && answer.body == first.body
-                    {
-                        tally.replays += 1;
-                    } else {
-                        tally.replay_mismatches += 1;
-                    }
-                    continue;
-                }
-                if answer.status == 200 {
-                    tally.seats_sold += u64::from(qty);
-                    tally.sales += 1;
-                }
-                if matches!(answer.status, 200 | 409) && retry_share > 0.0 {
-                    if history.len() == RETRY_HISTORY {
-                        history.swap_remove(n as usize % RETRY_HISTORY);
-                    }
-                    history.push((key, qty, answer));
-                }
-            }
-            tally
-        });
+        let worker = Connection::new(shared.clone(), connection);
+        workers.spawn(worker.run());
     }
     let mut tally = Tally::default();
     while let Some(worker) = workers.join_next().await {
@@ -490,4 +396,167 @@ pub async fn sustained(common: &Common, plan: &Plan) -> Result<Report, String> {
     report.rate = plan.rate;
     report.connections = Some(plan.connections);
     Ok(report)
+}
+
+/// One connection of a sustained run and what it has seen.
+struct Connection {
+    shared: Arc<Shared>,
+    target: Target,
+    sender: Option<Sender>,
+    tally: Tally,
+    /// Earlier purchases (key, quantity, answer), candidates for retries.
+    history: Vec<(String, u8, Answer)>,
+}
+
+/// One request of a run: what to send, and why.
+struct Planned {
+    n: u64,
+    request: Request<Full<Bytes>>,
+    key: String,
+    quantity: u8,
+    /// A repeat of an earlier purchase, which must replay its answer.
+    retry: bool,
+}
+
+impl Connection {
+    fn new(shared: Arc<Shared>, connection: usize) -> Self {
+        let target = shared.targets[connection % shared.targets.len()].clone();
+        Self {
+            shared,
+            target,
+            sender: None,
+            tally: Tally::default(),
+            history: Vec::new(),
+        }
+    }
+
+    async fn run(mut self) -> Tally {
+        loop {
+            let n = self.shared.next.fetch_add(1, Ordering::Relaxed);
+            if self.shared.requests.is_some_and(|max| n >= max) {
+                break;
+            }
+            let Some(scheduled) = self.schedule(n).await else {
+                break;
+            };
+            let planned = self.plan(n);
+            let result = self.send_retrying(&planned.request).await;
+            self.tally.record_latency(scheduled.elapsed());
+            self.shared.done.fetch_add(1, Ordering::Relaxed);
+            match result {
+                Ok(answer) => self.check(planned, answer),
+                Err(e) => {
+                    self.tally.error(e);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        self.tally
+    }
+
+    /// When the `n`-th request is due: now (closed model) or its slot of the rate
+    /// (open model, waited for); `None` once the run is over.
+    async fn schedule(&self, n: u64) -> Option<Instant> {
+        let shared = &self.shared;
+        let scheduled = match shared.rate {
+            Some(rate) => {
+                let at = shared.started + Duration::from_secs_f64(n as f64 / rate as f64);
+                if at >= shared.deadline {
+                    return None;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                at
+            }
+            None => Instant::now(),
+        };
+        let over = shared.requests.is_none() && Instant::now() >= shared.deadline;
+        (!over).then_some(scheduled)
+    }
+
+    fn plan(&self, n: u64) -> Planned {
+        let shared = &self.shared;
+        // A fixed hash of n decides retries: spread out, and no RNG to seed.
+        let retry = shared.retry_share > 0.0
+            && !self.history.is_empty()
+            && (n.wrapping_mul(2_654_435_761) % 10_000) as f64 / 10_000.0 < shared.retry_share;
+        let (key, quantity) = if shared.get.is_some() {
+            (String::new(), 0)
+        } else if retry {
+            let (key, quantity, _) = &self.history[n as usize % self.history.len()];
+            (key.clone(), *quantity)
+        } else {
+            (format!("rush-{}-{n}", shared.run), shared.quantity.pick(n))
+        };
+        let request = match &shared.get {
+            Some(path) => get_request(&self.target, path),
+            None => purchase_request(&self.target, shared.event, &key, quantity),
+        };
+        Planned {
+            n,
+            request,
+            key,
+            quantity,
+            retry,
+        }
+    }
+
+    /// Sends on the kept-alive connection (opening one when needed), and again after
+    /// no answer or a 502/503/504, up to `--retry-failed` times.
+    async fn send_retrying(&mut self, request: &Request<Full<Bytes>>) -> Result<Answer, String> {
+        let mut attempt = 0;
+        loop {
+            let result = match self.sender.take() {
+                Some(conn) => Ok(conn),
+                None => connect(&self.target).await,
+            };
+            let result = match result {
+                Ok(mut conn) => {
+                    let answer = send(&mut conn, clone_request(request), self.shared.timeout).await;
+                    if answer.is_ok() {
+                        self.sender = Some(conn);
+                    }
+                    answer
+                }
+                Err(e) => Err(e),
+            };
+            let failed = match &result {
+                Ok(answer) => matches!(answer.status, 502..=504),
+                Err(_) => true,
+            };
+            if !failed || attempt >= self.shared.retry_failed {
+                return result;
+            }
+            attempt += 1;
+            self.tally.resent += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Counts an answer; a retry must have replayed the first answer exactly.
+    fn check(&mut self, planned: Planned, answer: Answer) {
+        *self.tally.statuses.entry(answer.status).or_default() += 1;
+        if self.shared.get.is_some() {
+            return;
+        }
+        let slot = planned.n as usize;
+        if planned.retry {
+            let (_, _, first) = &self.history[slot % self.history.len()];
+            if answer.replayed && answer.status == first.status && answer.body == first.body {
+                self.tally.replays += 1;
+            } else {
+                self.tally.replay_mismatches += 1;
+            }
+            return;
+        }
+        if answer.status == 200 {
+            self.tally.seats_sold += u64::from(planned.quantity);
+            self.tally.sales += 1;
+        }
+        if matches!(answer.status, 200 | 409) && self.shared.retry_share > 0.0 {
+            if self.history.len() == RETRY_HISTORY {
+                self.history.swap_remove(slot % RETRY_HISTORY);
+            }
+            self.history.push((planned.key, planned.quantity, answer));
+        }
+    }
 }
