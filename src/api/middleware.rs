@@ -200,7 +200,7 @@ fn route(pattern: &PathPattern) -> Option<&'static RouteInfo> {
                     .as_object()
                     .map(|o| o.keys().map(|m| m.to_uppercase()).collect())
                     .unwrap_or_default();
-                let pattern = path.replace('{', ":").replace('}', "");
+                let pattern = router_pattern(&path);
                 let info = RouteInfo {
                     allow: HeaderValue::from_str(&methods.join(", ")).ok(),
                     label: Box::leak(path.into_boxed_str()),
@@ -215,6 +215,23 @@ fn route(pattern: &PathPattern) -> Option<&'static RouteInfo> {
         routes
     });
     ROUTES.get(&*pattern.0)
+}
+
+/// A spec path as poem-openapi registers it with the router: each `{name}` becomes
+/// `:param0`, `:param1`, … in order.
+fn router_pattern(path: &str) -> String {
+    let mut params = 0;
+    path.split('/')
+        .map(|segment| {
+            if segment.starts_with('{') && segment.ends_with('}') {
+                params += 1;
+                format!(":param{}", params - 1)
+            } else {
+                segment.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Refuses bodies over `limit` bytes with 413: by `Content-Length` before reading,
@@ -273,4 +290,19 @@ pub(super) fn json_error(e: ApiError) -> Response {
             .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::router_pattern;
+
+    #[test]
+    fn spec_paths_become_router_patterns() {
+        assert_eq!(router_pattern("/api/v1/events"), "/api/v1/events");
+        assert_eq!(
+            router_pattern("/api/v1/events/{id}/purchase"),
+            "/api/v1/events/:param0/purchase"
+        );
+        assert_eq!(router_pattern("/a/{x}/b/{y}"), "/a/:param0/b/:param1");
+    }
 }

@@ -82,12 +82,18 @@ async fn metrics_are_served_in_prometheus_format() {
     let app = env.spawn_app().await;
     assert_eq!(app.purchase("metered", 2).await.status, StatusCode::OK);
     assert_eq!(app.purchase("metered", 2).await.status, StatusCode::OK);
+    let event = app.default_event;
+    assert_eq!(
+        app.purchase_event(event, "metered-2", 1).await.status,
+        StatusCode::OK
+    );
 
     let response = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let text = response.text().await.unwrap();
     for series in [
         r#"boxoffice_http_requests_total{route="/api/v1/purchase",method="POST",status="200"}"#,
+        r#"boxoffice_http_requests_total{route="/api/v1/events/{id}/purchase",method="POST",status="200"}"#,
         "boxoffice_http_request_duration_seconds_bucket{",
         r#"boxoffice_purchases_total{outcome="sold"}"#,
         r#"boxoffice_purchases_replayed_total{outcome="sold"}"#,

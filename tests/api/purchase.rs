@@ -243,6 +243,15 @@ async fn unknown_and_malformed_events_are_refused() {
         .unwrap();
     assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(wrong_method.headers()["allow"], "GET, POST");
+    // Also on a route with a path parameter.
+    let wrong_method = app
+        .client
+        .delete(app.url(&format!("/api/v1/events/{}/purchase", Uuid::now_v7())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
     let route = app.get("/api/v1/nothing-here").await;
     assert_eq!(
         (route.status, route.code()),
