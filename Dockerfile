@@ -1,6 +1,7 @@
-# syntax=docker/dockerfile:1
 # Build: docker build -t boxoffice .
 # The dependency layer is cached: only changes to Cargo.toml/Cargo.lock rebuild it.
+# No `# syntax=` line: BuildKit would pull a frontend image for it, which machines
+# without a registry (see scripts/offline-images.sh) cannot.
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src

@@ -83,6 +83,7 @@ $servers        keepalive 64;
     }
     server {
         listen 127.0.0.1:$PORT backlog=4096;
+        set \$boxoffice_backend boxoffice;
         include $routes;
     }
 }

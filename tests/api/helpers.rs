@@ -2,7 +2,8 @@
 //! Redis key prefix, and starts app instances on random ports.
 //!
 //! Services, in order: `BOXOFFICE_TEST_REDIS_URL` / `BOXOFFICE_TEST_DATABASE_URL`; the
-//! local defaults when they answer; containers started with testcontainers.
+//! local defaults when they answer; containers started with testcontainers, which
+//! `BOXOFFICE_TEST_CONTAINERS=1` chooses even where local services answer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +47,9 @@ async fn find_services() -> Services {
             postgres_url: postgres_url.trim_end_matches('/').to_owned(),
         };
     }
-    if redis_answers(LOCAL_REDIS).await && postgres_answers(LOCAL_POSTGRES).await {
+    let forced =
+        std::env::var("BOXOFFICE_TEST_CONTAINERS").is_ok_and(|v| !v.is_empty() && v != "0");
+    if !forced && redis_answers(LOCAL_REDIS).await && postgres_answers(LOCAL_POSTGRES).await {
         return Services {
             redis_url: LOCAL_REDIS.into(),
             postgres_url: LOCAL_POSTGRES.into(),
@@ -80,20 +83,33 @@ async fn postgres_answers(server: &str) -> bool {
 }
 
 mod containers {
+    use std::any::Any;
+    use std::sync::Mutex;
+
     use testcontainers_modules::postgres::Postgres;
     use testcontainers_modules::redis::Redis;
+    use testcontainers_modules::testcontainers::ImageExt;
     use testcontainers_modules::testcontainers::runners::AsyncRunner;
 
     use super::Services;
 
-    /// Starts one Redis and one PostgreSQL container for the whole test binary. They
-    /// are leaked on purpose: testcontainers' reaper removes them when the process exits.
+    /// The images docker-compose.yml runs, so the tests meet the same servers (the
+    /// modules' defaults, Redis 5 and PostgreSQL 11, lack commands the service uses).
+    const REDIS_TAG: &str = "7.2-alpine";
+    const POSTGRES_TAG: &str = "16-alpine";
+
+    /// The containers, kept until the test binary exits (see [`remove_at_exit`]).
+    static RUNNING: Mutex<Vec<Box<dyn Any + Send>>> = Mutex::new(Vec::new());
+
+    /// Starts one Redis and one PostgreSQL container for the whole test binary.
     pub async fn start() -> Services {
         let redis = Redis::default()
+            .with_tag(REDIS_TAG)
             .start()
             .await
             .expect("no Redis at 127.0.0.1:6379 and Docker could not start one");
         let postgres = Postgres::default()
+            .with_tag(POSTGRES_TAG)
             .start()
             .await
             .expect("no PostgreSQL at 127.0.0.1:5432 and Docker could not start one");
@@ -109,9 +125,37 @@ mod containers {
                 postgres.get_host_port_ipv4(5432).await.unwrap()
             ),
         };
-        std::mem::forget(redis);
-        std::mem::forget(postgres);
+        let mut running = RUNNING.lock().unwrap();
+        running.push(Box::new(redis));
+        running.push(Box::new(postgres));
+        remove_at_exit();
         services
+    }
+
+    unsafe extern "C" {
+        fn atexit(callback: extern "C" fn()) -> std::ffi::c_int;
+    }
+
+    /// Every test shares the containers, so none of them can own them, and statics
+    /// are never dropped: the containers are removed when the process exits, by
+    /// dropping them (testcontainers removes a container on drop) in a runtime of
+    /// their own.
+    fn remove_at_exit() {
+        extern "C" fn remove() {
+            let containers =
+                std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(async move { drop(containers) });
+            }
+        }
+        static REGISTERED: std::sync::Once = std::sync::Once::new();
+        // SAFETY: `remove` is a plain function that stays valid for the whole process.
+        REGISTERED.call_once(|| unsafe {
+            atexit(remove);
+        });
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::helpers::TestEnv;
-use crate::processes::{Persistence, PrivateRedis, servers_available};
+use crate::processes::{Persistence, PrivatePostgres, PrivateRedis, servers_available};
 
 const REDIS_PASSWORD: &str = "redis-pw-4d1e0a";
 const PG_PASSWORD: &str = "pg-pw-9b7c2f";
@@ -77,7 +77,9 @@ async fn secrets_never_reach_the_log() {
         return;
     }
     let mut redis = PrivateRedis::start_with(Persistence::AofAlways, Some(REDIS_PASSWORD)).await;
-    let env = TestEnv::with_redis(&redis.url()).await;
+    // A PostgreSQL of its own with trust authentication, whatever the shared one asks.
+    let postgres = tokio::task::block_in_place(PrivatePostgres::start);
+    let env = TestEnv::on(&redis.url(), &postgres.url()).await;
     // Trust authentication ignores the password; the process still has to keep it quiet.
     let database_url = env.database_url.replacen(
         "postgres://postgres@",
