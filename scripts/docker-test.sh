@@ -15,6 +15,7 @@ PROJECT=boxoffice-ci
 TOKEN=docker-test-$$
 RUSH=${RUSH:-target/debug/rush}
 started_at=$(date +%s)
+log=$(mktemp)
 step() { printf '\n== %s (%ss)\n' "$*" "$(($(date +%s) - started_at))"; }
 fail() { echo "FAILED: $*" >&2; exit 1; }
 
@@ -47,6 +48,7 @@ engine() {
 }
 
 cleanup() {
+    rm -f "$log"
     compose down -v --remove-orphans >/dev/null 2>&1 || true
     if [[ -n ${dockerd_pid:-} ]]; then
         kill "$dockerd_pid" 2>/dev/null || true
@@ -84,7 +86,7 @@ scripts/offline-images.sh
 
 step "docker build (both stages of the Dockerfile)"
 build_started=$(date +%s)
-DOCKER_BUILDKIT=0 docker build -q -t boxoffice:local . >/dev/null
+DOCKER_BUILDKIT=0 docker build -q -t boxoffice:local . >"$log" 2>&1 || { cat "$log"; fail "docker build"; }
 echo "built boxoffice:local in $(($(date +%s) - build_started)) s," \
     "$(docker image inspect -f '{{.Size}}' boxoffice:local | awk '{printf "%.1f MB", $1 / 1e6}')"
 user=$(docker image inspect -f '{{.Config.User}}' boxoffice:local)
@@ -116,9 +118,10 @@ step "docker kill one replica mid-rush; buyers retry with their keys"
 event=$(new_event kill 1000000)
 victim=$(app_containers | head -n 1)
 (sleep 2 && docker kill "$victim" >/dev/null && echo "killed $victim at 2 s") &
+killer=$!
 "$RUSH" sustained --url http://127.0.0.1:3000 --event "$event" -c 16 -d 6s --retry-failed 20 \
     --database-url "$database"
-wait
+wait "$killer"
 
 step "docker compose down -v leaves nothing behind"
 compose down -v --remove-orphans

@@ -42,7 +42,8 @@ base_image() {
         step "debootstrap bookworm from $(mirror)"
         local root
         root=$(mktemp -d)
-        debootstrap --variant=minbase bookworm "$root" "$(mirror)" >&2
+        debootstrap --variant=minbase bookworm "$root" "$(mirror)" >"$CACHE/debootstrap.log" 2>&1 ||
+            { tail -n 20 "$CACHE/debootstrap.log" >&2; exit 1; }
         rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
         tar -C "$root" -cf "$tarball.part" .
         mv "$tarball.part" "$tarball"
