@@ -32,9 +32,9 @@
 //!   crash): each step is idempotent. Step 1 reuses the token of an attempt already
 //!   under way, so attempts that overlap share one, and whichever finishes its
 //!   restore first puts the event on sale; an attempt cut short leaves the event off
-//!   sale with its token, and the next one, in any process, finishes the job. Step 3
-//!   refuses when the server changed or the event was recreated meanwhile (new
-//!   token): then the attempt begins again.
+//!   sale with its token, and the next one, in any process, finishes the job. The
+//!   last step refuses when the server changed or the event was recreated meanwhile
+//!   (new token): then the attempt begins again.
 //!
 //! # What it costs and what it cannot do
 //!
@@ -197,7 +197,7 @@ impl Recovery {
         first_error.map_or(Ok(events.len()), Err)
     }
 
-    /// The three steps of the module docs, begun again when step 3 refuses.
+    /// The steps of the module docs, begun again when the last one refuses.
     async fn recover(&self, event: &EventRow, mode: Mode) -> Result<Report> {
         let started = Instant::now();
         let inventory = self.keys.inventory(event.id);
