@@ -50,6 +50,18 @@ pub struct StoreConfig {
         value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_IDEMPOTENCY_TTL))
     )]
     pub idempotency_ttl: u32,
+
+    /// Most purchases of one event one script call decides. Purchases that arrive
+    /// while the event's previous call is in flight wait for the next one, which
+    /// carries them all up to this many; an idle server sends at once. 1: every
+    /// purchase sends its own call.
+    #[arg(
+        long,
+        env = "BOXOFFICE_PURCHASE_BATCH",
+        default_value_t = 128,
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    pub purchase_batch: u16,
 }
 
 impl StoreConfig {

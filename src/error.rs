@@ -42,6 +42,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error again, for each request of a script call that failed. Only
+    /// errors a script call returns are reproduced in kind; others by their message.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Redis(e) => Error::Redis(e.clone()),
+            Error::RecoveryPending(m) => Error::RecoveryPending(m.clone()),
+            other => Error::UnexpectedReply(other.to_string()),
+        }
+    }
+
     /// Whether the error means a dependency is down or overloaded (worth retrying),
     /// as opposed to a bug.
     pub fn is_unavailable(&self) -> bool {

@@ -6,6 +6,8 @@
 //! * [`api`]: the HTTP surface (poem-openapi): operations, error mapping, middleware.
 //! * [`purchase`]: the gate. One Lua script in Redis (`lua/purchase.lua`) decides each
 //!   sale atomically and appends it to the event's stream.
+//! * [`batch`]: group commit: purchases of one event that arrive while its previous
+//!   call is in flight share the next script call.
 //! * [`recovery`]: the one way an event's state comes into Redis, and why a retried
 //!   request is never sold twice whatever Redis lost.
 //! * [`persist`]: the stream consumer that writes sales to PostgreSQL.
@@ -30,6 +32,7 @@ macro_rules! lua_script {
 pub(crate) use lua_script;
 
 pub mod api;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -12,6 +12,7 @@ const PURCHASES: &str = "boxoffice_purchases_total";
 const PURCHASES_REPLAYED: &str = "boxoffice_purchases_replayed_total";
 const SEATS_SOLD: &str = "boxoffice_seats_sold_total";
 const SCRIPT_DURATION: &str = "boxoffice_redis_script_duration_seconds";
+const SCRIPT_BATCH: &str = "boxoffice_redis_script_batch_size";
 const RECOVERIES: &str = "boxoffice_recoveries_total";
 const RECORDS_RESTORED: &str = "boxoffice_records_restored_total";
 const STREAM_BACKLOG: &str = "boxoffice_stream_backlog";
@@ -26,6 +27,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 /// Buckets of the consumer's batch sizes, in sales.
 const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+/// Buckets of the requests one script call decides (`BOXOFFICE_PURCHASE_BATCH` ≤ 1024).
+const SCRIPT_BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -45,6 +50,12 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets(LATENCY_BUCKETS)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(CONSUMER_BATCH.into()), BATCH_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(SCRIPT_BATCH.into()),
+                        SCRIPT_BATCH_BUCKETS,
+                    )
                 })
                 .expect("bucket lists are not empty")
                 .install_recorder()
@@ -83,9 +94,14 @@ pub fn purchase(outcome: &'static str, replayed: bool, seats: u8) {
     }
 }
 
-/// One run of the purchase script.
+/// One run of the purchase script, whatever the number of purchases it decided.
 pub fn script_run(took: Duration) {
     ::metrics::histogram!(SCRIPT_DURATION).record(took.as_secs_f64());
+}
+
+/// One call of a batched script sent with `requests` requests (see `batch`).
+pub fn script_batch(script: &'static str, requests: usize) {
+    ::metrics::histogram!(SCRIPT_BATCH, "script" => script).record(requests as f64);
 }
 
 /// One event brought (back) on sale after a check against PostgreSQL, with how many

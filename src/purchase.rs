@@ -2,8 +2,9 @@
 //! and this module calls it and reads seat counts.
 //!
 //! Purchases run over one multiplexed connection (`ConnectionManager`) shared by all
-//! requests, so concurrent scripts pipeline instead of each waiting for a pooled
-//! connection's round trip.
+//! requests. Purchases of one event that arrive while a call for it is in flight
+//! share the next call (see [`crate::batch`]); calls for different events pipeline
+//! instead of each waiting for a pooled connection's round trip.
 //!
 //! The script sells only from an event that was checked against PostgreSQL on the
 //! Redis server process now answering (see [`crate::recovery`]); otherwise it answers
@@ -11,11 +12,12 @@
 
 use std::time::Instant;
 
-use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, ScriptInvocation};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::batch::{Coalescer, Decide};
 use crate::config::StoreConfig;
 use crate::domain::{IdempotencyKey, Quantity};
 use crate::error::{Error, Result, redact_url};
@@ -64,23 +66,111 @@ pub struct Inventory {
     pub rejected: i64,
 }
 
-/// The Redis side of selling: the scripts, the shared connection, and the recovery
-/// that every event passes before it sells.
+/// The Redis side of selling: the script and the shared connection, the coalescer
+/// that batches purchases of one event, and the recovery that every event passes
+/// before it sells.
 #[derive(Clone)]
 pub struct Gate {
-    conn: ConnectionManager,
-    keys: Keys,
-    idempotency_ttl: u32,
-    purchase: Script,
+    seller: Seller,
+    /// `None` when a call carries one purchase (`BOXOFFICE_PURCHASE_BATCH=1`): every
+    /// request then sends its own call at once, and calls pipeline on the connection.
+    coalescer: Option<Coalescer<Seller>>,
     recovery: Recovery,
 }
 
-/// What the purchase script answered.
-enum Reply {
+/// One purchase as the script takes it.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub key: IdempotencyKey,
+    pub quantity: Quantity,
+    /// The id of the sale if one is made; unused when the key replays.
+    pub purchase_id: Uuid,
+}
+
+/// What the purchase script answered for one purchase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
     New(String),
     Replay(String),
     /// The event is missing or not checked on this Redis server; nothing happened.
     Recover,
+}
+
+/// Runs the purchase script: one call decides a batch of purchases of one event.
+#[derive(Clone)]
+pub struct Seller {
+    conn: ConnectionManager,
+    keys: Keys,
+    idempotency_ttl: u32,
+    script: Script,
+}
+
+impl Seller {
+    /// Decides `asks` of `event` in one call, in order.
+    pub async fn call(&self, event: Uuid, asks: &[Ask]) -> Result<Vec<Reply>> {
+        let started = Instant::now();
+        let replies: Vec<String> =
+            invocation(&self.script, &self.keys, self.idempotency_ttl, event, asks)
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+        crate::metrics::script_run(started.elapsed());
+        if replies.len() != 2 * asks.len() {
+            return Err(Error::UnexpectedReply(format!(
+                "{} values for {} purchases",
+                replies.len(),
+                asks.len()
+            )));
+        }
+        replies
+            .chunks_exact(2)
+            .map(|pair| match pair[0].as_str() {
+                "new" => Ok(Reply::New(pair[1].clone())),
+                "replay" => Ok(Reply::Replay(pair[1].clone())),
+                "recover" => Ok(Reply::Recover),
+                kind => Err(Error::UnexpectedReply(format!("{kind} {}", pair[1]))),
+            })
+            .collect()
+    }
+}
+
+impl Decide for Seller {
+    const SCRIPT: &'static str = "purchase";
+    type Request = Ask;
+    type Answer = Reply;
+
+    async fn decide(&self, event: Uuid, asks: Vec<Ask>) -> Vec<Result<Reply>> {
+        match self.call(event, &asks).await {
+            Ok(replies) => replies.into_iter().map(Ok).collect(),
+            // Every purchase of a failed call gets the error: none of them was
+            // decided, or all were and the retries replay them.
+            Err(e) => asks.iter().map(|_| Err(e.duplicate())).collect(),
+        }
+    }
+}
+
+/// The purchase script, `lua/purchase.lua`.
+pub fn script() -> Script {
+    crate::lua_script!("purchase.lua")
+}
+
+/// The call of `script` that decides `asks` of `event`, in order (the argument layout
+/// is in `lua/purchase.lua`).
+pub fn invocation<'a>(
+    script: &'a Script,
+    keys: &Keys,
+    idempotency_ttl: u32,
+    event: Uuid,
+    asks: &[Ask],
+) -> ScriptInvocation<'a> {
+    let mut call = script.key(keys.inventory(event));
+    call.key(keys.stream(event)).arg(idempotency_ttl);
+    for ask in asks {
+        call.key(keys.idempotency(event, ask.key.as_str()))
+            .arg(ask.quantity.get())
+            .arg(records::purchase_id_arg(ask.purchase_id))
+            .arg(ask.key.as_str());
+    }
+    call
 }
 
 impl Gate {
@@ -100,17 +190,22 @@ impl Gate {
             .await
             .map_err(unreachable)?;
         let keys = Keys::new(store.key_prefix.clone());
-        Ok(Self {
-            recovery: Recovery::new(conn.clone(), db, keys.clone(), store.idempotency_ttl),
-            conn,
-            keys,
+        let seller = Seller {
+            conn: conn.clone(),
+            keys: keys.clone(),
             idempotency_ttl: store.idempotency_ttl,
-            purchase: crate::lua_script!("purchase.lua"),
+            script: script(),
+        };
+        Ok(Self {
+            recovery: Recovery::new(conn, db, keys, store.idempotency_ttl),
+            coalescer: (store.purchase_batch > 1)
+                .then(|| Coalescer::new(seller.clone(), usize::from(store.purchase_batch))),
+            seller,
         })
     }
 
     pub fn keys(&self) -> &Keys {
-        &self.keys
+        &self.seller.keys
     }
 
     /// The one way an event's state comes (back) into Redis.
@@ -125,10 +220,15 @@ impl Gate {
         key: &IdempotencyKey,
         quantity: Quantity,
     ) -> Result<Decision> {
-        let reply = match self.run_purchase(event, key, quantity).await? {
+        let ask = Ask {
+            key: key.clone(),
+            quantity,
+            purchase_id: Uuid::now_v7(),
+        };
+        let reply = match self.decide(event, ask.clone()).await? {
             Reply::Recover => {
                 self.recovery.ensure(event).await?;
-                self.run_purchase(event, key, quantity).await?
+                self.decide(event, ask).await?
             }
             reply => reply,
         };
@@ -155,31 +255,17 @@ impl Gate {
         Ok(Decision { outcome, replayed })
     }
 
-    async fn run_purchase(
-        &self,
-        event: Uuid,
-        key: &IdempotencyKey,
-        quantity: Quantity,
-    ) -> Result<Reply> {
-        let started = Instant::now();
-        let (kind, record): (String, String) = self
-            .purchase
-            .key(self.keys.inventory(event))
-            .key(self.keys.idempotency(event, key.as_str()))
-            .key(self.keys.stream(event))
-            .arg(quantity.get())
-            .arg(records::purchase_id_arg(Uuid::now_v7()))
-            .arg(self.idempotency_ttl)
-            .arg(key.as_str())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        crate::metrics::script_run(started.elapsed());
-        match kind.as_str() {
-            "new" => Ok(Reply::New(record)),
-            "replay" => Ok(Reply::Replay(record)),
-            "recover" => Ok(Reply::Recover),
-            _ => Err(Error::UnexpectedReply(format!("{kind} {record}"))),
+    /// Has the script decide one purchase: in the event's next batch, or in a call of
+    /// its own when batching is off.
+    async fn decide(&self, event: Uuid, ask: Ask) -> Result<Reply> {
+        if let Some(coalescer) = &self.coalescer {
+            return coalescer.submit(event, ask).await;
         }
+        crate::metrics::script_batch(Seller::SCRIPT, 1);
+        let mut replies = self.seller.call(event, std::slice::from_ref(&ask)).await?;
+        replies
+            .pop()
+            .ok_or_else(|| Error::UnexpectedReply("no reply for the purchase".into()))
     }
 
     /// Seat counters of `event`, bringing it back first when Redis lacks it or has

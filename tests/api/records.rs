@@ -70,11 +70,11 @@ async fn the_script_refuses_a_ttl_it_cannot_set_before_it_writes_anything() {
     for ttl in ["0", "-1", "1.5", "1e13", "soon"] {
         let ran: redis::RedisResult<(String, String)> = script
             .key(format!("{}:{{{event}}}:inv", env.prefix))
-            .key(format!("{}:{{{event}}}:idem:ttl-{ttl}", env.prefix))
             .key(env.stream_key(event))
+            .key(format!("{}:{{{event}}}:idem:ttl-{ttl}", env.prefix))
+            .arg(ttl)
             .arg(1)
             .arg("0".repeat(32))
-            .arg(ttl)
             .arg(format!("ttl-{ttl}"))
             .invoke_async(&mut redis)
             .await;
