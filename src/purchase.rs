@@ -208,6 +208,11 @@ impl Gate {
         &self.seller.keys
     }
 
+    /// The script runner itself, for callers that decide a batch of their own.
+    pub fn seller(&self) -> &Seller {
+        &self.seller
+    }
+
     /// The one way an event's state comes (back) into Redis.
     pub fn recovery(&self) -> &Recovery {
         &self.recovery

@@ -1,6 +1,7 @@
 //! Integration tests: real HTTP against app instances backed by real Redis and
 //! PostgreSQL (see `helpers` for how they are found and isolated).
 
+mod batch;
 mod concurrency;
 mod events;
 mod faults;
