@@ -6,9 +6,13 @@
 //!   fixed request rate (open model, latency measured from each request's scheduled
 //!   time so a stalled server cannot hide its queue).
 //!
-//! Every run ends with a check: seats sold per the API equal the sum of the 200s and
+//! * `rush ceiling`: the purchase script driven straight against Redis, batches of
+//!   fresh purchases of one event: what one Redis core sells, without HTTP.
+//!
+//! Every HTTP run ends with a check: seats sold per the API equal the sum of the 200s and
 //! never exceed capacity; with `--database-url`, one PostgreSQL row per sale.
 
+mod ceiling;
 mod load;
 mod report;
 mod verify;
@@ -67,6 +71,27 @@ enum Mode {
         /// with the same Idempotency-Key, as a careful client would.
         #[arg(long, default_value_t = 0)]
         retry_failed: u32,
+    },
+    /// The purchase script straight against Redis: sales/s of one event.
+    Ceiling {
+        /// Redis to drive; the run uses keys of its own and deletes them after.
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// Purchases per script call.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Redis connections.
+        #[arg(long, short = 'c', default_value_t = 4)]
+        connections: usize,
+        /// Calls in flight on each connection.
+        #[arg(long, default_value_t = 2)]
+        in_flight: usize,
+        /// How long to run, e.g. `5s`.
+        #[arg(long, short = 'd', default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -143,6 +168,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.mode {
+        Mode::Ceiling {
+            redis_url,
+            batch,
+            connections,
+            in_flight,
+            duration,
+            json,
+        } => {
+            let plan = ceiling::Plan {
+                redis_url,
+                batch: batch.clamp(1, 1024),
+                connections: connections.max(1),
+                in_flight: in_flight.max(1),
+                duration,
+            };
+            return ceiling_report(ceiling::run(&plan).await, json);
+        }
         Mode::Seed { common, users } => load::seed(&common, users).await.map(|r| (common, r)),
         Mode::Sustained {
             common,
@@ -180,5 +222,42 @@ async fn main() -> ExitCode {
             eprintln!("rush: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn ceiling_report(result: Result<ceiling::Ceiling, String>, json: bool) -> ExitCode {
+    let ceiling = match result {
+        Ok(ceiling) => ceiling,
+        Err(e) => {
+            eprintln!("rush: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&ceiling).expect("plain data")
+        );
+    } else {
+        println!(
+            "{} sales in {:.2} s = {:.0} sales/s of one event ({} calls of {}, {} connections × {} in flight)\n\
+             Redis CPU per sale: {:.2} µs\n\
+             counter = sales: {}, one stream entry per sale: {}",
+            ceiling.sales,
+            ceiling.duration_s,
+            ceiling.sales_per_s,
+            ceiling.calls,
+            ceiling.batch,
+            ceiling.connections,
+            ceiling.in_flight,
+            ceiling.redis_cpu_us_per_sale,
+            ceiling.counter_matches,
+            ceiling.stream_matches,
+        );
+    }
+    if ceiling.counter_matches && ceiling.stream_matches {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
