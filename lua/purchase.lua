@@ -9,11 +9,13 @@
 --   ARGV[3i - 1] quantity, ARGV[3i] purchase id (32 hex digits),
 --   ARGV[3i + 1] the client's Idempotency-Key (carried to PostgreSQL)
 --
--- Returns {kind_1, record_1, kind_2, record_2, ...}, one pair per purchase: kind
--- 'new' or 'replay' with the record (formats in src/records.rs; a replay returns the
--- stored one, so the answer repeats), or 'recover' with '' when the event is missing
--- or was not checked against PostgreSQL on this server process (`run` is not this
--- server's run id; see src/recovery.rs). 'recover' sells and records nothing.
+-- Returns one string, a line per purchase in order: 'N' and the new record, 'R' and
+-- the record replayed (formats in src/records.rs; a replay returns the stored one, so
+-- the answer repeats), or 'C' alone when the event is missing or was not checked
+-- against PostgreSQL on this server process (`run` is not this server's run id; see
+-- src/recovery.rs). 'C' sells and records nothing. One string rather than an array
+-- of them: the gate then parses and allocates one reply per call, not one per
+-- purchase.
 --
 -- Each purchase is decided exactly as if it had its own call, in the order given: a
 -- key repeated later in the batch replays what the earlier one got, and a refusal
@@ -63,15 +65,15 @@ for i = 1, n do
   local key, quantity, id = KEYS[2 + i], tonumber(ARGV[3 * i - 1]), ARGV[3 * i]
   -- A record this Redis holds is the key's latest outcome, whatever the state of
   -- the event: a newer one can only be written after it has expired.
-  local kind, record = 'replay', decided[key] or stored[i]
+  local kind, record = 'R', decided[key] or stored[i]
   if not record then
     if on_sale == nil then
       load_inventory()
     end
     if not on_sale then
-      kind, record = 'recover', ''
+      kind, record = 'C', ''
     elseif sold + quantity > total then
-      kind, record = 'new', 'X' .. quantity
+      kind, record = 'N', 'X' .. quantity
       rejected = rejected + 1
     else
       if not micros then
@@ -81,17 +83,17 @@ for i = 1, n do
       sold, purchases = sold + quantity, purchases + 1
       local left = total - sold
       redis.call('XADD', KEYS[2], '*', 'p', id, 'k', ARGV[3 * i + 1], 'q', quantity, 'r', left, 't', micros)
-      kind, record = 'new', 'S' .. quantity .. ':' .. left .. ':' .. id
+      kind, record = 'N', 'S' .. quantity .. ':' .. left .. ':' .. id
     end
-    if kind == 'new' then
+    if kind == 'N' then
       redis.call('SET', key, record, 'EX', ttl)
       decided[key] = record
       changed = true
     end
   end
-  replies[2 * i - 1], replies[2 * i] = kind, record
+  replies[i] = kind .. record
 end
 if changed then
   redis.call('HSET', KEYS[1], 'sold', sold, 'purchases', purchases, 'rejected', rejected)
 end
-return replies
+return table.concat(replies, '\n')

@@ -109,27 +109,34 @@ impl Seller {
     /// Decides `asks` of `event` in one call, in order.
     pub async fn call(&self, event: Uuid, asks: &[Ask]) -> Result<Vec<Reply>> {
         let started = Instant::now();
-        let replies: Vec<String> =
-            invocation(&self.script, &self.keys, self.idempotency_ttl, event, asks)
-                .invoke_async(&mut self.conn.clone())
-                .await?;
+        let lines: String = invocation(&self.script, &self.keys, self.idempotency_ttl, event, asks)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
         crate::metrics::script_run(started.elapsed());
-        if replies.len() != 2 * asks.len() {
+        let replies = lines
+            .split('\n')
+            .map(Reply::parse)
+            .collect::<Result<Vec<_>>>()?;
+        if replies.len() != asks.len() {
             return Err(Error::UnexpectedReply(format!(
-                "{} values for {} purchases",
+                "{} replies for {} purchases",
                 replies.len(),
                 asks.len()
             )));
         }
-        replies
-            .chunks_exact(2)
-            .map(|pair| match pair[0].as_str() {
-                "new" => Ok(Reply::New(pair[1].clone())),
-                "replay" => Ok(Reply::Replay(pair[1].clone())),
-                "recover" => Ok(Reply::Recover),
-                kind => Err(Error::UnexpectedReply(format!("{kind} {}", pair[1]))),
-            })
-            .collect()
+        Ok(replies)
+    }
+}
+
+impl Reply {
+    /// One line of the script's answer (the format is in `lua/purchase.lua`).
+    fn parse(line: &str) -> Result<Self> {
+        match line.split_at_checked(1) {
+            Some(("N", record)) => Ok(Reply::New(record.to_owned())),
+            Some(("R", record)) => Ok(Reply::Replay(record.to_owned())),
+            Some(("C", "")) => Ok(Reply::Recover),
+            _ => Err(Error::UnexpectedReply(format!("purchase script: {line:?}"))),
+        }
     }
 }
 

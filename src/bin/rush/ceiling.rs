@@ -62,7 +62,11 @@ pub async fn run(plan: &Plan) -> Result<Ceiling, String> {
     let _: () = admin
         .hset_multiple(
             keys.inventory(event),
-            &[("total", "1000000000000"), ("sold", "0"), ("run", run_id.as_str())],
+            &[
+                ("total", "1000000000000"),
+                ("sold", "0"),
+                ("run", run_id.as_str()),
+            ],
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -147,20 +151,17 @@ impl Worker {
                     }
                 })
                 .collect();
-            let replies: Vec<String> =
-                invocation(&script, &self.keys, RECORD_TTL, self.event, &asks)
-                    .invoke_async(&mut self.conn)
-                    .await
-                    .map_err(|e| format!("purchase script: {e}"))?;
-            let sold = replies
-                .chunks_exact(2)
-                .filter(|pair| pair[0] == "new" && pair[1].starts_with('S'))
-                .count();
+            let replies: String = invocation(&script, &self.keys, RECORD_TTL, self.event, &asks)
+                .invoke_async(&mut self.conn)
+                .await
+                .map_err(|e| format!("purchase script: {e}"))?;
+            // Fresh keys and seats to spare: every line is a new sale ("NS…").
+            let sold = replies.split('\n').filter(|l| l.starts_with("NS")).count();
             if sold != asks.len() {
                 return Err(format!(
                     "a call of {} fresh purchases sold {sold}: {:?}",
                     asks.len(),
-                    replies.first()
+                    replies.lines().next()
                 ));
             }
             self.sales.fetch_add(sold as u64, Ordering::Relaxed);
@@ -196,10 +197,8 @@ async fn clean_up(conn: &mut MultiplexedConnection, keys: &Keys) -> Result<(), S
     let pattern = format!("{}*", keys.events().trim_end_matches("events"));
     let mut found: Vec<String> = Vec::new();
     {
-        let mut iter: redis::AsyncIter<String> = conn
-            .scan_match(&pattern)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut iter: redis::AsyncIter<String> =
+            conn.scan_match(&pattern).await.map_err(|e| e.to_string())?;
         while let Some(key) = iter.next_item().await {
             found.push(key.map_err(|e| e.to_string())?);
         }
