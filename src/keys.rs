@@ -1,6 +1,8 @@
 //! Redis key names. Every key one script touches carries the event's hash tag
 //! (`{<event id>}`), so the scripts run unchanged on Redis Cluster.
 
+use std::fmt;
+
 use uuid::Uuid;
 
 /// Builds key names under a configurable prefix (several deployments, or test runs,
@@ -25,7 +27,13 @@ impl Keys {
 
     /// The outcome recorded under one Idempotency-Key of the event.
     pub fn idempotency(&self, event: Uuid, key: &str) -> String {
-        format!("{}:{{{event}}}:idem:{key}", self.prefix)
+        self.idempotency_name(event, key).to_string()
+    }
+
+    /// [`Keys::idempotency`] to be written into a buffer: the purchase call writes one
+    /// per purchase straight into its command.
+    pub fn idempotency_name<'a>(&'a self, event: Uuid, key: &'a str) -> impl fmt::Display + 'a {
+        fmt::from_fn(move |f| write!(f, "{}:{{{event}}}:idem:{key}", self.prefix))
     }
 
     /// Stream of the event's sales, consumed into PostgreSQL.

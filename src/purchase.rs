@@ -12,8 +12,8 @@
 
 use std::time::Instant;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, ScriptInvocation};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisWrite, Script, ServerErrorKind, ToRedisArgs};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -109,9 +109,8 @@ impl Seller {
     /// Decides `asks` of `event` in one call, in order.
     pub async fn call(&self, event: Uuid, asks: &[Ask]) -> Result<Vec<Reply>> {
         let started = Instant::now();
-        let lines: String = invocation(&self.script, &self.keys, self.idempotency_ttl, event, asks)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+        let call = invocation(&self.script, &self.keys, self.idempotency_ttl, event, asks);
+        let lines: String = run_script(&self.script, &call, &mut self.conn.clone()).await?;
         crate::metrics::script_run(started.elapsed());
         let replies = lines
             .split('\n')
@@ -161,23 +160,56 @@ pub fn script() -> Script {
 }
 
 /// The call of `script` that decides `asks` of `event`, in order (the argument layout
-/// is in `lua/purchase.lua`).
-pub fn invocation<'a>(
-    script: &'a Script,
+/// is in `lua/purchase.lua`): `EVALSHA`, to be sent with [`run_script`].
+///
+/// Built as one command rather than a `ScriptInvocation`, which holds every key and
+/// argument in an allocation of its own and copies them into a command on each call.
+pub fn invocation(
+    script: &Script,
     keys: &Keys,
     idempotency_ttl: u32,
     event: Uuid,
     asks: &[Ask],
-) -> ScriptInvocation<'a> {
-    let mut call = script.key(keys.inventory(event));
-    call.key(keys.stream(event)).arg(idempotency_ttl);
+) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash())
+        .arg(2 + asks.len())
+        .arg(keys.inventory(event))
+        .arg(keys.stream(event));
     for ask in asks {
-        call.key(keys.idempotency(event, ask.key.as_str()))
-            .arg(ask.quantity.get())
-            .arg(records::purchase_id_arg(ask.purchase_id))
+        cmd.arg(Formatted(keys.idempotency_name(event, ask.key.as_str())));
+    }
+    cmd.arg(idempotency_ttl);
+    for ask in asks {
+        cmd.arg(ask.quantity.get())
+            .arg(Formatted(records::purchase_id_arg(ask.purchase_id)))
             .arg(ask.key.as_str());
     }
-    call
+    cmd
+}
+
+/// Sends `call` (an `EVALSHA` of `script`), loading the script first if Redis lacks it.
+pub async fn run_script<T: FromRedisValue>(
+    script: &Script,
+    call: &Cmd,
+    conn: &mut impl ConnectionLike,
+) -> redis::RedisResult<T> {
+    match call.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            call.query_async(conn).await
+        }
+        result => result,
+    }
+}
+
+/// An argument formatted straight into the command's buffer.
+struct Formatted<T>(T);
+
+impl<T: std::fmt::Display> ToRedisArgs for Formatted<T> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(&self.0);
+    }
 }
 
 impl Gate {

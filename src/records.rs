@@ -64,8 +64,8 @@ impl fmt::Display for Record {
 }
 
 /// A purchase id as the script takes it: 32 hex digits, the form the record holds.
-pub fn purchase_id_arg(id: Uuid) -> String {
-    id.simple().to_string()
+pub fn purchase_id_arg(id: Uuid) -> uuid::fmt::Simple {
+    id.simple()
 }
 
 /// One sale as the event's stream carries it to PostgreSQL.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use boxoffice::domain::{IdempotencyKey, Quantity};
 use boxoffice::keys::Keys;
-use boxoffice::purchase::{Ask, invocation, script};
+use boxoffice::purchase::{Ask, invocation, run_script, script};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
@@ -151,8 +151,8 @@ impl Worker {
                     }
                 })
                 .collect();
-            let replies: String = invocation(&script, &self.keys, RECORD_TTL, self.event, &asks)
-                .invoke_async(&mut self.conn)
+            let call = invocation(&script, &self.keys, RECORD_TTL, self.event, &asks);
+            let replies: String = run_script(&script, &call, &mut self.conn)
                 .await
                 .map_err(|e| format!("purchase script: {e}"))?;
             // Fresh keys and seats to spare: every line is a new sale ("NS…").
