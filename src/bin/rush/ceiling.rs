@@ -95,8 +95,9 @@ pub async fn run(plan: &Plan) -> Result<Ceiling, String> {
             workers.spawn(worker.run(deadline));
         }
     }
+    let mut sent = Vec::new();
     for result in workers.join_all().await {
-        result?;
+        sent.push(result?);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_after = redis_cpu(&mut admin).await?;
@@ -109,7 +110,7 @@ pub async fn run(plan: &Plan) -> Result<Ceiling, String> {
         .xlen(keys.stream(event))
         .await
         .map_err(|e| e.to_string())?;
-    clean_up(&mut admin, &keys).await?;
+    clean_up(&mut admin, &keys, event, &sent).await?;
     Ok(Ceiling {
         batch: plan.batch,
         connections: plan.connections,
@@ -135,7 +136,8 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, deadline: Instant) -> Result<(), String> {
+    /// Returns the name of the worker and how many keys it used.
+    async fn run(mut self, deadline: Instant) -> Result<(String, u64), String> {
         let script = script();
         let one = Quantity::try_from(1).expect("1 is a quantity");
         let mut n = 0u64;
@@ -167,7 +169,7 @@ impl Worker {
             self.sales.fetch_add(sold as u64, Ordering::Relaxed);
             self.calls.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
+        Ok((self.name, n))
     }
 }
 
@@ -192,19 +194,32 @@ async fn redis_cpu(conn: &mut MultiplexedConnection) -> Result<f64, String> {
     Ok(field("used_cpu_user")? + field("used_cpu_sys")?)
 }
 
-/// Deletes every key of this run.
-async fn clean_up(conn: &mut MultiplexedConnection, keys: &Keys) -> Result<(), String> {
-    let pattern = format!("{}*", keys.events().trim_end_matches("events"));
-    let mut found: Vec<String> = Vec::new();
-    {
-        let mut iter: redis::AsyncIter<String> =
-            conn.scan_match(&pattern).await.map_err(|e| e.to_string())?;
-        while let Some(key) = iter.next_item().await {
-            found.push(key.map_err(|e| e.to_string())?);
+/// Deletes every key of this run: the event's counter and stream and the record of
+/// each key the workers used (named, not scanned for: the Redis may hold millions).
+async fn clean_up(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    event: Uuid,
+    sent: &[(String, u64)],
+) -> Result<(), String> {
+    let _: () = conn
+        .unlink(&[keys.inventory(event), keys.stream(event)])
+        .await
+        .map_err(|e| e.to_string())?;
+    let records = sent
+        .iter()
+        .flat_map(|(name, used)| (1..=*used).map(move |n| format!("{name}-{n}")))
+        .map(|key| keys.idempotency(event, &key));
+    let mut chunk = Vec::with_capacity(1000);
+    for record in records {
+        chunk.push(record);
+        if chunk.len() == 1000 {
+            let _: () = conn.unlink(&chunk).await.map_err(|e| e.to_string())?;
+            chunk.clear();
         }
     }
-    for chunk in found.chunks(1000) {
-        let _: () = conn.unlink(chunk).await.map_err(|e| e.to_string())?;
+    if !chunk.is_empty() {
+        let _: () = conn.unlink(&chunk).await.map_err(|e| e.to_string())?;
     }
     Ok(())
 }
