@@ -55,6 +55,8 @@ BIN=target/release
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    # A server still stopping can write a key (its consumer's stream) after the sweep.
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     for db in 0 "$DRAIN_REDIS_DB"; do
         redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" -n "$db" --scan --pattern "$PREFIX:*" |
             xargs -r -d '\n' -n 500 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" -n "$db" del >/dev/null
