@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark suite: one run, one machine, the same client (rush) for every HTTP
 # figure. Needs Redis and PostgreSQL on their local default ports (as for `cargo test`),
-# redis-cli, psql, jq and python3. Uses databases of its own (boxoffice_bench*, Redis
-# logical databases 9 and 10, which must be empty), its own Redis key prefix and its
-# own ports, and removes its Redis keys at the end.
+# redis-cli, psql, jq and python3. Uses PostgreSQL databases of its own
+# (boxoffice_bench*), Redis logical databases 0 and 9 under its own key prefix and 10
+# (which must be empty, and which it empties), its own ports, and removes its Redis
+# keys at the end.
 #
 #   scripts/bench.sh            # full suite, ~13 minutes after the release build
 #   SOAK=10 scripts/bench.sh    # shorter RSS soak (seconds)
