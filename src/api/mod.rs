@@ -1,6 +1,7 @@
 //! The HTTP surface: operations (one file per resource), the error mapping
 //! (`error`), and the middleware every request passes through (`middleware`).
 
+pub mod body;
 pub mod error;
 
 /// Implements poem-openapi's `Type` for a newtype over `String` that has an

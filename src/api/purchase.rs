@@ -9,6 +9,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use uuid::Uuid;
 
+use super::body::Body;
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
 use super::{AppState, Tag};
 use poem_openapi::registry::MetaSchema;
@@ -29,8 +30,9 @@ pub struct PurchaseRequest {
 checked_integer_type!(Quantity, 1, MAX_QUANTITY, "int64");
 
 /// A completed sale.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct PurchaseOk {
     /// Always `true`.
     pub success: bool,
@@ -51,7 +53,7 @@ pub enum PurchaseResponse {
     /// `Idempotent-Replayed: true` and the same body.
     #[oai(status = 200)]
     Ok(
-        Json<PurchaseOk>,
+        Body<PurchaseOk>,
         #[oai(header = "Idempotent-Replayed")] Option<bool>,
     ),
     /// `INVALID_IDEMPOTENCY_KEY`, `INVALID_QUANTITY`, `INVALID_BODY` or `INVALID_PARAMETER`.
@@ -146,7 +148,7 @@ async fn buy(
     record_outcome(&decision);
     Ok(match decision.outcome {
         Outcome::Sold(sale) => PurchaseResponse::Ok(
-            Json(PurchaseOk {
+            Body(PurchaseOk {
                 success: true,
                 seats_remaining: sale.seats_remaining,
                 purchase_id: sale.purchase_id,

@@ -13,11 +13,19 @@ async fn a_purchase_sells_seats_and_reaches_postgres() {
 
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert!(!reply.replayed);
-    assert_eq!(reply.body["success"], true);
-    assert_eq!(reply.body["seatsRemaining"], 4998);
-    assert_eq!(reply.body["quantity"], 2);
-    assert_eq!(reply.body["eventId"], app.default_event.to_string());
+    assert_eq!(reply.content_type, "application/json; charset=utf-8");
     let purchase_id: Uuid = reply.body["purchaseId"].as_str().unwrap().parse().unwrap();
+    // The whole body: exactly the spec's fields, named as the spec names them.
+    assert_eq!(
+        reply.body,
+        json!({
+            "success": true,
+            "seatsRemaining": 4998,
+            "purchaseId": purchase_id.to_string(),
+            "quantity": 2,
+            "eventId": app.default_event.to_string(),
+        })
+    );
 
     let event = app.get("/api/v1/event").await;
     assert_eq!(event.status, StatusCode::OK);
