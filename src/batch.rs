@@ -23,8 +23,6 @@ use crate::error::{Error, Result};
 
 /// One kind of script call that decides many requests of one event at once.
 pub trait Decide: Send + Sync + 'static {
-    /// Names the script in metrics.
-    const SCRIPT: &'static str;
     type Request: Send + 'static;
     type Answer: Send + 'static;
 
@@ -131,7 +129,6 @@ async fn send_batches<D: Decide>(shared: Arc<Shared<D>>, event: Uuid) {
             let take = queue.len().min(shared.cap);
             queue.drain(..take).collect()
         };
-        crate::metrics::script_batch(D::SCRIPT, batch.len());
         let (requests, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let results = shared.decider.decide(event, requests).await;
         // A missing result drops its sender, and `submit` reports that.
@@ -172,7 +169,6 @@ mod tests {
     }
 
     impl Decide for Arc<Echo> {
-        const SCRIPT: &'static str = "echo";
         type Request = u32;
         type Answer = u32;
 

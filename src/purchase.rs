@@ -108,6 +108,7 @@ pub struct Seller {
 impl Seller {
     /// Decides `asks` of `event` in one call, in order.
     pub async fn call(&self, event: Uuid, asks: &[Ask]) -> Result<Vec<Reply>> {
+        crate::metrics::script_batch("purchase", asks.len());
         let started = Instant::now();
         let call = invocation(&self.script, &self.keys, self.idempotency_ttl, event, asks);
         let lines: String = run_script(&self.script, &call, &mut self.conn.clone()).await?;
@@ -140,7 +141,6 @@ impl Reply {
 }
 
 impl Decide for Seller {
-    const SCRIPT: &'static str = "purchase";
     type Request = Ask;
     type Answer = Reply;
 
@@ -305,7 +305,6 @@ impl Gate {
         if let Some(coalescer) = &self.coalescer {
             return coalescer.submit(event, ask).await;
         }
-        crate::metrics::script_batch(Seller::SCRIPT, 1);
         let mut replies = self.seller.call(event, std::slice::from_ref(&ask)).await?;
         replies
             .pop()
