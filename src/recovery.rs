@@ -374,14 +374,7 @@ impl Recovery {
 
     /// The `run_id` of the Redis server behind the shared connection.
     pub async fn redis_run_id(&self) -> Result<String> {
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut self.conn.clone())
-            .await?;
-        info.lines()
-            .find_map(|line| line.strip_prefix("run_id:"))
-            .map(|id| id.trim().to_owned())
-            .ok_or_else(|| Error::UnexpectedReply("INFO server without run_id".into()))
+        server_run_id(&mut self.conn.clone()).await
     }
 
     /// Checks every event at once when the Redis server changes (and at start), rather
@@ -424,4 +417,14 @@ fn log_recovery(event: &EventRow, durable: &Durable, report: &Report, took: Dura
         "event checked against PostgreSQL on this Redis server (new, restarted, restored \
          or failed over) and put back on sale"
     );
+}
+
+/// The `run_id` of the Redis server `conn` talks to: what an event's `run` must equal
+/// for it to sell (see the module docs).
+pub async fn server_run_id(conn: &mut impl redis::aio::ConnectionLike) -> Result<String> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .ok_or_else(|| Error::UnexpectedReply("INFO server without run_id".into()))
 }

@@ -53,12 +53,9 @@ pub async fn run(plan: &Plan) -> Result<Ceiling, String> {
         .map_err(|e| format!("cannot reach Redis at {}: {e}", plan.redis_url))?;
     let keys = Keys::new(format!("rush-ceiling-{}", std::process::id()));
     let event = Uuid::now_v7();
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut admin)
+    let run_id = boxoffice::recovery::server_run_id(&mut admin)
         .await
         .map_err(|e| e.to_string())?;
-    let run_id = info_field(&info, "run_id").ok_or("no run_id in INFO server")?;
     let _: () = admin
         .hset_multiple(
             keys.inventory(event),
