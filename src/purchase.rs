@@ -264,15 +264,16 @@ impl Gate {
         key: &IdempotencyKey,
         quantity: Quantity,
     ) -> Result<Decision> {
-        let ask = Ask {
+        let purchase_id = Uuid::now_v7();
+        let ask = || Ask {
             key: key.clone(),
             quantity,
-            purchase_id: Uuid::now_v7(),
+            purchase_id,
         };
-        let reply = match self.decide(event, ask.clone()).await? {
+        let reply = match self.decide(event, ask()).await? {
             Reply::Recover => {
                 self.recovery.ensure(event).await?;
-                self.decide(event, ask).await?
+                self.decide(event, ask()).await?
             }
             reply => reply,
         };
