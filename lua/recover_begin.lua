@@ -5,7 +5,9 @@
 -- KEYS[1] inventory hash, KEYS[2] stream of sales
 -- ARGV[1] total seats, ARGV[2] seats sold for certain, ARGV[3] consumer group,
 -- ARGV[4] a fresh token, ARGV[5] '1' to take the event off sale even when it was
--- checked on this server and is not behind (`reconcile --fix`)
+-- checked on this server and is not behind (`reconcile --fix`), ARGV[6] the event's
+-- seats per buyer ('' for no limit), ARGV[7] its hold time in seconds (both fixed when
+-- the event is created, written again on every recovery)
 --
 -- Returns {state, run id, token, created, raised by}: state 'checked' when the event
 -- is on sale on this server and not behind (nothing was changed), else 'begun'. The
@@ -26,6 +28,12 @@ if type(group) == 'table' and group.err and not string.find(group.err, 'BUSYGROU
 end
 
 local token = inventory[3] or ARGV[4]
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'limit', ARGV[6], 'hold', ARGV[7])
+else
+  redis.call('HSET', KEYS[1], 'hold', ARGV[7])
+  redis.call('HDEL', KEYS[1], 'limit')
+end
 local created, raised = 0, 0
 if not sold then
   redis.call('HSET', KEYS[1], 'total', ARGV[1], 'sold', durable, 'fence', token)

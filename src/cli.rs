@@ -91,6 +91,14 @@ enum EventCommand {
         /// Number of seats.
         #[arg(long)]
         seats: Seats,
+        /// How long a hold of this event lasts, in seconds.
+        #[arg(long, default_value_t = crate::domain::DEFAULT_HOLD_SECONDS,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::domain::MAX_HOLD_SECONDS)))]
+        hold_seconds: u32,
+        /// Most seats one buyer may have (needs buyer tokens on the servers). Unset:
+        /// no limit.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::domain::MAX_SEATS)))]
+        max_per_buyer: Option<u32>,
     },
 }
 
@@ -131,10 +139,17 @@ impl Cli {
                 common,
                 name,
                 seats,
+                hold_seconds,
+                max_per_buyer,
             }) => {
                 telemetry::init(common.log_format);
                 let (stores, gate) = connect(&common).await?;
-                let event = db::create_event(&stores.db, &name, seats).await?;
+                let settings = db::EventSettings {
+                    seats,
+                    hold_seconds,
+                    max_per_buyer,
+                };
+                let event = db::create_event(&stores.db, &name, settings).await?;
                 gate.recovery().ensure_event(&event, Mode::Check).await?;
                 println!("{}", event.id);
                 Ok(())

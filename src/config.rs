@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::domain::{MAX_IDEMPOTENCY_TTL, MAX_SEATS};
+use crate::domain::{MAX_HOLD_SECONDS, MAX_IDEMPOTENCY_TTL, MAX_SEATS};
 
 /// Where the service finds Redis and PostgreSQL and how it names its keys.
 #[derive(Debug, Clone, Args)]
@@ -108,6 +108,26 @@ pub struct ServeConfig {
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// Key that verifies buyer tokens (JWT in `Authorization: Bearer`): an HS256
+    /// secret of at least 32 bytes, or a PEM public key (EC P-256 for ES256, RSA for
+    /// RS256). Tokens need `sub` and `exp`. Unset: events cannot have `maxPerBuyer`.
+    #[arg(long, env = "BOXOFFICE_BUYER_JWT_KEY", hide_env_values = true)]
+    pub buyer_jwt_key: Option<String>,
+
+    /// Longest hold an event may set (`holdSeconds`), in seconds (1 to 86400).
+    #[arg(
+        long,
+        env = "BOXOFFICE_MAX_HOLD_SECONDS",
+        default_value_t = 3600,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_HOLD_SECONDS))
+    )]
+    pub max_hold_seconds: u32,
+
+    /// Milliseconds between sweeps that return expired holds of events no request
+    /// comes for (requests return them first anyway). 0: no sweeper.
+    #[arg(long, env = "BOXOFFICE_HOLD_SWEEP_MS", default_value_t = 250)]
+    pub hold_sweep_ms: u64,
+
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "BOXOFFICE_BODY_LIMIT", default_value_t = 16 * 1024)]
     pub body_limit: usize,
@@ -180,6 +200,11 @@ impl ServeConfig {
     /// How often the Redis server is checked; `None` when the watcher is off.
     pub fn redis_watch(&self) -> Option<Duration> {
         (self.redis_watch_ms > 0).then(|| Duration::from_millis(self.redis_watch_ms))
+    }
+
+    /// How often expired holds are swept; `None` when the sweeper is off.
+    pub fn hold_sweep(&self) -> Option<Duration> {
+        (self.hold_sweep_ms > 0).then(|| Duration::from_millis(self.hold_sweep_ms))
     }
 
     pub fn limits(&self) -> crate::server::Limits {

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::domain::Seats;
 use crate::error::{Error, Result, redact_url};
-use crate::records::Entry;
+use crate::records::{Cancellation, Entry};
 
 /// How long startup and requests wait for a PostgreSQL connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -25,6 +25,47 @@ pub struct EventRow {
     pub id: Uuid,
     pub name: String,
     pub total_seats: i32,
+    pub hold_seconds: i32,
+    pub max_per_buyer: Option<i32>,
+}
+
+/// The columns of [`EventRow`], for every query that reads one (a macro, so queries
+/// stay string literals).
+macro_rules! event_columns {
+    () => {
+        "id, name, total_seats, hold_seconds, max_per_buyer"
+    };
+}
+
+/// What an event is created with, beside its name.
+#[derive(Debug, Clone, Copy)]
+pub struct EventSettings {
+    pub seats: Seats,
+    pub hold_seconds: u32,
+    pub max_per_buyer: Option<u32>,
+}
+
+impl EventSettings {
+    /// An event with `seats` and the defaults for the rest.
+    pub fn seats(seats: Seats) -> Self {
+        Self {
+            seats,
+            hold_seconds: crate::domain::DEFAULT_HOLD_SECONDS,
+            max_per_buyer: None,
+        }
+    }
+}
+
+/// A sale as PostgreSQL records it.
+#[derive(Debug, Clone, FromRow)]
+pub struct PurchaseRow {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub quantity: i16,
+    pub buyer: Option<String>,
+    pub via_hold: bool,
+    pub sold_at: chrono::DateTime<chrono::Utc>,
+    pub cancelled_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Connects to PostgreSQL, creating the database if it does not exist, and migrates it.
@@ -57,35 +98,97 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
 pub async fn create_event<'c>(
     db: impl sqlx::PgExecutor<'c>,
     name: &str,
-    seats: Seats,
+    settings: EventSettings,
 ) -> Result<EventRow> {
-    Ok(sqlx::query_as(
-        "INSERT INTO events (id, name, total_seats) VALUES ($1, $2, $3)
-         RETURNING id, name, total_seats",
-    )
+    let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    Ok(sqlx::query_as(concat!(
+        "INSERT INTO events (id, name, total_seats, hold_seconds, max_per_buyer)
+         VALUES ($1, $2, $3, $4, $5) RETURNING ",
+        event_columns!()
+    ))
     .bind(Uuid::now_v7())
     .bind(name)
-    .bind(seats.get())
+    .bind(settings.seats.get())
+    .bind(to_i32(settings.hold_seconds))
+    .bind(settings.max_per_buyer.map(to_i32))
     .fetch_one(db)
     .await?)
 }
 
 pub async fn event(pool: &PgPool, id: Uuid) -> Result<Option<EventRow>> {
-    Ok(
-        sqlx::query_as("SELECT id, name, total_seats FROM events WHERE id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?,
-    )
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        event_columns!(),
+        " FROM events WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// Every event, oldest first.
 pub async fn events(pool: &PgPool) -> Result<Vec<EventRow>> {
-    Ok(
-        sqlx::query_as("SELECT id, name, total_seats FROM events ORDER BY created_at, id")
-            .fetch_all(pool)
-            .await?,
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        event_columns!(),
+        " FROM events ORDER BY created_at, id"
+    ))
+    .fetch_all(pool)
+    .await?)
+}
+
+/// One sale of `event`.
+pub async fn purchase(pool: &PgPool, event: Uuid, id: Uuid) -> Result<Option<PurchaseRow>> {
+    Ok(sqlx::query_as(
+        "SELECT id, event_id, quantity, buyer, via_hold, sold_at, cancelled_at
+         FROM purchases WHERE event_id = $1 AND id = $2",
     )
+    .bind(event)
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// What [`buyer_seats_and_written`] counts.
+#[derive(Debug, Clone, Default)]
+pub struct BuyersCounted {
+    /// Seats of the event's sales that are not cancelled, per buyer.
+    pub buyers: Vec<(String, i64)>,
+    /// As in [`Counted`].
+    pub written: Vec<Uuid>,
+    pub cancelled: Vec<Uuid>,
+}
+
+/// [`seats_sold_and_written`] per buyer: one statement, so one snapshot.
+pub async fn buyer_seats_and_written(
+    pool: &PgPool,
+    event: Uuid,
+    sales: &[Uuid],
+    cancellations: &[Uuid],
+) -> Result<BuyersCounted> {
+    let (buyers, seats, written, cancelled): (Vec<String>, Vec<i64>, Vec<Uuid>, Vec<Uuid>) =
+        sqlx::query_as(
+            "WITH sale AS (SELECT id, buyer, quantity, cancelled_at FROM purchases
+                           WHERE event_id = $1),
+                  per_buyer AS (SELECT buyer, SUM(quantity)::int8 AS seats FROM sale
+                                WHERE buyer IS NOT NULL AND cancelled_at IS NULL
+                                GROUP BY buyer)
+             SELECT COALESCE((SELECT array_agg(buyer ORDER BY buyer) FROM per_buyer), '{}'),
+                    COALESCE((SELECT array_agg(seats ORDER BY buyer) FROM per_buyer), '{}'),
+                    COALESCE((SELECT array_agg(id) FROM sale WHERE id = ANY($2)), '{}'),
+                    COALESCE((SELECT array_agg(id) FROM sale
+                              WHERE id = ANY($3) AND cancelled_at IS NOT NULL), '{}')",
+        )
+        .bind(event)
+        .bind(sales)
+        .bind(cancellations)
+        .fetch_one(pool)
+        .await?;
+    Ok(BuyersCounted {
+        buyers: buyers.into_iter().zip(seats).collect(),
+        written,
+        cancelled,
+    })
 }
 
 /// The default event, which the seed-compatible endpoints sell from. It is recorded
@@ -98,7 +201,7 @@ pub async fn default_event(pool: &PgPool, name: &str, seats: Seats) -> Result<Ev
         .execute(&mut *tx)
         .await?;
     let existing: Option<EventRow> = sqlx::query_as(
-        "SELECT e.id, e.name, e.total_seats
+        "SELECT e.id, e.name, e.total_seats, e.hold_seconds, e.max_per_buyer
          FROM default_event d JOIN events e ON e.id = d.event_id",
     )
     .fetch_optional(&mut *tx)
@@ -106,7 +209,7 @@ pub async fn default_event(pool: &PgPool, name: &str, seats: Seats) -> Result<Ev
     let event = match existing {
         Some(event) => event,
         None => {
-            let event = create_event(&mut *tx, name, seats).await?;
+            let event = create_event(&mut *tx, name, EventSettings::seats(seats)).await?;
             sqlx::query("INSERT INTO default_event (event_id) VALUES ($1)")
                 .bind(event.id)
                 .execute(&mut *tx)
@@ -119,23 +222,43 @@ pub async fn default_event(pool: &PgPool, name: &str, seats: Seats) -> Result<Ev
     Ok(event)
 }
 
-/// Seats of `event` in `purchases`, and which of `ids` are rows already; read in one
-/// statement so that a row written meanwhile is in both answers or in neither.
+/// What [`seats_sold_and_written`] counts.
+#[derive(Debug, Clone, Default)]
+pub struct Counted {
+    /// Seats of the event's sales that are not cancelled.
+    pub sold: i64,
+    /// Those of the sale ids asked about that are rows.
+    pub written: Vec<Uuid>,
+    /// Those of the cancelled ids asked about whose rows are marked cancelled.
+    pub cancelled: Vec<Uuid>,
+}
+
+/// Seats of `event` sold and not cancelled in `purchases`, which of `sales` are rows
+/// already and which of `cancellations` are written; read in one statement so that
+/// a row written meanwhile is in every answer or in none.
 pub async fn seats_sold_and_written(
     pool: &PgPool,
     event: Uuid,
-    ids: &[Uuid],
-) -> Result<(i64, Vec<Uuid>)> {
-    let (sold, written): (i64, Vec<Uuid>) = sqlx::query_as(
-        "SELECT COALESCE(SUM(quantity), 0)::int8,
-                COALESCE(array_agg(id) FILTER (WHERE id = ANY($2)), '{}')
+    sales: &[Uuid],
+    cancellations: &[Uuid],
+) -> Result<Counted> {
+    let (sold, written, cancelled): (i64, Vec<Uuid>, Vec<Uuid>) = sqlx::query_as(
+        "SELECT COALESCE(SUM(quantity) FILTER (WHERE cancelled_at IS NULL), 0)::int8,
+                COALESCE(array_agg(id) FILTER (WHERE id = ANY($2)), '{}'),
+                COALESCE(array_agg(id) FILTER (WHERE id = ANY($3) AND cancelled_at IS NOT NULL),
+                         '{}')
          FROM purchases WHERE event_id = $1",
     )
     .bind(event)
-    .bind(ids)
+    .bind(sales)
+    .bind(cancellations)
     .fetch_one(pool)
     .await?;
-    Ok((sold, written))
+    Ok(Counted {
+        sold,
+        written,
+        cancelled,
+    })
 }
 
 /// A sale recent enough that its idempotency record should still be in Redis.
@@ -151,7 +274,9 @@ pub struct RecentSale {
     pub ttl_left: i64,
 }
 
-/// Sales of `event` made within the last `ttl` seconds, newest first.
+/// Sales of `event` made within the last `ttl` seconds, newest first; sales made by
+/// confirming a hold are left out (their key recorded the hold, which lives in
+/// Redis only).
 pub async fn recent_sales(pool: &PgPool, event: &EventRow, ttl: u32) -> Result<Vec<RecentSale>> {
     let sales = sqlx::query_as(
         "SELECT id, idempotency_key, quantity, seats_remaining,
@@ -159,9 +284,9 @@ pub async fn recent_sales(pool: &PgPool, event: &EventRow, ttl: u32) -> Result<V
          FROM (SELECT id, idempotency_key, quantity, sold_at,
                       COALESCE(seats_remaining,
                                $2 - SUM(quantity) OVER (ORDER BY sold_at, id))::int8
-                          AS seats_remaining
+                          AS seats_remaining, via_hold
                FROM purchases WHERE event_id = $1) AS running
-         WHERE sold_at > now() - make_interval(secs => $3)
+         WHERE sold_at > now() - make_interval(secs => $3) AND NOT via_hold
          ORDER BY sold_at DESC, id DESC",
     )
     .bind(event.id)
@@ -181,12 +306,16 @@ pub async fn insert_sales(pool: &PgPool, event: Uuid, sales: &[Entry]) -> Result
     let quantities: Vec<i16> = sales.iter().map(|s| s.quantity).collect();
     let remaining: Vec<Option<i32>> = sales.iter().map(|s| s.seats_remaining).collect();
     let sold_at: Vec<i64> = sales.iter().map(|s| s.sold_at_micros).collect();
+    let buyers: Vec<Option<&str>> = sales.iter().map(|s| s.buyer.as_deref()).collect();
+    let via_hold: Vec<bool> = sales.iter().map(|s| s.via_hold).collect();
     let done = sqlx::query(
-        "INSERT INTO purchases (id, event_id, idempotency_key, quantity, seats_remaining, sold_at)
+        "INSERT INTO purchases
+             (id, event_id, idempotency_key, quantity, seats_remaining, sold_at, buyer, via_hold)
          SELECT id, $1, key, quantity, remaining,
-                timestamptz 'epoch' + micros * interval '1 microsecond'
-         FROM UNNEST($2::uuid[], $3::text[], $4::int2[], $5::int4[], $6::int8[])
-              AS s(id, key, quantity, remaining, micros)
+                timestamptz 'epoch' + micros * interval '1 microsecond', buyer, via_hold
+         FROM UNNEST($2::uuid[], $3::text[], $4::int2[], $5::int4[], $6::int8[], $7::text[],
+                     $8::bool[])
+              AS s(id, key, quantity, remaining, micros, buyer, via_hold)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(event)
@@ -195,6 +324,27 @@ pub async fn insert_sales(pool: &PgPool, event: Uuid, sales: &[Entry]) -> Result
     .bind(&quantities)
     .bind(&remaining)
     .bind(&sold_at)
+    .bind(&buyers)
+    .bind(&via_hold)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Marks sales of `event` cancelled, each at its time; a row already marked keeps its
+/// first time, so the write can be retried freely. Returns how many rows changed.
+pub async fn cancel_sales(pool: &PgPool, event: Uuid, cancels: &[Cancellation]) -> Result<u64> {
+    let ids: Vec<Uuid> = cancels.iter().map(|c| c.id).collect();
+    let at: Vec<i64> = cancels.iter().map(|c| c.cancelled_at_micros).collect();
+    let done = sqlx::query(
+        "UPDATE purchases p
+         SET cancelled_at = timestamptz 'epoch' + c.micros * interval '1 microsecond'
+         FROM UNNEST($2::uuid[], $3::int8[]) AS c(id, micros)
+         WHERE p.event_id = $1 AND p.id = c.id AND p.cancelled_at IS NULL",
+    )
+    .bind(event)
+    .bind(&ids)
+    .bind(&at)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())

@@ -48,6 +48,28 @@ impl fmt::Display for IdempotencyKey {
     }
 }
 
+/// A buyer: the verified `sub` claim of their token, 1–255 bytes without control
+/// characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Buyer(String);
+
+impl Buyer {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Buyer {
+    type Error = &'static str;
+
+    fn try_from(sub: String) -> Result<Self, Self::Error> {
+        if sub.is_empty() || sub.len() > MAX_KEY_LEN || sub.chars().any(char::is_control) {
+            return Err("the token's sub must be 1 to 255 bytes without control characters");
+        }
+        Ok(Self(sub))
+    }
+}
+
 /// Seats in one purchase: 1 to [`MAX_QUANTITY`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quantity(u8);
@@ -73,6 +95,11 @@ impl TryFrom<i64> for Quantity {
         }
     }
 }
+
+/// Seconds a hold lasts: 1 to the configured maximum.
+pub const DEFAULT_HOLD_SECONDS: u32 = 600;
+/// Largest `BOXOFFICE_MAX_HOLD_SECONDS`: one day.
+pub const MAX_HOLD_SECONDS: u32 = 24 * 3600;
 
 /// Seats of one event: 1 to [`MAX_SEATS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

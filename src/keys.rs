@@ -19,8 +19,9 @@ impl Keys {
         }
     }
 
-    /// Hash with the event's `total`, `sold`, `purchases` and `rejected` counters, and
-    /// `run`, the Redis server it was last checked on (see `recovery`).
+    /// Hash with the event's `total`, `sold`, `held`, `purchases` and `rejected`
+    /// counters, its settings (`limit` seats per buyer, `hold` seconds), and `run`, the
+    /// Redis server it was last checked on (see `recovery`). No TTL.
     pub fn inventory(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:inv", self.prefix)
     }
@@ -36,7 +37,38 @@ impl Keys {
         fmt::from_fn(move |f| write!(f, "{}:{{{event}}}:idem:{key}", self.prefix))
     }
 
-    /// Stream of the event's sales, consumed into PostgreSQL.
+    /// Holds that still hold seats: a sorted set of `<hold id>:<seats>:<buyer>` by
+    /// expiry (Unix ms), so the gate finds the expired ones first. A member lives
+    /// until its hold is confirmed, released or expired.
+    pub fn holds(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:holds", self.prefix)
+    }
+
+    /// One hold: its state, seats, buyer, request key and times. Kept until the
+    /// idempotency TTL after its expiry, so its state can be read and a confirmation
+    /// repeated.
+    pub fn hold(&self, event: Uuid, hold: Uuid) -> String {
+        self.hold_name(event, hold).to_string()
+    }
+
+    pub fn hold_name(&self, event: Uuid, hold: Uuid) -> impl fmt::Display + '_ {
+        fmt::from_fn(move |f| write!(f, "{}:{{{event}}}:hold:{}", self.prefix, hold.simple()))
+    }
+
+    /// Seats sold or held per buyer (the `sub` of their token), for events with a
+    /// limit per buyer. No TTL; rebuilt from PostgreSQL by recovery.
+    pub fn buyers(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:buyers", self.prefix)
+    }
+
+    /// Marks a sale as cancelled, holding the time of the cancellation, so a repeated
+    /// cancellation returns no seats twice. Kept for the idempotency TTL; PostgreSQL's
+    /// `cancelled_at` answers after that.
+    pub fn cancellation(&self, event: Uuid, purchase: Uuid) -> String {
+        format!("{}:{{{event}}}:cancel:{}", self.prefix, purchase.simple())
+    }
+
+    /// Stream of the event's sales and cancellations, consumed into PostgreSQL.
     pub fn stream(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:log", self.prefix)
     }

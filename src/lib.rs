@@ -5,7 +5,9 @@
 //!
 //! * [`api`]: the HTTP surface (poem-openapi): operations, error mapping, middleware.
 //! * [`purchase`]: the gate. One Lua script in Redis (`lua/purchase.lua`) decides each
-//!   sale atomically and appends it to the event's stream.
+//!   seat movement (purchase, hold, confirm, release, expiry, cancellation)
+//!   atomically and appends sales and cancellations to the event's stream.
+//! * [`buyer`]: buyer identity, from a verified JWT.
 //! * [`batch`]: group commit: purchases of one event that arrive while its previous
 //!   call is in flight share the next script call.
 //! * [`recovery`]: the one way an event's state comes into Redis, and why a retried
@@ -33,6 +35,7 @@ pub(crate) use lua_script;
 
 pub mod api;
 pub mod batch;
+pub mod buyer;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -20,6 +20,9 @@ const CONSUMER_BATCH: &str = "boxoffice_consumer_batch_size";
 const ROWS_WRITTEN: &str = "boxoffice_consumer_rows_written_total";
 const CONSUMER_ERRORS: &str = "boxoffice_consumer_errors_total";
 const PARKED: &str = "boxoffice_consumer_parked_total";
+const HOLDS: &str = "boxoffice_holds_total";
+const HOLDS_EXPIRED_BY_SWEEP: &str = "boxoffice_holds_swept_total";
+const CANCELLATIONS: &str = "boxoffice_cancellations_total";
 
 /// Buckets of every latency histogram, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -97,6 +100,22 @@ pub fn purchase(outcome: &'static str, replayed: bool, seats: u8) {
 /// One run of the purchase script, whatever the number of purchases it decided.
 pub fn script_run(took: Duration) {
     ::metrics::histogram!(SCRIPT_DURATION).record(took.as_secs_f64());
+}
+
+/// A hold request answered: `outcome` is `held`, `sold_out`, `buyer_limit`, …, or
+/// what happened to an existing hold (`confirmed`, `released`, `expired`).
+pub fn hold(outcome: &'static str) {
+    ::metrics::counter!(HOLDS, "outcome" => outcome).increment(1);
+}
+
+/// Expired holds the sweeper returned to stock (requests return others themselves).
+pub fn holds_expired(holds: usize) {
+    ::metrics::counter!(HOLDS_EXPIRED_BY_SWEEP).increment(holds as u64);
+}
+
+/// A sale cancelled by an admin (repeats not counted).
+pub fn cancellation() {
+    ::metrics::counter!(CANCELLATIONS).increment(1);
 }
 
 /// One call of a batched script sent with `requests` requests (see `batch`).

@@ -30,7 +30,7 @@ use crate::config::ConsumerConfig;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::records::Entry;
+use crate::records::{Entry, Logged};
 
 /// Name of the consumer group that writes sales to PostgreSQL.
 pub const CONSUMER_GROUP: &str = "persist";
@@ -384,14 +384,19 @@ impl Consumer {
             .ok_or_else(|| Error::UnexpectedReply(format!("stream key {stream}")))?;
         // Parallel vectors: the sales, and the id of the entry each came in.
         let (mut sales, mut sale_ids) = (Vec::with_capacity(entries.len()), Vec::new());
+        let (mut cancels, mut cancel_ids) = (Vec::new(), Vec::new());
         for entry in &entries {
-            match Entry::from_stream(entry) {
-                Some(sale) => {
+            match Logged::from_stream(entry) {
+                Some(Logged::Sale(sale)) => {
                     sales.push(sale);
                     sale_ids.push(entry.id.as_str());
                 }
+                Some(Logged::Cancel(cancel)) => {
+                    cancels.push(cancel);
+                    cancel_ids.push(entry.id.as_str());
+                }
                 None => {
-                    let reason = "not a sale written by lua/purchase.lua";
+                    let reason = "neither a sale nor a cancellation written by lua/purchase.lua";
                     self.park_entry(conn, event, &entry.id, reason).await?;
                 }
             }
@@ -404,6 +409,20 @@ impl Consumer {
             }
             written => written?,
         };
+        // After the sales: a sale and its cancellation may come in one batch.
+        if !cancels.is_empty() {
+            match db::cancel_sales(&self.db, event, &cancels).await {
+                Err(e) if db::refused_for_good(&e).is_some() => {
+                    for id in &cancel_ids {
+                        let reason = format!("cancellation refused: {e}");
+                        self.park_entry(conn, event, id, &reason).await?;
+                    }
+                }
+                done => {
+                    done?;
+                }
+            }
+        }
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let _: i64 = conn.xack(stream, CONSUMER_GROUP, &ids).await?;
         crate::metrics::consumer_batch(entries.len(), written);

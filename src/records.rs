@@ -9,9 +9,12 @@ use redis::streams::StreamId;
 use uuid::Uuid;
 
 /// The outcome recorded under an `Idempotency-Key`, replayed to every repeat of the
-/// request. `S<quantity>:<seats left>:<purchase id>` for a sale, `X<quantity>` for a
-/// refusal. A sale's record is at most 44 bytes (32 hex digits for the id), which
-/// Redis stores inline with its object header.
+/// request. A purchase's: `S<quantity>:<seats left>:<purchase id>` for a sale,
+/// `X<quantity>` for a refusal for lack of seats, `L<quantity>` over the buyer's
+/// limit. A hold's: `H<quantity>:<seats left>:<hold id>:<expiry, Unix ms>`, `HX…`,
+/// `HL…`. One key space for both, so a key used for a purchase and then for a hold
+/// (or the other way) is a reused key. A sale's record is at most 44 bytes (32 hex
+/// digits for the id), which Redis stores inline with its object header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record {
     Sold {
@@ -20,6 +23,21 @@ pub enum Record {
         purchase_id: Uuid,
     },
     Refused {
+        quantity: u8,
+    },
+    OverLimit {
+        quantity: u8,
+    },
+    Held {
+        quantity: u8,
+        seats_remaining: i64,
+        hold_id: Uuid,
+        expires_at_ms: i64,
+    },
+    HoldRefused {
+        quantity: u8,
+    },
+    HoldOverLimit {
         quantity: u8,
     },
 }
@@ -31,6 +49,9 @@ impl Record {
             "X" => Some(Record::Refused {
                 quantity: rest.parse().ok()?,
             }),
+            "L" => Some(Record::OverLimit {
+                quantity: rest.parse().ok()?,
+            }),
             "S" => {
                 let mut parts = rest.splitn(3, ':');
                 Some(Record::Sold {
@@ -39,14 +60,44 @@ impl Record {
                     purchase_id: parts.next()?.parse().ok()?,
                 })
             }
+            "H" => match rest.split_at_checked(1)? {
+                ("X", quantity) => Some(Record::HoldRefused {
+                    quantity: quantity.parse().ok()?,
+                }),
+                ("L", quantity) => Some(Record::HoldOverLimit {
+                    quantity: quantity.parse().ok()?,
+                }),
+                _ => {
+                    let mut parts = rest.splitn(4, ':');
+                    Some(Record::Held {
+                        quantity: parts.next()?.parse().ok()?,
+                        seats_remaining: parts.next()?.parse().ok()?,
+                        hold_id: parts.next()?.parse().ok()?,
+                        expires_at_ms: parts.next()?.parse().ok()?,
+                    })
+                }
+            },
             _ => None,
         }
     }
 
     pub fn quantity(&self) -> u8 {
         match self {
-            Record::Sold { quantity, .. } | Record::Refused { quantity } => *quantity,
+            Record::Sold { quantity, .. }
+            | Record::Refused { quantity }
+            | Record::OverLimit { quantity }
+            | Record::Held { quantity, .. }
+            | Record::HoldRefused { quantity }
+            | Record::HoldOverLimit { quantity } => *quantity,
         }
+    }
+
+    /// Whether the record answers a hold request rather than a purchase.
+    pub fn is_hold(&self) -> bool {
+        matches!(
+            self,
+            Record::Held { .. } | Record::HoldRefused { .. } | Record::HoldOverLimit { .. }
+        )
     }
 }
 
@@ -59,6 +110,19 @@ impl fmt::Display for Record {
                 purchase_id,
             } => write!(f, "S{quantity}:{seats_remaining}:{}", purchase_id.simple()),
             Record::Refused { quantity } => write!(f, "X{quantity}"),
+            Record::OverLimit { quantity } => write!(f, "L{quantity}"),
+            Record::Held {
+                quantity,
+                seats_remaining,
+                hold_id,
+                expires_at_ms,
+            } => write!(
+                f,
+                "H{quantity}:{seats_remaining}:{}:{expires_at_ms}",
+                hold_id.simple()
+            ),
+            Record::HoldRefused { quantity } => write!(f, "HX{quantity}"),
+            Record::HoldOverLimit { quantity } => write!(f, "HL{quantity}"),
         }
     }
 }
@@ -72,6 +136,7 @@ pub fn purchase_id_arg(id: Uuid) -> uuid::fmt::Simple {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// The purchase id: the row's identity, so a redelivered entry is the same row.
+    /// A confirmed hold's sale has the hold's id.
     pub id: Uuid,
     pub idempotency_key: String,
     pub quantity: i16,
@@ -80,6 +145,26 @@ pub struct Entry {
     pub seats_remaining: Option<i32>,
     /// Microseconds since the Unix epoch, from Redis' clock.
     pub sold_at_micros: i64,
+    /// The verified buyer, when the request carried one.
+    pub buyer: Option<String>,
+    /// Made by confirming a hold (its idempotency key belongs to the hold request).
+    pub via_hold: bool,
+}
+
+/// The cancellation of a sale, as the event's stream carries it to PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancellation {
+    /// The purchase id of the sale cancelled.
+    pub id: Uuid,
+    pub quantity: i16,
+    pub cancelled_at_micros: i64,
+}
+
+/// What an entry of an event's stream records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Logged {
+    Sale(Entry),
+    Cancel(Cancellation),
 }
 
 /// Field names of a stream entry, as `lua/purchase.lua` writes them.
@@ -89,25 +174,62 @@ pub mod field {
     pub const QUANTITY: &str = "q";
     pub const SEATS_REMAINING: &str = "r";
     pub const SOLD_AT: &str = "t";
+    pub const BUYER: &str = "b";
+    pub const VIA_HOLD: &str = "h";
+    /// Present on cancellations only: when the sale was cancelled.
+    pub const CANCELLED_AT: &str = "c";
 }
 
-impl Entry {
-    /// Reads an entry of a sales stream; `None` if it is not one.
+impl Logged {
+    /// Reads an entry of an event's stream; `None` if it is neither a sale nor a
+    /// cancellation.
     pub fn from_stream(entry: &StreamId) -> Option<Self> {
-        Some(Self {
-            id: entry.get::<String>(field::PURCHASE_ID)?.parse().ok()?,
+        let id = entry.get::<String>(field::PURCHASE_ID)?.parse().ok()?;
+        let quantity = entry.get(field::QUANTITY)?;
+        if let Some(cancelled_at_micros) = entry.get(field::CANCELLED_AT) {
+            return Some(Logged::Cancel(Cancellation {
+                id,
+                quantity,
+                cancelled_at_micros,
+            }));
+        }
+        Some(Logged::Sale(Entry {
+            id,
             idempotency_key: entry.get(field::KEY)?,
-            quantity: entry.get(field::QUANTITY)?,
+            quantity,
             seats_remaining: entry.get(field::SEATS_REMAINING),
             sold_at_micros: entry.get(field::SOLD_AT)?,
-        })
+            buyer: entry.get(field::BUYER),
+            via_hold: entry.contains_key(field::VIA_HOLD),
+        }))
     }
 
-    /// The purchase id and seats of an entry, which is all a count needs.
-    pub fn seats(entry: &StreamId) -> Option<(Uuid, i64)> {
-        let id = entry.get::<String>(field::PURCHASE_ID)?.parse().ok()?;
-        Some((id, entry.get(field::QUANTITY)?))
+    /// What a count needs of an entry.
+    pub fn movement(entry: &StreamId) -> Option<Movement> {
+        Some(Movement {
+            id: entry.get::<String>(field::PURCHASE_ID)?.parse().ok()?,
+            seats: entry.get(field::QUANTITY)?,
+            cancel: entry.contains_key(field::CANCELLED_AT),
+            buyer: entry.get(field::BUYER),
+        })
     }
+}
+
+impl Movement {
+    /// Seats the entry adds to what is sold: a cancellation's count negative.
+    pub fn signed_seats(&self) -> i64 {
+        if self.cancel { -self.seats } else { self.seats }
+    }
+}
+
+/// Seats a stream entry moves: a sale's, or a cancellation's (which returns them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Movement {
+    /// The purchase id.
+    pub id: Uuid,
+    pub seats: i64,
+    pub cancel: bool,
+    pub buyer: Option<String>,
 }
 
 #[cfg(test)]
@@ -126,7 +248,21 @@ mod tests {
         let refused = Record::Refused { quantity: 3 };
         assert_eq!(refused.to_string(), "X3");
         assert_eq!(Record::parse("X3"), Some(refused));
-        for bad in ["", "S2:x:y", "Q1", "S2:998", "X"] {
+        let held = Record::Held {
+            quantity: 2,
+            seats_remaining: 7,
+            hold_id: Uuid::now_v7(),
+            expires_at_ms: 1_790_000_000_123,
+        };
+        assert_eq!(Record::parse(&held.to_string()), Some(held));
+        for other in [
+            Record::OverLimit { quantity: 4 },
+            Record::HoldRefused { quantity: 1 },
+            Record::HoldOverLimit { quantity: 10 },
+        ] {
+            assert_eq!(Record::parse(&other.to_string()), Some(other));
+        }
+        for bad in ["", "S2:x:y", "Q1", "S2:998", "X", "H", "HX", "H2:1:x:3"] {
             assert_eq!(Record::parse(bad), None, "{bad:?}");
         }
     }

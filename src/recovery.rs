@@ -61,7 +61,7 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::persist::CONSUMER_GROUP;
 use crate::purchase::Inventory;
-use crate::records::{Entry, Record};
+use crate::records::{Logged, Movement, Record};
 
 /// Attempts of one recovery before it gives up (each further one follows a server
 /// change or a lost event in the middle of the previous).
@@ -80,9 +80,10 @@ const RANGE_CHUNK: usize = 10_000;
 /// What PostgreSQL and Redis' streams say about an event's sales.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Durable {
-    /// Seats in `purchases`.
+    /// Seats in `purchases`, cancelled ones left out.
     pub persisted: i64,
-    /// Seats of stream entries that are not rows yet.
+    /// Seats of stream entries that are not rows yet, less those of cancellations
+    /// not yet written.
     pub in_stream: i64,
     /// Seats of sales PostgreSQL refused, set aside in the dead-letter stream.
     pub parked: i64,
@@ -126,6 +127,7 @@ pub struct Recovery {
     begin: Script,
     end: Script,
     seats: Script,
+    raise_buyers: Script,
     /// One lock per event being recovered in this process: concurrent requests wait
     /// for one recovery instead of each running one.
     running: Arc<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<LastFailure>>>>>,
@@ -141,6 +143,7 @@ impl Recovery {
             begin: crate::lua_script!("recover_begin.lua"),
             end: crate::lua_script!("recover_end.lua"),
             seats: crate::lua_script!("seats.lua"),
+            raise_buyers: crate::lua_script!("raise_buyers.lua"),
             running: Arc::default(),
         }
     }
@@ -212,6 +215,13 @@ impl Recovery {
                 .arg(CONSUMER_GROUP)
                 .arg(Uuid::new_v4().simple().to_string())
                 .arg(u8::from(mode == Mode::Force))
+                .arg(
+                    event
+                        .max_per_buyer
+                        .map(|n| n.to_string())
+                        .unwrap_or_default(),
+                )
+                .arg(event.hold_seconds)
                 .invoke_async(&mut self.conn.clone())
                 .await?;
             if state == "checked" {
@@ -221,6 +231,7 @@ impl Recovery {
                 });
             }
             let records = self.restore_records(event).await?;
+            self.restore_buyers(event).await?;
             let _: () = self
                 .conn
                 .clone()
@@ -294,12 +305,13 @@ impl Recovery {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(match fields[..] {
-            [total, sold, purchases, rejected, on_sale] => Some((
+            [total, sold, purchases, rejected, on_sale, held] => Some((
                 Inventory {
                     total,
                     sold,
                     purchases,
                     rejected,
+                    held,
                 },
                 on_sale == 1,
             )),
@@ -330,44 +342,68 @@ impl Recovery {
         Ok(missing)
     }
 
-    /// Seats of `event` sold for certain: rows in PostgreSQL, stream entries not
-    /// written yet (entries written but not yet trimmed count once), and parked sales.
+    /// Seats of `event` sold for certain: rows in PostgreSQL that are not cancelled,
+    /// stream entries not written yet (entries written but not yet trimmed count
+    /// once; a cancellation not yet written takes its seats off), and parked sales.
     pub async fn durable(&self, event: Uuid) -> Result<Durable> {
-        let entries = self.stream_sales(&self.keys.stream(event)).await?;
-        let ids: Vec<Uuid> = entries.iter().map(|(id, _)| *id).collect();
+        let entries = self.stream_movements(&self.keys.stream(event)).await?;
+        let (sales, cancels) = ids_by_kind(&entries);
         // One statement, so that a row written meanwhile is counted in exactly one place.
-        let (persisted, written) = db::seats_sold_and_written(&self.db, event, &ids).await?;
-        let written: HashSet<Uuid> = written.into_iter().collect();
-        let in_stream = entries
-            .iter()
-            .filter(|(id, _)| !written.contains(id))
-            .map(|(_, q)| q)
-            .sum();
+        let counted = db::seats_sold_and_written(&self.db, event, &sales, &cancels).await?;
+        let unwritten = unwritten(&entries, &counted.written, &counted.cancelled);
         let parked = self
-            .stream_sales(&self.keys.dead_letters(event))
+            .stream_movements(&self.keys.dead_letters(event))
             .await?
             .iter()
-            .map(|(_, q)| q)
+            .map(Movement::signed_seats)
             .sum();
         Ok(Durable {
-            persisted,
-            in_stream,
+            persisted: counted.sold,
+            in_stream: unwritten.map(Movement::signed_seats).sum(),
             parked,
         })
     }
 
-    /// Purchase id and seats of every sale in a stream, read in chunks.
-    async fn stream_sales(&self, stream: &str) -> Result<Vec<(Uuid, i64)>> {
+    /// Seats each buyer of `event` has for certain (as [`Recovery::durable`] counts
+    /// them, per buyer), raised to in Redis: a buyer's count is never lowered (holds
+    /// that survived count in it too).
+    async fn restore_buyers(&self, event: &EventRow) -> Result<usize> {
+        if event.max_per_buyer.is_none() {
+            return Ok(0);
+        }
+        let entries = self.stream_movements(&self.keys.stream(event.id)).await?;
+        let (sales, cancels) = ids_by_kind(&entries);
+        let counted = db::buyer_seats_and_written(&self.db, event.id, &sales, &cancels).await?;
+        let mut seats: HashMap<String, i64> = counted.buyers.into_iter().collect();
+        for movement in unwritten(&entries, &counted.written, &counted.cancelled) {
+            if let Some(buyer) = &movement.buyer {
+                *seats.entry(buyer.clone()).or_default() += movement.signed_seats();
+            }
+        }
         let mut conn = self.conn.clone();
-        let mut sales = Vec::new();
+        let pairs: Vec<(String, i64)> = seats.into_iter().filter(|(_, n)| *n > 0).collect();
+        for chunk in pairs.chunks(RESTORE_CHUNK) {
+            let mut raise = self.raise_buyers.key(self.keys.buyers(event.id));
+            for (buyer, n) in chunk {
+                raise.arg(buyer).arg(n);
+            }
+            let _: i64 = raise.invoke_async(&mut conn).await?;
+        }
+        Ok(pairs.len())
+    }
+
+    /// Every entry of a stream that moves seats, read in chunks.
+    async fn stream_movements(&self, stream: &str) -> Result<Vec<Movement>> {
+        let mut conn = self.conn.clone();
+        let mut movements = Vec::new();
         let mut start = "-".to_owned();
         loop {
             let page: StreamRangeReply =
                 conn.xrange_count(stream, &start, "+", RANGE_CHUNK).await?;
-            sales.extend(page.ids.iter().filter_map(Entry::seats));
+            movements.extend(page.ids.iter().filter_map(Logged::movement));
             match page.ids.last() {
                 Some(last) if page.ids.len() == RANGE_CHUNK => start = format!("({}", last.id),
-                _ => return Ok(sales),
+                _ => return Ok(movements),
             }
         }
     }
@@ -399,6 +435,28 @@ impl Recovery {
             }
         }
     }
+}
+
+/// The purchase ids of the sales and of the cancellations among `entries`.
+fn ids_by_kind(entries: &[Movement]) -> (Vec<Uuid>, Vec<Uuid>) {
+    let (cancels, sales): (Vec<&Movement>, Vec<&Movement>) = entries.iter().partition(|m| m.cancel);
+    let ids = |list: Vec<&Movement>| list.iter().map(|m| m.id).collect();
+    (ids(sales), ids(cancels))
+}
+
+/// The entries PostgreSQL does not reflect yet: sales not `written` as rows, and
+/// cancellations not yet marked (`cancelled`) on theirs.
+fn unwritten<'a>(
+    entries: &'a [Movement],
+    written: &[Uuid],
+    cancelled: &[Uuid],
+) -> impl Iterator<Item = &'a Movement> {
+    let written: HashSet<Uuid> = written.iter().copied().collect();
+    let cancelled: HashSet<Uuid> = cancelled.iter().copied().collect();
+    entries.iter().filter(move |m| {
+        let done = if m.cancel { &cancelled } else { &written };
+        !done.contains(&m.id)
+    })
 }
 
 fn log_recovery(event: &EventRow, durable: &Durable, report: &Report, took: Duration) {

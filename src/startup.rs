@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, Stats};
+use crate::buyer::BuyerTokens;
 use crate::config::{CommonConfig, ConsumerConfig, ServeConfig, StoreConfig};
 use crate::db;
 use crate::domain::Seats;
@@ -82,6 +83,8 @@ pub struct Application {
     limits: Limits,
     /// How often the watcher checks which Redis server answers; `None`: no watcher.
     redis_watch: Option<Duration>,
+    /// How often expired holds are swept; `None`: no sweeper.
+    hold_sweep: Option<Duration>,
     port: u16,
     state: Arc<AppState>,
     consumer: Option<Consumer>,
@@ -117,6 +120,13 @@ impl Application {
             default_event: default_event.id,
             instance_id,
             admin_token: serve.admin_token.clone().filter(|t| !t.is_empty()),
+            buyer_tokens: serve
+                .buyer_jwt_key
+                .as_deref()
+                .filter(|k| !k.is_empty())
+                .map(BuyerTokens::from_key)
+                .transpose()?,
+            max_hold_seconds: serve.max_hold_seconds,
             body_limit: serve.body_limit,
             request_timeout: Duration::from_millis(serve.request_timeout_ms),
             // `BOXOFFICE_CORS_ORIGINS=` (empty) means off, like unset.
@@ -135,6 +145,7 @@ impl Application {
             listener,
             limits: serve.limits(),
             redis_watch: serve.redis_watch(),
+            hold_sweep: serve.hold_sweep(),
             port,
             state,
             consumer,
@@ -172,6 +183,7 @@ impl Application {
             listener,
             limits,
             redis_watch,
+            hold_sweep,
             state,
             consumer,
             shutdown,
@@ -182,6 +194,10 @@ impl Application {
         let watcher = redis_watch.map(|every| {
             let recovery = state.gate.recovery().clone();
             tokio::spawn(recovery.watch_redis(every, shutdown.clone()))
+        });
+        let sweeper = hold_sweep.map(|every| {
+            let gate = state.gate.clone();
+            tokio::spawn(gate.sweep_holds(every, shutdown.clone()))
         });
         let served = server::serve(
             listener,
@@ -195,8 +211,8 @@ impl Application {
         if let Some(consumer) = consumer {
             let _ = consumer.await;
         }
-        if let Some(watcher) = watcher {
-            let _ = watcher.await;
+        for task in [watcher, sweeper].into_iter().flatten() {
+            let _ = task.await;
         }
         served.map_err(|e| Error::Startup(format!("HTTP server failed: {e}")))
     }

@@ -45,6 +45,23 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// Missing or wrong bearer token.
     Unauthorized,
+    /// The event limits seats per buyer and the request carried no buyer token.
+    BuyerTokenRequired,
+    /// The buyer token is not valid: bad signature or algorithm, expired, no `sub`,
+    /// or the server has no key to check it with.
+    BuyerTokenInvalid,
+    /// The buyer would have more seats (sold and held) than the event allows one
+    /// buyer; nothing was sold or held.
+    BuyerLimit,
+    /// No hold with this id (never made, forgotten since, or lost with Redis' data).
+    HoldNotFound,
+    /// The hold expired or was released; nothing was sold. Make a new hold.
+    HoldExpired,
+    /// The hold was confirmed: the sale stands (an admin can cancel it).
+    HoldConfirmed,
+    /// No sale with this id in the record (yet: a sale reaches PostgreSQL within
+    /// moments of its 200).
+    PurchaseNotFound,
     /// The admin API is disabled because no admin token is configured.
     AdminDisabled,
     /// Redis or PostgreSQL is unreachable; retry after `Retry-After` seconds.
@@ -130,7 +147,8 @@ impl ApiError {
     /// inside it with "field `quantity` …" or "(occurred while parsing \"PurchaseRequest\")".
     fn from_payload_error(reason: &str) -> Self {
         let in_quantity = reason.contains("field `quantity`")
-            || reason.contains("occurred while parsing \"PurchaseRequest\"");
+            || reason.contains("occurred while parsing \"PurchaseRequest\"")
+            || reason.contains("occurred while parsing \"HoldRequest\"");
         let code = if in_quantity {
             ErrorCode::InvalidQuantity
         } else {

@@ -5,19 +5,18 @@ use std::sync::Arc;
 
 use poem::http::StatusCode;
 use poem::web::Data;
-use poem_openapi::auth::Bearer;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::registry::MetaSchema;
 use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON};
-use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme};
-use subtle::ConstantTimeEq;
+use poem_openapi::{ApiResponse, Object, OpenApi};
 use uuid::Uuid;
 
+use super::auth::{AdminAuth, authorize};
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
 use super::{AppState, Tag};
 use crate::db::{self, EventRow};
-use crate::domain::{MAX_SEATS, Seats};
+use crate::domain::{DEFAULT_HOLD_SECONDS, MAX_SEATS, Seats};
 use crate::recovery::Mode;
 
 pub struct EventsApi;
@@ -29,8 +28,16 @@ pub struct Event {
     pub id: Uuid,
     pub name: String,
     pub total_seats: i64,
+    /// Seats sold (cancelled sales no longer count).
     pub seats_sold: i64,
+    /// Seats held by holds not yet confirmed, released or expired.
+    pub seats_held: i64,
+    /// Seats that can still be bought or held: total − sold − held.
     pub seats_remaining: i64,
+    /// How long a hold of this event lasts, in seconds.
+    pub hold_seconds: i32,
+    /// Most seats one buyer may have (sold and held); absent: no limit.
+    pub max_per_buyer: Option<i32>,
 }
 
 /// A new event.
@@ -39,6 +46,14 @@ pub struct Event {
 pub struct NewEvent {
     pub name: EventName,
     pub total_seats: Seats,
+    /// How long a hold lasts, in seconds: 1 to the server's maximum
+    /// (`BOXOFFICE_MAX_HOLD_SECONDS`, 3600 unless configured). Default 600.
+    #[oai(validator(minimum(value = "1"), maximum(value = "86400")))]
+    pub hold_seconds: Option<u32>,
+    /// Most seats one buyer may have, sold and held together. Purchases and holds
+    /// then need a buyer token (`BuyerToken`). Absent: no limit.
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
+    pub max_per_buyer: Option<u32>,
 }
 
 checked_integer_type!(Seats, 1, MAX_SEATS, "int32");
@@ -97,11 +112,6 @@ impl ToJSON for EventName {
     }
 }
 
-/// Admin token, configured on the server as `ADMIN_TOKEN`.
-#[derive(SecurityScheme)]
-#[oai(ty = "bearer")]
-pub struct AdminAuth(Bearer);
-
 #[derive(ApiResponse)]
 #[oai(bad_request_handler = "bad_request")]
 pub enum EventResponse {
@@ -154,7 +164,9 @@ pub enum CreateEventResponse {
     /// Created; `Location` is its URL.
     #[oai(status = 201)]
     Created(Json<Event>, #[oai(header = "Location")] String),
-    /// `INVALID_BODY` (name must be 1–200 characters, totalSeats 1–1,000,000).
+    /// `INVALID_BODY` (name must be 1–200 characters, totalSeats 1–1,000,000,
+    /// holdSeconds 1 to the server's maximum, maxPerBuyer needs a server with
+    /// `BOXOFFICE_BUYER_JWT_KEY`).
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// `UNAUTHORIZED`: missing or wrong bearer token.
@@ -240,7 +252,30 @@ async fn create_event(
     new: &NewEvent,
 ) -> Result<CreateEventResponse, ApiError> {
     authorize(state, auth)?;
-    let row = db::create_event(&state.db, new.name.as_str(), new.total_seats).await?;
+    let hold_seconds = new.hold_seconds.unwrap_or(DEFAULT_HOLD_SECONDS);
+    if hold_seconds > state.max_hold_seconds {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidBody,
+            format!(
+                "holdSeconds must be from 1 to {} (BOXOFFICE_MAX_HOLD_SECONDS)",
+                state.max_hold_seconds
+            ),
+        ));
+    }
+    if new.max_per_buyer.is_some() && state.buyer_tokens.is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidBody,
+            "maxPerBuyer needs buyer tokens, and this server has no BOXOFFICE_BUYER_JWT_KEY",
+        ));
+    }
+    let settings = db::EventSettings {
+        seats: new.total_seats,
+        hold_seconds,
+        max_per_buyer: new.max_per_buyer,
+    };
+    let row = db::create_event(&state.db, new.name.as_str(), settings).await?;
     state
         .gate
         .recovery()
@@ -269,27 +304,9 @@ async fn with_seats(state: &AppState, row: EventRow) -> crate::Result<Event> {
         name: row.name,
         total_seats: inventory.total,
         seats_sold: inventory.sold,
-        seats_remaining: inventory.total - inventory.sold,
+        seats_held: inventory.held,
+        seats_remaining: inventory.available(),
+        hold_seconds: row.hold_seconds,
+        max_per_buyer: row.max_per_buyer,
     })
-}
-
-/// Compares tokens in constant time, so response timing does not reveal how much
-/// of a guess was right.
-fn authorize(state: &AppState, auth: &AdminAuth) -> Result<(), ApiError> {
-    let Some(expected) = &state.admin_token else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::AdminDisabled,
-            "the admin API is disabled: the server has no ADMIN_TOKEN",
-        ));
-    };
-    if bool::from(auth.0.token.as_bytes().ct_eq(expected.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "wrong bearer token",
-        ))
-    }
 }

@@ -89,10 +89,13 @@ macro_rules! checked_integer_type {
     };
 }
 
+mod auth;
 mod events;
+mod holds;
 mod middleware;
 mod ops;
 mod purchase;
+mod sales;
 mod stats;
 
 use std::sync::Arc;
@@ -117,6 +120,10 @@ pub struct AppState {
     pub default_event: Uuid,
     pub instance_id: String,
     pub admin_token: Option<String>,
+    /// Verifies buyer tokens; `None` when no key is configured.
+    pub buyer_tokens: Option<crate::buyer::BuyerTokens>,
+    /// Longest `holdSeconds` an event may be created with.
+    pub max_hold_seconds: u32,
     pub body_limit: usize,
     /// Longest a request may take, body upload included (408 after).
     pub request_timeout: std::time::Duration,
@@ -134,16 +141,32 @@ pub struct AppState {
 enum Tag {
     /// Buying seats.
     Purchases,
+    /// Holding seats while the buyer pays, then confirming or releasing them.
+    Holds,
+    /// Sales made, and their cancellation.
+    Sales,
     /// Events and their seats.
     Events,
     /// Health probes and counters.
     Operations,
 }
 
-type Apis = (purchase::PurchaseApi, events::EventsApi, ops::OpsApi);
+type Apis = (
+    purchase::PurchaseApi,
+    holds::HoldsApi,
+    sales::SalesApi,
+    events::EventsApi,
+    ops::OpsApi,
+);
 
 fn service() -> OpenApiService<Apis, ()> {
-    let apis = (purchase::PurchaseApi, events::EventsApi, ops::OpsApi);
+    let apis = (
+        purchase::PurchaseApi,
+        holds::HoldsApi,
+        sales::SalesApi,
+        events::EventsApi,
+        ops::OpsApi,
+    );
     OpenApiService::new(apis, "boxoffice", env!("CARGO_PKG_VERSION"))
         .description(
             "Sells seats to a flash crowd without overselling. Every error body is \
@@ -180,13 +203,22 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
 fn cors(origins: &[String]) -> poem::middleware::Cors {
     poem::middleware::Cors::new()
         .allow_origins(origins.iter().map(String::as_str))
-        .allow_methods([poem::http::Method::GET, poem::http::Method::POST])
+        .allow_methods([
+            poem::http::Method::GET,
+            poem::http::Method::POST,
+            poem::http::Method::DELETE,
+        ])
         .allow_headers([
             "content-type",
             "idempotency-key",
             "authorization",
             "x-request-id",
         ])
-        .expose_headers(["idempotent-replayed", "retry-after", "x-request-id"])
+        .expose_headers([
+            "idempotent-replayed",
+            "retry-after",
+            "x-request-id",
+            "location",
+        ])
         .max_age(600)
 }

@@ -9,14 +9,16 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use uuid::Uuid;
 
+use super::auth::{BuyerAuth, Identity};
 use super::body::Body;
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
 use super::{AppState, Tag};
+use poem::http::StatusCode;
 use poem_openapi::registry::MetaSchema;
 use poem_openapi::types::{ParseError, ParseFromParameter, ParseResult};
 
 use crate::domain::{IdempotencyKey, MAX_KEY_LEN, MAX_QUANTITY, Quantity};
-use crate::purchase::{Decision, Outcome};
+use crate::purchase::{Decision, Outcome, Sale};
 
 pub struct PurchaseApi;
 
@@ -60,11 +62,17 @@ pub enum PurchaseResponse {
     /// Nothing is sold and nothing is recorded under the key.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// `BUYER_TOKEN_REQUIRED` or `BUYER_TOKEN_INVALID`: the event limits seats per
+    /// buyer and the request has no valid buyer token. Nothing is recorded.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
     /// `EVENT_NOT_FOUND`.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
-    /// `SOLD_OUT`: fewer seats remain than requested; nothing was sold. Repeats of the
-    /// request keep getting this answer (with `Idempotent-Replayed: true`).
+    /// `SOLD_OUT`: fewer seats remain than requested; or `BUYER_LIMIT`: the buyer
+    /// would have more seats than the event allows one buyer. Nothing was sold.
+    /// Repeats of the request keep getting this answer (with
+    /// `Idempotent-Replayed: true`).
     #[oai(status = 409)]
     SoldOut(
         Json<ErrorBody>,
@@ -90,6 +98,7 @@ pub enum PurchaseResponse {
 
 api_errors!(PurchaseResponse {
     400 => BadRequest,
+    401 => Unauthorized,
     404 => NotFound,
     413 => PayloadTooLarge,
     415 => UnsupportedMediaType,
@@ -112,9 +121,20 @@ impl PurchaseApi {
         #[oai(name = "Idempotency-Key")]
         key: Header<IdempotencyKey>,
         body: Json<PurchaseRequest>,
+        auth: BuyerAuth,
         state: Data<&Arc<AppState>>,
     ) -> PurchaseResponse {
-        respond(buy(&state, state.default_event, &key.0, body.0.quantity).await)
+        let identity = Identity::of(&state, &auth);
+        respond(
+            buy(
+                &state,
+                state.default_event,
+                &key.0,
+                body.0.quantity,
+                &identity,
+            )
+            .await,
+        )
     }
 
     /// Buy seats of an event
@@ -131,9 +151,11 @@ impl PurchaseApi {
         #[oai(name = "Idempotency-Key")]
         key: Header<IdempotencyKey>,
         body: Json<PurchaseRequest>,
+        auth: BuyerAuth,
         state: Data<&Arc<AppState>>,
     ) -> PurchaseResponse {
-        respond(buy(&state, id.0, &key.0, body.0.quantity).await)
+        let identity = Identity::of(&state, &auth);
+        respond(buy(&state, id.0, &key.0, body.0.quantity, &identity).await)
     }
 }
 
@@ -142,40 +164,73 @@ async fn buy(
     event: Uuid,
     key: &IdempotencyKey,
     quantity: Quantity,
+    identity: &Identity,
 ) -> Result<PurchaseResponse, ApiError> {
-    let decision = state.gate.purchase(event, key, quantity).await?;
+    let decision = state
+        .gate
+        .purchase(event, key, quantity, identity.buyer.as_ref())
+        .await?;
     let replayed = decision.replayed.then_some(true);
     record_outcome(&decision);
-    Ok(match decision.outcome {
-        Outcome::Sold(sale) => PurchaseResponse::Ok(
-            Body(PurchaseOk {
-                success: true,
-                seats_remaining: sale.seats_remaining,
-                purchase_id: sale.purchase_id,
-                quantity: sale.quantity,
-                event_id: event,
-            }),
+    match decision.outcome {
+        Outcome::Done(sale) => Ok(PurchaseResponse::Ok(
+            Body(PurchaseOk::new(event, &sale)),
             replayed,
-        ),
-        Outcome::SoldOut => PurchaseResponse::SoldOut(
-            Json(ErrorBody {
-                error: ErrorCode::SoldOut,
-                message: "fewer seats remain than requested; nothing was sold".into(),
-            }),
+        )),
+        refused @ (Outcome::SoldOut | Outcome::BuyerLimit) => Ok(PurchaseResponse::SoldOut(
+            Json(refusal(refused, identity).body),
             replayed,
+        )),
+        refused => Err(refusal(refused, identity)),
+    }
+}
+
+impl PurchaseOk {
+    pub fn new(event: Uuid, sale: &Sale) -> Self {
+        Self {
+            success: true,
+            seats_remaining: sale.seats_remaining,
+            purchase_id: sale.purchase_id,
+            quantity: sale.quantity,
+            event_id: event,
+        }
+    }
+}
+
+/// The error for a purchase or hold that was not done. The caller answers the
+/// refusals recorded under the key (`SOLD_OUT`, `BUYER_LIMIT`) itself, with their
+/// `Idempotent-Replayed` header.
+pub fn refusal<T>(outcome: Outcome<T>, identity: &Identity) -> ApiError {
+    match outcome {
+        Outcome::Done(_) => unreachable!("a refusal"),
+        Outcome::SoldOut => ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::SoldOut,
+            "fewer seats remain than requested; nothing was sold",
         ),
-        Outcome::KeyReused => PurchaseResponse::KeyReused(Json(ErrorBody {
-            error: ErrorCode::IdempotencyKeyReused,
-            message: "this Idempotency-Key was used for a purchase with another quantity".into(),
-        })),
-    })
+        Outcome::BuyerLimit => ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::BuyerLimit,
+            "this would give the buyer more seats than the event allows one buyer; \
+             nothing was sold",
+        ),
+        Outcome::KeyReused => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::IdempotencyKeyReused,
+            "this Idempotency-Key was used for a request with another quantity, or for \
+             another kind of request",
+        ),
+        Outcome::BuyerRequired => identity.required(),
+    }
 }
 
 fn record_outcome(decision: &Decision) {
     let (outcome, seats) = match &decision.outcome {
-        Outcome::Sold(sale) => ("sold", sale.quantity),
+        Outcome::Done(sale) => ("sold", sale.quantity),
         Outcome::SoldOut => ("sold_out", 0),
         Outcome::KeyReused => ("key_reused", 0),
+        Outcome::BuyerLimit => ("buyer_limit", 0),
+        Outcome::BuyerRequired => ("buyer_required", 0),
     };
     crate::metrics::purchase(outcome, decision.replayed, seats);
 }

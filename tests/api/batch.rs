@@ -15,10 +15,17 @@ use crate::helpers::{TestEnv, buy_until_answered, rush};
 use crate::processes::{Persistence, PrivateRedis, on_private_servers};
 
 fn ask(key: &str, quantity: u8) -> Ask {
-    Ask {
-        key: IdempotencyKey::try_from(key.to_owned()).unwrap(),
-        quantity: Quantity::try_from(i64::from(quantity)).unwrap(),
-        purchase_id: Uuid::now_v7(),
+    Ask::purchase(
+        IdempotencyKey::try_from(key.to_owned()).unwrap(),
+        Quantity::try_from(i64::from(quantity)).unwrap(),
+        Uuid::now_v7(),
+    )
+}
+
+fn purchase_id(ask: &Ask) -> Uuid {
+    match ask {
+        Ask::Purchase { purchase_id, .. } => *purchase_id,
+        other => panic!("not a purchase: {other:?}"),
     }
 }
 
@@ -59,8 +66,8 @@ async fn one_call_decides_repeated_keys_refusals_and_the_last_seats_in_order() {
         ask("a", 5), // another quantity: the record comes back, the API says 422
     ];
     let replies = gate.seller().call(event, &asks).await.unwrap();
-    let sold_a = format!("S3:2:{}", asks[0].purchase_id.simple());
-    let sold_c = format!("S2:0:{}", asks[3].purchase_id.simple());
+    let sold_a = format!("S3:2:{}", purchase_id(&asks[0]).simple());
+    let sold_c = format!("S2:0:{}", purchase_id(&asks[3]).simple());
     assert_eq!(
         replies,
         [
@@ -100,7 +107,7 @@ async fn one_call_decides_repeated_keys_refusals_and_the_last_seats_in_order() {
     assert!(again.replayed);
     assert_eq!(
         again.body["purchaseId"],
-        asks[0].purchase_id.to_string().as_str()
+        purchase_id(&asks[0]).to_string().as_str()
     );
     assert_eq!(app.purchase_event(event, "b", 3).await.code(), "SOLD_OUT");
     assert_eq!(

@@ -24,6 +24,25 @@ use uuid::Uuid;
 const LOCAL_REDIS: &str = "redis://127.0.0.1:6379";
 const LOCAL_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The key every test app verifies buyer tokens with (HS256).
+pub const BUYER_JWT_KEY: &str = "test-buyer-key-of-at-least-32-bytes!";
+
+/// A buyer token for `sub`, valid for a minute.
+pub fn buyer_token(sub: &str) -> String {
+    buyer_token_signed(sub, BUYER_JWT_KEY, 60)
+}
+
+/// A buyer token for `sub` signed with `key`, expiring `ttl` seconds from now
+/// (negative: already expired).
+pub fn buyer_token_signed(sub: &str, key: &str, ttl: i64) -> String {
+    let exp = jsonwebtoken::get_current_timestamp() as i64 + ttl;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({ "sub": sub, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
 
 /// Where the test services are: a Redis URL and a PostgreSQL server URL (no database).
 struct Services {
@@ -230,6 +249,7 @@ impl TestEnv {
         let mut config = TestCli::parse_from(["boxoffice"]).args;
         config.serve.listen = "127.0.0.1:0".parse().unwrap();
         config.serve.admin_token = Some(ADMIN_TOKEN.into());
+        config.serve.buyer_jwt_key = Some(BUYER_JWT_KEY.into());
         config.common.store.redis_url = self.redis_url.clone();
         config.common.store.database_url = self.database_url.clone();
         config.common.store.key_prefix = self.prefix.clone();
@@ -327,6 +347,12 @@ impl TestEnv {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Deletes every Redis key of this environment: Redis lost its data (the server
+    /// is the same, so recovery starts from the missing inventory).
+    pub async fn lose_redis_data(&self) {
+        delete_keys(&self.redis_url, &self.prefix).await;
     }
 
     pub fn stream_key(&self, event: Uuid) -> String {
@@ -525,6 +551,87 @@ impl TestApp {
             .await;
         assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
         reply.body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Creates an event with the given body (name, totalSeats, holdSeconds,
+    /// maxPerBuyer) and returns its id.
+    pub async fn create_event_with(&self, body: Value) -> Uuid {
+        let reply = self
+            .send(
+                self.client
+                    .post(self.url("/api/v1/events"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+        reply.body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// `POST /api/v1/events/{event}/purchase` with a buyer token, if any.
+    pub async fn purchase_as(
+        &self,
+        event: Uuid,
+        key: &str,
+        quantity: u8,
+        token: Option<&str>,
+    ) -> Reply {
+        let mut request = self
+            .client
+            .post(self.url(&format!("/api/v1/events/{event}/purchase")))
+            .header("Idempotency-Key", key)
+            .json(&json!({ "quantity": quantity }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        self.send(request).await
+    }
+
+    /// `POST /api/v1/events/{event}/holds` with a buyer token, if any.
+    pub async fn hold(&self, event: Uuid, key: &str, quantity: u8, token: Option<&str>) -> Reply {
+        let mut request = self
+            .client
+            .post(self.url(&format!("/api/v1/events/{event}/holds")))
+            .header("Idempotency-Key", key)
+            .json(&json!({ "quantity": quantity }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        self.send(request).await
+    }
+
+    /// `POST /api/v1/events/{event}/holds/{hold}/confirm`.
+    pub async fn confirm(&self, event: Uuid, hold: &str) -> Reply {
+        self.send(
+            self.client
+                .post(self.url(&format!("/api/v1/events/{event}/holds/{hold}/confirm"))),
+        )
+        .await
+    }
+
+    /// `DELETE /api/v1/events/{event}/holds/{hold}`: the status, and the body if any.
+    pub async fn release(&self, event: Uuid, hold: &str) -> (StatusCode, Option<Value>) {
+        let response = self
+            .client
+            .delete(self.url(&format!("/api/v1/events/{event}/holds/{hold}")))
+            .send()
+            .await
+            .expect("release sent");
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).ok())
+    }
+
+    /// `POST /api/v1/events/{event}/purchases/{purchase}/cancel` as the admin.
+    pub async fn cancel(&self, event: Uuid, purchase: &str) -> Reply {
+        self.send(
+            self.client
+                .post(self.url(&format!(
+                    "/api/v1/events/{event}/purchases/{purchase}/cancel"
+                )))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await
     }
 
     /// `GET /api/v1/events/{event}`.

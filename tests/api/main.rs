@@ -2,10 +2,13 @@
 //! PostgreSQL (see `helpers` for how they are found and isolated).
 
 mod batch;
+mod buyers;
+mod cancel;
 mod concurrency;
 mod events;
 mod faults;
 mod helpers;
+mod holds;
 mod idempotency;
 mod limits;
 mod logs;

@@ -2,7 +2,7 @@
 //! (`boxoffice::records`), and the script's refusal of arguments it cannot honour.
 
 use boxoffice::cli::ServeArgs;
-use boxoffice::records::{Entry, Record};
+use boxoffice::records::{Logged, Record};
 use clap::Parser;
 use redis::AsyncCommands;
 use redis::streams::StreamRangeReply;
@@ -39,7 +39,9 @@ async fn what_the_script_writes_parses_in_rust() {
     );
 
     let entries: StreamRangeReply = redis.xrange_all(env.stream_key(event)).await.unwrap();
-    let entry = Entry::from_stream(&entries.ids[0]).expect("a sale");
+    let Some(Logged::Sale(entry)) = Logged::from_stream(&entries.ids[0]) else {
+        panic!("not a sale: {:?}", entries.ids[0]);
+    };
     assert_eq!(
         (
             entry.id.to_string(),

@@ -193,6 +193,8 @@ impl Deployment {
                 quantity: 1,
                 seats_remaining: Some((self.capacity - sold - i as i64 - 1) as i32),
                 sold_at_micros: now,
+                buyer: None,
+                via_hold: false,
             })
             .collect();
         for chunk in bulk.chunks(5_000) {

@@ -142,12 +142,12 @@ impl Worker {
             let asks: Vec<Ask> = (0..self.batch)
                 .map(|_| {
                     n += 1;
-                    Ask {
-                        key: IdempotencyKey::try_from(format!("{}-{n}", self.name))
+                    Ask::purchase(
+                        IdempotencyKey::try_from(format!("{}-{n}", self.name))
                             .expect("a valid key"),
-                        quantity: one,
-                        purchase_id: Uuid::now_v7(),
-                    }
+                        one,
+                        Uuid::now_v7(),
+                    )
                 })
                 .collect();
             let call = invocation(&script, &self.keys, RECORD_TTL, self.event, &asks);

@@ -1,0 +1,115 @@
+//! Who is buying: the verified `sub` claim of a JSON Web Token in
+//! `Authorization: Bearer …`, checked with the key from `BOXOFFICE_BUYER_JWT_KEY`.
+//! Identity never comes from an unverified header; a limit per buyer counts seats
+//! against this `sub`.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use crate::domain::Buyer;
+use crate::error::{Error, Result};
+
+/// Verifies buyer tokens.
+#[derive(Clone)]
+pub struct BuyerTokens {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// Why a token was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenRefused(String);
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+impl BuyerTokens {
+    /// Reads the configured key: a PEM public key (EC P-256 for ES256, RSA for RS256)
+    /// when it starts with `-----BEGIN`, else an HS256 shared secret (at least 32
+    /// bytes: a shorter one can be guessed offline from any token).
+    pub fn from_key(key: &str) -> Result<Self> {
+        let invalid = |e: jsonwebtoken::errors::Error| {
+            Error::Startup(format!("BOXOFFICE_BUYER_JWT_KEY is not a usable key: {e}"))
+        };
+        let (key, algorithm) = if key.trim_start().starts_with("-----BEGIN") {
+            let pem = key.trim().as_bytes();
+            match DecodingKey::from_ec_pem(pem) {
+                Ok(key) => (key, Algorithm::ES256),
+                Err(_) => (
+                    DecodingKey::from_rsa_pem(pem).map_err(invalid)?,
+                    Algorithm::RS256,
+                ),
+            }
+        } else {
+            if key.len() < 32 {
+                return Err(Error::Startup(
+                    "BOXOFFICE_BUYER_JWT_KEY: an HS256 secret must be at least 32 bytes".into(),
+                ));
+            }
+            (
+                DecodingKey::from_secret(key.as_bytes()).map_err(invalid)?,
+                Algorithm::HS256,
+            )
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 0;
+        validation.validate_aud = false;
+        Ok(Self { key, validation })
+    }
+
+    /// The buyer a token names, if its signature, algorithm and `exp` check out.
+    pub fn verify(&self, token: &str) -> std::result::Result<Buyer, TokenRefused> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| TokenRefused(format!("the buyer token is not valid: {e}")))?;
+        Buyer::try_from(data.claims.sub).map_err(|e| TokenRefused(e.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::{EncodingKey, Header, encode, get_current_timestamp};
+
+    use super::*;
+
+    const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes!";
+
+    fn token(secret: &str, claims: serde_json::Value) -> String {
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn hs256_tokens_are_checked() {
+        let tokens = BuyerTokens::from_key(SECRET).unwrap();
+        let exp = get_current_timestamp() + 60;
+        let good = token(SECRET, serde_json::json!({"sub": "alice", "exp": exp}));
+        assert_eq!(tokens.verify(&good).unwrap().as_str(), "alice");
+        let other_key = token(
+            "another-secret-of-thirty-two-bytes!!",
+            serde_json::json!({"sub": "alice", "exp": exp}),
+        );
+        assert!(tokens.verify(&other_key).is_err());
+        let expired = token(
+            SECRET,
+            serde_json::json!({"sub": "alice", "exp": get_current_timestamp() - 1}),
+        );
+        assert!(tokens.verify(&expired).is_err());
+        let no_exp = token(SECRET, serde_json::json!({"sub": "alice"}));
+        assert!(tokens.verify(&no_exp).is_err());
+        let no_sub = token(SECRET, serde_json::json!({"exp": exp}));
+        assert!(tokens.verify(&no_sub).is_err());
+        assert!(tokens.verify("not.a.token").is_err());
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(BuyerTokens::from_key("short").is_err());
+    }
+}

@@ -1,0 +1,122 @@
+//! Cancellations: an admin returns a sale's seats to stock (and to the buyer's
+//! allowance); the row is marked through the stream; the sale's key still replays it.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{TestEnv, buyer_token};
+
+async fn cancelled_at(env: &TestEnv, purchase: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let (at,): (Option<chrono::DateTime<chrono::Utc>>,) =
+        sqlx::query_as("SELECT cancelled_at FROM purchases WHERE id = $1")
+            .bind(purchase.parse::<Uuid>().unwrap())
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    at
+}
+
+#[tokio::test]
+async fn a_cancelled_sale_returns_its_seats_once_and_its_key_still_replays_it() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("cancel", 5).await;
+    let sale = app.purchase_event(event, "to-cancel", 3).await;
+    let id = sale.body["purchaseId"].as_str().unwrap().to_owned();
+    env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+
+    let cancelled = app.cancel(event, &id).await;
+    assert_eq!(cancelled.status, StatusCode::OK, "{:?}", cancelled.body);
+    let at = cancelled.body["cancelledAt"].as_str().unwrap().to_owned();
+    assert_eq!(app.event(event).await["seatsRemaining"], 5);
+
+    // Again: the same cancellation, no seats returned twice.
+    let again = app.cancel(event, &id).await;
+    assert_eq!(again.body["cancelledAt"].as_str(), Some(at.as_str()));
+    assert_eq!(app.event(event).await["seatsRemaining"], 5);
+
+    // The sale happened: its key replays it.
+    let replay = app.purchase_event(event, "to-cancel", 3).await;
+    assert_eq!(replay.status, StatusCode::OK);
+    assert!(replay.replayed);
+    assert_eq!(replay.body, sale.body);
+
+    // The row is marked through the stream, at the cancellation's time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cancelled_at(&env, &id).await.is_none() {
+        assert!(std::time::Instant::now() < deadline, "row not marked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let marked = cancelled_at(&env, &id).await.unwrap();
+    assert_eq!(marked, at.parse::<chrono::DateTime<chrono::Utc>>().unwrap());
+    let shown = app
+        .get(&format!("/api/v1/events/{event}/purchases/{id}"))
+        .await;
+    assert_eq!(shown.body["cancelledAt"].as_str(), Some(at.as_str()));
+    assert_eq!(shown.body["quantity"], 3);
+    // Once PostgreSQL has it, a cancellation is answered from there.
+    assert_eq!(
+        app.cancel(event, &id).await.body["cancelledAt"].as_str(),
+        Some(at.as_str())
+    );
+
+    // The seats sell again, and recovery after a loss counts the sale out.
+    assert_eq!(
+        app.purchase_event(event, "after", 5).await.status,
+        StatusCode::OK
+    );
+    env.wait_for_rows(event, 2, Duration::from_secs(10)).await;
+    env.lose_redis_data().await;
+    let body = app.event(event).await;
+    assert_eq!(
+        (body["seatsSold"].as_i64(), body["seatsRemaining"].as_i64()),
+        (Some(5), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn cancelling_gives_seats_back_to_the_buyers_allowance_and_needs_the_admin() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app
+        .create_event_with(json!({"name": "cancel-limit", "totalSeats": 10, "maxPerBuyer": 2}))
+        .await;
+    let frank = buyer_token("frank");
+    let sale = app.purchase_as(event, "f-1", 2, Some(&frank)).await;
+    let id = sale.body["purchaseId"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.purchase_as(event, "f-2", 1, Some(&frank)).await.code(),
+        "BUYER_LIMIT"
+    );
+    env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+
+    let anonymous = app
+        .send(
+            app.client
+                .post(app.url(&format!("/api/v1/events/{event}/purchases/{id}/cancel"))),
+        )
+        .await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    let as_buyer = app
+        .send(
+            app.client
+                .post(app.url(&format!("/api/v1/events/{event}/purchases/{id}/cancel")))
+                .bearer_auth(&frank),
+        )
+        .await;
+    assert_eq!(as_buyer.code(), "UNAUTHORIZED");
+
+    assert_eq!(app.cancel(event, &id).await.status, StatusCode::OK);
+    assert_eq!(
+        app.purchase_as(event, "f-3", 2, Some(&frank)).await.status,
+        StatusCode::OK
+    );
+    let unknown = Uuid::now_v7();
+    assert_eq!(
+        app.cancel(event, &unknown.to_string()).await.code(),
+        "PURCHASE_NOT_FOUND"
+    );
+}

@@ -1,0 +1,379 @@
+//! Holds: seats set aside, then confirmed, released or expired, all decided by the
+//! gate script with the same exactness as purchases.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, TestEnv};
+
+async fn seats(app: &TestApp, event: Uuid) -> (i64, i64, i64) {
+    let body = app.event(event).await;
+    (
+        body["seatsSold"].as_i64().unwrap(),
+        body["seatsHeld"].as_i64().unwrap(),
+        body["seatsRemaining"].as_i64().unwrap(),
+    )
+}
+
+fn hold_id(reply: &crate::helpers::Reply) -> String {
+    reply.body["holdId"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_hold_sets_seats_aside_and_its_confirmation_sells_them_once() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("hold-confirm", 5).await;
+
+    let held = app.hold(event, "h-1", 3, None).await;
+    assert_eq!(held.status, StatusCode::CREATED, "{:?}", held.body);
+    assert_eq!(held.body["seatsRemaining"], 2);
+    assert_eq!(held.body["quantity"], 3);
+    let id = hold_id(&held);
+    assert_eq!(seats(&app, event).await, (0, 3, 2));
+
+    // The held seats are not for sale; the others are.
+    assert_eq!(app.purchase_event(event, "p-1", 3).await.code(), "SOLD_OUT");
+    assert_eq!(
+        app.purchase_event(event, "p-2", 2).await.status,
+        StatusCode::OK
+    );
+
+    // The same key again: the same hold, not a second one.
+    let again = app.hold(event, "h-1", 3, None).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(again.replayed);
+    assert_eq!(again.body, held.body);
+    // The key of a hold is not a purchase's, and the other way round.
+    assert_eq!(
+        app.purchase_event(event, "h-1", 3).await.code(),
+        "IDEMPOTENCY_KEY_REUSED"
+    );
+    assert_eq!(
+        app.hold(event, "p-2", 2, None).await.code(),
+        "IDEMPOTENCY_KEY_REUSED"
+    );
+
+    let sale = app.confirm(event, &id).await;
+    assert_eq!(sale.status, StatusCode::OK, "{:?}", sale.body);
+    assert_eq!(sale.body["purchaseId"], id.as_str());
+    assert_eq!(sale.body["quantity"], 3);
+    assert_eq!(sale.body["seatsRemaining"], 0);
+    assert!(!sale.replayed);
+    let repeat = app.confirm(event, &id).await;
+    assert_eq!(repeat.status, StatusCode::OK);
+    assert!(repeat.replayed);
+    assert_eq!(repeat.body, sale.body);
+    assert_eq!(seats(&app, event).await, (5, 0, 0));
+
+    let info = app.get(&format!("/api/v1/events/{event}/holds/{id}")).await;
+    assert_eq!(info.body["state"], "confirmed");
+    assert_eq!(info.body["purchaseId"], id.as_str());
+    assert!(info.body["endedAt"].is_string());
+
+    // A confirmed hold cannot be released: the sale stands.
+    let (status, body) = app.release(event, &id).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body.unwrap()["error"], "HOLD_CONFIRMED");
+
+    // One row per sale: the direct purchase and the confirmed hold.
+    env.wait_for_rows(event, 2, Duration::from_secs(10)).await;
+    let via_hold: Vec<(Uuid, bool)> =
+        sqlx::query_as("SELECT id, via_hold FROM purchases WHERE event_id = $1 ORDER BY via_hold")
+            .bind(event)
+            .fetch_all(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(via_hold[1], (id.parse().unwrap(), true));
+    assert!(!via_hold[0].1);
+}
+
+#[tokio::test]
+async fn a_released_hold_returns_its_seats_at_once_and_cannot_be_confirmed() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("hold-release", 4).await;
+    let id = hold_id(&app.hold(event, "r-1", 4, None).await);
+    assert_eq!(seats(&app, event).await, (0, 4, 0));
+
+    let (status, body) = app.release(event, &id).await;
+    assert_eq!((status, body), (StatusCode::NO_CONTENT, None));
+    assert_eq!(seats(&app, event).await, (0, 0, 4));
+    // Idempotent, and the seats come back only once.
+    assert_eq!(app.release(event, &id).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(seats(&app, event).await, (0, 0, 4));
+
+    let late = app.confirm(event, &id).await;
+    assert_eq!(late.status, StatusCode::GONE);
+    assert_eq!(late.code(), "HOLD_EXPIRED");
+    assert_eq!(seats(&app, event).await, (0, 0, 4));
+    let info = app.get(&format!("/api/v1/events/{event}/holds/{id}")).await;
+    assert_eq!(info.body["state"], "released");
+
+    let unknown = Uuid::now_v7();
+    assert_eq!(
+        app.confirm(event, &unknown.to_string()).await.code(),
+        "HOLD_NOT_FOUND"
+    );
+    assert_eq!(
+        app.release(event, &unknown.to_string()).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let missing = app
+        .get(&format!("/api/v1/events/{event}/holds/{unknown}"))
+        .await;
+    assert_eq!(missing.code(), "HOLD_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn an_expired_hold_returns_its_seats_without_traffic_and_is_never_sold() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app
+        .create_event_with(json!({"name": "hold-expiry", "totalSeats": 3, "holdSeconds": 1}))
+        .await;
+    assert_eq!(app.event(event).await["holdSeconds"], 1);
+    let held = app.hold(event, "e-1", 2, None).await;
+    let id = hold_id(&held);
+    let expires_at: chrono::DateTime<chrono::Utc> =
+        held.body["expiresAt"].as_str().unwrap().parse().unwrap();
+    let left = (expires_at - chrono::Utc::now()).num_milliseconds();
+    assert!((500..=1_100).contains(&left), "{left} ms to expiry");
+    assert_eq!(seats(&app, event).await, (0, 2, 1));
+
+    // No request touches the event: the sweeper returns the seats, within a second
+    // of the expiry.
+    let deadline = Instant::now() + Duration::from_millis(left as u64 + 1_000);
+    loop {
+        let now = seats(&app, event).await;
+        if now == (0, 0, 3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "seats still held: {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        chrono::Utc::now() >= expires_at,
+        "returned before the expiry"
+    );
+
+    let late = app.confirm(event, &id).await;
+    assert_eq!(late.code(), "HOLD_EXPIRED");
+    let info = app.get(&format!("/api/v1/events/{event}/holds/{id}")).await;
+    assert_eq!(info.body["state"], "expired");
+    assert_eq!(info.body["endedAt"], info.body["expiresAt"]);
+    assert_eq!(app.release(event, &id).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(seats(&app, event).await, (0, 0, 3));
+}
+
+#[tokio::test]
+async fn a_purchase_after_the_expiry_finds_the_seats_back_even_before_any_sweep() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app_with(|c| c.serve.hold_sweep_ms = 0).await;
+    let event = app
+        .create_event_with(json!({"name": "lazy-expiry", "totalSeats": 2, "holdSeconds": 1}))
+        .await;
+    let late = hold_id(&app.hold(event, "lazy-hold", 1, None).await);
+    app.hold(event, "lazy-hold-2", 1, None).await;
+    assert_eq!(
+        app.purchase_event(event, "too-soon", 1).await.code(),
+        "SOLD_OUT"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // No sweeper: a confirmation past the expiry finds the hold expired, and a
+    // purchase's own call returns the expired holds before it decides.
+    assert_eq!(app.confirm(event, &late).await.code(), "HOLD_EXPIRED");
+    let sold = app.purchase_event(event, "after", 2).await;
+    assert_eq!(sold.status, StatusCode::OK, "{:?}", sold.body);
+    assert_eq!(seats(&app, event).await, (2, 0, 0));
+}
+
+#[tokio::test]
+async fn the_last_seat_goes_to_exactly_one_of_a_hold_and_a_purchase() {
+    let env = TestEnv::new().await;
+    let [a, b] = env.spawn_replicas::<2>().await;
+    for round in 0..20 {
+        let event = a.create_event(&format!("last-seat-{round}"), 1).await;
+        let (hold_key, buy_key) = (format!("h-{round}"), format!("p-{round}"));
+        let (held, bought) = tokio::join!(
+            a.hold(event, &hold_key, 1, None),
+            b.purchase_event(event, &buy_key, 1),
+        );
+        let winners = [
+            held.status == StatusCode::CREATED,
+            bought.status == StatusCode::OK,
+        ];
+        assert_eq!(
+            winners.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {held:?} {bought:?}"
+        );
+        let loser = if winners[0] { &bought } else { &held };
+        assert_eq!(loser.code(), "SOLD_OUT");
+        let (sold, on_hold, left) = seats(&a, event).await;
+        assert_eq!((sold + on_hold, left), (1, 0), "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn a_confirmation_racing_the_expiry_either_sells_or_returns_the_seats_never_both() {
+    let env = TestEnv::new().await;
+    let [a, b] = env.spawn_replicas::<2>().await;
+    let event = a
+        .create_event_with(json!({"name": "edge", "totalSeats": 40, "holdSeconds": 1}))
+        .await;
+    let mut holds = Vec::new();
+    for i in 0..40 {
+        holds.push(hold_id(&a.hold(event, &format!("edge-{i}"), 1, None).await));
+    }
+    // Confirm each around its expiry: some before, some after, from two replicas.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, id) in holds.iter().enumerate() {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/api/v1/events/{event}/holds/{id}/confirm")),
+        );
+        let delay = Duration::from_millis((i as u64 % 10) * 25);
+        tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let response = client.post(url).send().await.unwrap();
+            response.status()
+        });
+    }
+    let statuses = tasks.join_all().await;
+    let confirmed = statuses.iter().filter(|s| **s == StatusCode::OK).count() as i64;
+    let expired = statuses.iter().filter(|s| **s == StatusCode::GONE).count() as i64;
+    assert_eq!(confirmed + expired, 40, "{statuses:?}");
+
+    // Once every hold is past its expiry: sold = confirmed, nothing held, and each
+    // hold's state agrees with its confirmation's answer.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(seats(&a, event).await, (confirmed, 0, 40 - confirmed));
+    let mut states = HashSet::new();
+    for id in &holds {
+        let info = a.get(&format!("/api/v1/events/{event}/holds/{id}")).await;
+        states.insert(info.body["state"].as_str().unwrap().to_owned());
+    }
+    assert!(states.is_subset(&HashSet::from(["confirmed".into(), "expired".into()])));
+    env.wait_for_rows(event, confirmed as usize, Duration::from_secs(10))
+        .await;
+}
+
+#[tokio::test]
+async fn a_rush_of_holds_on_three_replicas_holds_exactly_the_seats_there_are() {
+    let env = TestEnv::new().await;
+    let apps = env.spawn_replicas::<3>().await;
+    let event = apps[0]
+        .create_event_with(json!({"name": "hold-rush", "totalSeats": 120, "holdSeconds": 2}))
+        .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let app = &apps[i % 3];
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/api/v1/events/{event}/holds")),
+        );
+        tasks.spawn(async move {
+            let response = client
+                .post(url)
+                .header("Idempotency-Key", format!("rush-{i}"))
+                .json(&json!({"quantity": 1 + i % 2}))
+                .send()
+                .await
+                .unwrap();
+            crate::helpers::Reply::read(response).await
+        });
+    }
+    let replies = tasks.join_all().await;
+    let held: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .collect();
+    let seats_held: i64 = held
+        .iter()
+        .map(|r| r.body["quantity"].as_i64().unwrap())
+        .sum();
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == StatusCode::CREATED || r.code() == "SOLD_OUT")
+    );
+    // 150 one-seat and 150 two-seat asks for 120 seats: every seat gets held (a
+    // 1-seat ask fits whenever a seat is left... unless 2-seat asks came last).
+    assert!((119..=120).contains(&seats_held), "{seats_held}");
+    assert_eq!(
+        seats(&apps[0], event).await,
+        (0, seats_held, 120 - seats_held)
+    );
+
+    // Confirm a half, release a quarter, abandon the rest.
+    let (mut confirmed, mut released, mut sales) = (0, 0, 0);
+    for (i, reply) in held.iter().enumerate() {
+        let id = hold_id(reply);
+        let app = &apps[i % 3];
+        let quantity = reply.body["quantity"].as_i64().unwrap();
+        match i % 4 {
+            0 | 1 => {
+                assert_eq!(app.confirm(event, &id).await.status, StatusCode::OK);
+                confirmed += quantity;
+                sales += 1;
+            }
+            2 => {
+                assert_eq!(app.release(event, &id).await.0, StatusCode::NO_CONTENT);
+                released += quantity;
+            }
+            _ => {}
+        }
+    }
+    let abandoned = seats_held - confirmed - released;
+    assert_eq!(
+        seats(&apps[1], event).await,
+        (confirmed, abandoned, 120 - confirmed - abandoned)
+    );
+    tokio::time::sleep(Duration::from_millis(3_300)).await;
+    assert_eq!(
+        seats(&apps[2], event).await,
+        (confirmed, 0, 120 - confirmed)
+    );
+    env.wait_for_rows(event, sales, Duration::from_secs(10))
+        .await;
+    let (row_seats,): (i64,) = sqlx::query_as(
+        "SELECT COALESCE(SUM(quantity), 0)::int8 FROM purchases WHERE event_id = $1",
+    )
+    .bind(event)
+    .fetch_one(&env.db)
+    .await
+    .unwrap();
+    assert_eq!(row_seats, confirmed);
+}
+
+#[tokio::test]
+async fn hold_times_are_validated_against_the_servers_maximum() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app_with(|c| c.serve.max_hold_seconds = 900).await;
+    for bad in [json!(0), json!(901), json!("60"), json!(1.5)] {
+        let reply = app
+            .send(
+                app.client
+                    .post(app.url("/api/v1/events"))
+                    .bearer_auth(crate::helpers::ADMIN_TOKEN)
+                    .json(&json!({"name": "x", "totalSeats": 5, "holdSeconds": bad})),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{bad}: {:?}",
+            reply.body
+        );
+        assert_eq!(reply.code(), "INVALID_BODY", "{bad}");
+    }
+    let event = app.create_event("default-hold", 5).await;
+    assert_eq!(app.event(event).await["holdSeconds"], 600);
+}
