@@ -101,6 +101,57 @@ pub const DEFAULT_HOLD_SECONDS: u32 = 600;
 /// Largest `BOXOFFICE_MAX_HOLD_SECONDS`: one day.
 pub const MAX_HOLD_SECONDS: u32 = 24 * 3600;
 
+/// How long holds of an event last, in seconds: 1 to [`MAX_HOLD_SECONDS`] (a server
+/// may allow less, `BOXOFFICE_MAX_HOLD_SECONDS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldSeconds(u32);
+
+impl HoldSeconds {
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    pub fn rule() -> String {
+        format!("holdSeconds must be an integer from 1 to {MAX_HOLD_SECONDS}")
+    }
+}
+
+impl TryFrom<i64> for HoldSeconds {
+    type Error = String;
+
+    fn try_from(n: i64) -> Result<Self, Self::Error> {
+        match u32::try_from(n) {
+            Ok(s) if (1..=MAX_HOLD_SECONDS).contains(&s) => Ok(Self(s)),
+            _ => Err(Self::rule()),
+        }
+    }
+}
+
+/// Most seats one buyer may have of an event: 1 to [`MAX_SEATS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeatLimit(u32);
+
+impl SeatLimit {
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    pub fn rule() -> String {
+        format!("maxPerBuyer must be an integer from 1 to {MAX_SEATS}")
+    }
+}
+
+impl TryFrom<i64> for SeatLimit {
+    type Error = String;
+
+    fn try_from(n: i64) -> Result<Self, Self::Error> {
+        match u32::try_from(n) {
+            Ok(s) if s >= 1 && i64::from(s) <= i64::from(MAX_SEATS) => Ok(Self(s)),
+            _ => Err(Self::rule()),
+        }
+    }
+}
+
 /// Seats of one event: 1 to [`MAX_SEATS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seats(i32);

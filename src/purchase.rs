@@ -14,6 +14,7 @@
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::streams::StreamRangeReply;
 use redis::{
     AsyncCommands, Cmd, ErrorKind, FromRedisValue, RedisWrite, Script, ServerErrorKind, ToRedisArgs,
 };
@@ -26,12 +27,15 @@ use crate::config::StoreConfig;
 use crate::domain::{Buyer, IdempotencyKey, Quantity};
 use crate::error::{Error, Result, redact_url};
 use crate::keys::Keys;
-use crate::records::{self, Record};
+use crate::records::{self, Entry, Logged, Record};
 use crate::recovery::Recovery;
 
 /// Most expired holds one call of the gate script returns (`EXPIRE_PER_CALL` in
 /// `lua/purchase.lua`).
 const EXPIRE_PER_CALL: usize = 100;
+
+/// Most stream entries [`Gate::unrecorded_sale`] reads.
+const STREAM_LOOKUP: usize = 1_000;
 
 /// Reconnect attempts of the shared connection before a command fails; kept low so a
 /// request fails fast (503) instead of waiting out a Redis outage.
@@ -660,6 +664,30 @@ impl Gate {
             crate::metrics::holds_expired(returned);
         }
         Ok(returned)
+    }
+
+    /// A sale still in `event`'s stream on its way to PostgreSQL (moments, unless
+    /// PostgreSQL is down), found among the entries written from a minute before its
+    /// id's time on (a purchase id is a UUID v7 made just before the sale; a hold's,
+    /// before its confirmation). Looks at most [`STREAM_LOOKUP`] entries.
+    pub async fn unrecorded_sale(&self, event: Uuid, purchase: Uuid) -> Result<Option<Entry>> {
+        let Some((secs, _)) = purchase.get_timestamp().map(|t| t.to_unix()) else {
+            return Ok(None);
+        };
+        let from_ms = (secs * 1000).saturating_sub(60_000);
+        let page: StreamRangeReply = self
+            .seller
+            .conn
+            .clone()
+            .xrange_count(self.keys().stream(event), from_ms, "+", STREAM_LOOKUP)
+            .await?;
+        Ok(page
+            .ids
+            .iter()
+            .find_map(|entry| match Logged::from_stream(entry) {
+                Some(Logged::Sale(sale)) if sale.id == purchase => Some(sale),
+                _ => None,
+            }))
     }
 
     /// A hold as Redis has it; `None` if it has no such hold (never made, forgotten

@@ -59,8 +59,7 @@ pub enum ErrorCode {
     HoldExpired,
     /// The hold was confirmed: the sale stands (an admin can cancel it).
     HoldConfirmed,
-    /// No sale with this id in the record (yet: a sale reaches PostgreSQL within
-    /// moments of its 200).
+    /// No sale with this id for this event.
     PurchaseNotFound,
     /// The admin API is disabled because no admin token is configured.
     AdminDisabled,

@@ -14,9 +14,11 @@ use uuid::Uuid;
 
 use super::auth::{AdminAuth, authorize};
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
-use super::{AppState, Tag};
+use super::{AppState, Omittable, Tag};
 use crate::db::{self, EventRow};
-use crate::domain::{DEFAULT_HOLD_SECONDS, MAX_SEATS, Seats};
+use crate::domain::{
+    DEFAULT_HOLD_SECONDS, HoldSeconds, MAX_HOLD_SECONDS, MAX_SEATS, SeatLimit, Seats,
+};
 use crate::recovery::Mode;
 
 pub struct EventsApi;
@@ -37,6 +39,7 @@ pub struct Event {
     /// How long a hold of this event lasts, in seconds.
     pub hold_seconds: i32,
     /// Most seats one buyer may have (sold and held); absent: no limit.
+    #[oai(skip_serializing_if_is_none)]
     pub max_per_buyer: Option<i32>,
 }
 
@@ -48,15 +51,15 @@ pub struct NewEvent {
     pub total_seats: Seats,
     /// How long a hold lasts, in seconds: 1 to the server's maximum
     /// (`BOXOFFICE_MAX_HOLD_SECONDS`, 3600 unless configured). Default 600.
-    #[oai(validator(minimum(value = "1"), maximum(value = "86400")))]
-    pub hold_seconds: Option<u32>,
+    pub hold_seconds: Omittable<HoldSeconds>,
     /// Most seats one buyer may have, sold and held together. Purchases and holds
     /// then need a buyer token (`BuyerToken`). Absent: no limit.
-    #[oai(validator(minimum(value = "1"), maximum(value = "1000000")))]
-    pub max_per_buyer: Option<u32>,
+    pub max_per_buyer: Omittable<SeatLimit>,
 }
 
 checked_integer_type!(Seats, 1, MAX_SEATS, "int32");
+checked_integer_type!(HoldSeconds, 1, MAX_HOLD_SECONDS, "int32");
+checked_integer_type!(SeatLimit, 1, MAX_SEATS, "int32");
 
 /// An event's name: a JSON string of 1–200 characters without control characters.
 ///
@@ -252,7 +255,10 @@ async fn create_event(
     new: &NewEvent,
 ) -> Result<CreateEventResponse, ApiError> {
     authorize(state, auth)?;
-    let hold_seconds = new.hold_seconds.unwrap_or(DEFAULT_HOLD_SECONDS);
+    let hold_seconds = new
+        .hold_seconds
+        .0
+        .map_or(DEFAULT_HOLD_SECONDS, HoldSeconds::get);
     if hold_seconds > state.max_hold_seconds {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -263,7 +269,7 @@ async fn create_event(
             ),
         ));
     }
-    if new.max_per_buyer.is_some() && state.buyer_tokens.is_none() {
+    if new.max_per_buyer.0.is_some() && state.buyer_tokens.is_none() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidBody,
@@ -273,7 +279,7 @@ async fn create_event(
     let settings = db::EventSettings {
         seats: new.total_seats,
         hold_seconds,
-        max_per_buyer: new.max_per_buyer,
+        max_per_buyer: new.max_per_buyer.0.map(SeatLimit::get),
     };
     let row = db::create_event(&state.db, new.name.as_str(), settings).await?;
     state

@@ -69,8 +69,10 @@ pub struct HoldInfo {
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     /// When it was confirmed, released or expired.
+    #[oai(skip_serializing_if_is_none)]
     pub ended_at: Option<DateTime<Utc>>,
     /// The sale, once confirmed.
+    #[oai(skip_serializing_if_is_none)]
     pub purchase_id: Option<Uuid>,
 }
 

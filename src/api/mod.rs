@@ -89,6 +89,66 @@ macro_rules! checked_integer_type {
     };
 }
 
+/// A field a client may leave out but not send as `null` (the schema does not allow
+/// it): `Option` would take both.
+#[derive(Debug, Clone, Copy)]
+pub struct Omittable<T>(pub Option<T>);
+
+impl<T: poem_openapi::types::Type> poem_openapi::types::Type for Omittable<T> {
+    const IS_REQUIRED: bool = false;
+    type RawValueType = T::RawValueType;
+    type RawElementValueType = T::RawElementValueType;
+
+    fn name() -> std::borrow::Cow<'static, str> {
+        format!("optional_{}", T::name()).into()
+    }
+
+    fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        T::register(registry);
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        self.0.as_ref().and_then(T::as_raw_value)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        match &self.0 {
+            Some(value) => value.raw_element_iter(),
+            None => Box::new(std::iter::empty()),
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl<T: poem_openapi::types::ParseFromJSON> poem_openapi::types::ParseFromJSON for Omittable<T> {
+    fn parse_from_json(value: Option<serde_json::Value>) -> poem_openapi::types::ParseResult<Self> {
+        match value {
+            None => Ok(Self(None)),
+            Some(serde_json::Value::Null) => Err(poem_openapi::types::ParseError::custom(
+                "leave the field out instead of sending null",
+            )),
+            value => Ok(Self(Some(
+                T::parse_from_json(value).map_err(poem_openapi::types::ParseError::propagate)?,
+            ))),
+        }
+    }
+}
+
+impl<T: poem_openapi::types::ToJSON> poem_openapi::types::ToJSON for Omittable<T> {
+    fn to_json(&self) -> Option<serde_json::Value> {
+        self.0.as_ref().and_then(T::to_json)
+    }
+}
+
 mod auth;
 mod events;
 mod holds;

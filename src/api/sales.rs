@@ -17,6 +17,7 @@ use super::auth::{AdminAuth, authorize};
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
 use super::{AppState, Tag};
 use crate::db::{self, PurchaseRow};
+use crate::records::Entry;
 
 pub struct SalesApi;
 
@@ -32,6 +33,7 @@ pub struct SaleInfo {
     /// Made by confirming a hold (whose id it carries).
     pub via_hold: bool,
     /// When an admin cancelled it; absent while it stands.
+    #[oai(skip_serializing_if_is_none)]
     pub cancelled_at: Option<DateTime<Utc>>,
 }
 
@@ -44,8 +46,7 @@ pub enum SaleResponse {
     /// `INVALID_PARAMETER`.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
-    /// `PURCHASE_NOT_FOUND`: no such sale in the record (a sale reaches it within
-    /// moments of its 200).
+    /// `PURCHASE_NOT_FOUND`.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
     /// `INTERNAL_ERROR`.
@@ -85,7 +86,8 @@ pub enum CancelResponse {
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// `SERVICE_UNAVAILABLE`: retry; a repeat never returns the seats twice.
+    /// `SERVICE_UNAVAILABLE`: retry after `Retry-After` seconds (also while a sale
+    /// just made is on its way to PostgreSQL); a repeat never returns the seats twice.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
@@ -117,8 +119,15 @@ impl SalesApi {
         state: Data<&Arc<AppState>>,
     ) -> SaleResponse {
         let sale = async {
-            let row = recorded(&state, id.0, purchase_id.0).await?;
-            Ok(SaleResponse::Ok(Json(info(&row, row.cancelled_at))))
+            let (event, purchase) = (id.0, purchase_id.0);
+            if let Some(row) = db::purchase(&state.db, event, purchase).await? {
+                return Ok(SaleResponse::Ok(Json(info(&row, row.cancelled_at))));
+            }
+            // Just sold: read it where it waits for the consumer.
+            match state.gate.unrecorded_sale(event, purchase).await? {
+                Some(sale) => Ok(SaleResponse::Ok(Json(unrecorded(event, &sale)))),
+                None => Err(not_found()),
+            }
         };
         respond(sale.await)
     }
@@ -153,7 +162,18 @@ async fn cancel(
     purchase: Uuid,
 ) -> Result<CancelResponse, ApiError> {
     authorize(state, auth)?;
-    let row = recorded(state, event, purchase).await?;
+    let Some(row) = db::purchase(&state.db, event, purchase).await? else {
+        // Cancelling works from the row, which alone is certain to have the sale's
+        // seats and buyer; a sale on its way there is a moment away.
+        if state.gate.unrecorded_sale(event, purchase).await?.is_some() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::ServiceUnavailable,
+                "the sale was just made and is on its way to the record; retry in a moment",
+            ));
+        }
+        return Err(not_found());
+    };
     if let Some(at) = row.cancelled_at {
         return Ok(CancelResponse::Ok(Json(info(&row, Some(at)))));
     }
@@ -170,18 +190,23 @@ async fn cancel(
     Ok(CancelResponse::Ok(Json(info(&row, Some(at)))))
 }
 
-/// The sale from PostgreSQL, which alone knows its seats and buyer for certain.
-async fn recorded(state: &AppState, event: Uuid, purchase: Uuid) -> Result<PurchaseRow, ApiError> {
-    db::purchase(&state.db, event, purchase)
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                ErrorCode::PurchaseNotFound,
-                "no sale with this id for this event in the record (a sale reaches it \
-                 within moments of its 200; retry shortly if it was just made)",
-            )
-        })
+fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::PurchaseNotFound,
+        "no sale with this id for this event",
+    )
+}
+
+fn unrecorded(event: Uuid, sale: &Entry) -> SaleInfo {
+    SaleInfo {
+        purchase_id: sale.id,
+        event_id: event,
+        quantity: sale.quantity,
+        sold_at: DateTime::from_timestamp_micros(sale.sold_at_micros).unwrap_or_default(),
+        via_hold: sale.via_hold,
+        cancelled_at: None,
+    }
 }
 
 fn info(row: &PurchaseRow, cancelled_at: Option<DateTime<Utc>>) -> SaleInfo {

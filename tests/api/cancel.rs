@@ -120,3 +120,39 @@ async fn cancelling_gives_seats_back_to_the_buyers_allowance_and_needs_the_admin
         "PURCHASE_NOT_FOUND"
     );
 }
+
+#[tokio::test]
+async fn a_sale_on_its_way_to_postgresql_can_be_read_and_is_cancelled_once_recorded() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app_with(|c| c.serve.consumer = false).await;
+    let event = app.create_event("in-transit", 5).await;
+    let sale = app.purchase_event(event, "in-transit", 2).await;
+    let id = sale.body["purchaseId"].as_str().unwrap().to_owned();
+
+    let shown = app
+        .get(&format!("/api/v1/events/{event}/purchases/{id}"))
+        .await;
+    assert_eq!(shown.status, StatusCode::OK, "{:?}", shown.body);
+    assert_eq!(
+        (
+            shown.body["quantity"].as_i64(),
+            shown.body["viaHold"].as_bool()
+        ),
+        (Some(2), Some(false))
+    );
+    assert!(shown.body.get("cancelledAt").is_none());
+    let early = app.cancel(event, &id).await;
+    assert_eq!(
+        early.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        early.body
+    );
+    assert_eq!(app.event(event).await["seatsRemaining"], 3);
+
+    // A replica with a consumer writes it.
+    let worker = env.spawn_app().await;
+    env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+    assert_eq!(worker.cancel(event, &id).await.status, StatusCode::OK);
+    assert_eq!(worker.event(event).await["seatsRemaining"], 5);
+}
