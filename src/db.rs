@@ -149,6 +149,27 @@ pub async fn purchase(pool: &PgPool, event: Uuid, id: Uuid) -> Result<Option<Pur
     .await?)
 }
 
+/// A sale as a hold's confirmation recorded it.
+#[derive(Debug, Clone, FromRow)]
+pub struct SettledSale {
+    pub id: Uuid,
+    pub seats_remaining: i64,
+    pub sold_at_ms: i64,
+}
+
+/// Which of `ids` are sales of `event`, with the seats left after each and its time.
+pub async fn sales_of(pool: &PgPool, event: Uuid, ids: &[Uuid]) -> Result<Vec<SettledSale>> {
+    Ok(sqlx::query_as(
+        "SELECT id, COALESCE(seats_remaining, 0)::int8 AS seats_remaining,
+                (EXTRACT(EPOCH FROM sold_at) * 1000)::int8 AS sold_at_ms
+         FROM purchases WHERE event_id = $1 AND id = ANY($2)",
+    )
+    .bind(event)
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// What [`buyer_seats_and_written`] counts.
 #[derive(Debug, Clone, Default)]
 pub struct BuyersCounted {

@@ -128,6 +128,7 @@ pub struct Recovery {
     end: Script,
     seats: Script,
     raise_buyers: Script,
+    settle: Script,
     /// One lock per event being recovered in this process: concurrent requests wait
     /// for one recovery instead of each running one.
     running: Arc<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<LastFailure>>>>>,
@@ -144,6 +145,7 @@ impl Recovery {
             end: crate::lua_script!("recover_end.lua"),
             seats: crate::lua_script!("seats.lua"),
             raise_buyers: crate::lua_script!("raise_buyers.lua"),
+            settle: crate::lua_script!("settle_holds.lua"),
             running: Arc::default(),
         }
     }
@@ -231,6 +233,7 @@ impl Recovery {
                 });
             }
             let records = self.restore_records(event).await?;
+            self.settle_holds(event).await?;
             self.restore_buyers(event).await?;
             let _: () = self
                 .conn
@@ -390,6 +393,39 @@ impl Recovery {
             let _: i64 = raise.invoke_async(&mut conn).await?;
         }
         Ok(pairs.len())
+    }
+
+    /// Holds Redis has as held though PostgreSQL has their sale (Redis came back from
+    /// a file older than their confirmation): marked confirmed, their seats out of
+    /// `held` (`sold` counts them already), so that none is both sold and expired.
+    async fn settle_holds(&self, event: &EventRow) -> Result<usize> {
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = conn.zrange(self.keys.holds(event.id), 0, -1).await?;
+        let by_id: HashMap<Uuid, &String> = members
+            .iter()
+            .filter_map(|m| Some((m.split(':').next()?.parse().ok()?, m)))
+            .collect();
+        if by_id.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = by_id.keys().copied().collect();
+        let sold = db::sales_of(&self.db, event.id, &ids).await?;
+        for chunk in sold.chunks(RESTORE_CHUNK) {
+            let mut settle = self.settle.key(self.keys.inventory(event.id));
+            settle.key(self.keys.holds(event.id));
+            for sale in chunk {
+                settle
+                    .key(self.keys.hold(event.id, sale.id))
+                    .arg(by_id[&sale.id])
+                    .arg(sale.seats_remaining)
+                    .arg(sale.sold_at_ms);
+            }
+            let _: i64 = settle.invoke_async(&mut conn).await?;
+        }
+        if !sold.is_empty() {
+            tracing::warn!(event = %event.id, holds = sold.len(), "holds found confirmed in PostgreSQL marked confirmed in Redis");
+        }
+        Ok(sold.len())
     }
 
     /// Every entry of a stream that moves seats, read in chunks.

@@ -377,3 +377,59 @@ async fn hold_times_are_validated_against_the_servers_maximum() {
     let event = app.create_event("default-hold", 5).await;
     assert_eq!(app.event(event).await["holdSeconds"], 600);
 }
+
+#[tokio::test]
+async fn a_hold_redis_forgot_was_confirmed_is_settled_from_postgresql_not_sold_twice() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("settle", 10).await;
+    let id = hold_id(&app.hold(event, "settle-1", 3, None).await);
+
+    // A snapshot of the event's keys as they are before the confirmation.
+    let keys = [
+        format!("{}:{{{event}}}:inv", env.prefix),
+        format!("{}:{{{event}}}:holds", env.prefix),
+        format!("{}:{{{event}}}:hold:{}", env.prefix, id.replace('-', "")),
+    ];
+    let mut redis = env.redis_now().await;
+    let mut snapshot = Vec::new();
+    for key in &keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        snapshot.push(dump);
+    }
+    let sale = app.confirm(event, &id).await;
+    assert_eq!(sale.status, StatusCode::OK);
+    env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+
+    // Redis comes back from that snapshot: the hold held again, `sold` behind. The
+    // event is no longer marked checked on this server, as after a restart.
+    for (key, dump) in keys.iter().zip(&snapshot) {
+        let _: () = redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dump.as_slice())
+            .arg("REPLACE")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("HDEL")
+        .arg(&keys[0])
+        .arg("run")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    assert_eq!(seats(&app, event).await, (3, 0, 7));
+    let again = app.confirm(event, &id).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert!(again.replayed);
+    assert_eq!(again.body["purchaseId"], sale.body["purchaseId"]);
+    assert_eq!(seats(&app, event).await, (3, 0, 7));
+    let info = app.get(&format!("/api/v1/events/{event}/holds/{id}")).await;
+    assert_eq!(info.body["state"], "confirmed");
+}
