@@ -44,6 +44,13 @@ pub struct Target {
     addr: SocketAddr,
 }
 
+impl Target {
+    /// `host:port` as the `Host` header carries it.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+}
+
 pub async fn targets(urls: &[String]) -> Result<Vec<Target>, String> {
     let mut targets = Vec::new();
     for url in urls {
@@ -143,7 +150,7 @@ pub struct Answer {
     pub body: Bytes,
 }
 
-type Sender = SendRequest<Full<Bytes>>;
+pub type Sender = SendRequest<Full<Bytes>>;
 
 pub async fn connect(target: &Target) -> Result<Sender, String> {
     let stream = TcpStream::connect(target.addr)

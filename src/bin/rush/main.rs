@@ -8,11 +8,15 @@
 //!
 //! * `rush ceiling`: the purchase script driven straight against Redis, batches of
 //!   fresh purchases of one event: what one Redis core sells, without HTTP.
+//! * `rush holds`: the seat lifecycle (purchases, holds confirmed, released or
+//!   abandoned, cancellations) on an event of its own, with buyer tokens and a limit,
+//!   checked at the end.
 //!
 //! Every HTTP run ends with a check: seats sold per the API equal the sum of the 200s and
 //! never exceed capacity; with `--database-url`, one PostgreSQL row per sale.
 
 mod ceiling;
+mod holds;
 mod load;
 mod report;
 mod verify;
@@ -71,6 +75,59 @@ enum Mode {
         /// with the same Idempotency-Key, as a careful client would.
         #[arg(long, default_value_t = 0)]
         retry_failed: u32,
+    },
+    /// The seat lifecycle on an event of its own: holds confirmed, released or
+    /// abandoned, direct purchases, cancellations, buyers with tokens and a limit.
+    Holds {
+        /// Base URL of a replica; repeat to spread connections round-robin.
+        #[arg(long = "url", default_value = "http://127.0.0.1:3000")]
+        urls: Vec<String>,
+        /// The servers' ADMIN_TOKEN (the run creates its event and cancels sales).
+        #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: String,
+        /// The servers' BOXOFFICE_BUYER_JWT_KEY, an HS256 secret, to sign buyer
+        /// tokens with. Without it: no tokens and no limit.
+        #[arg(long, env = "BOXOFFICE_BUYER_JWT_KEY", hide_env_values = true)]
+        buyer_key: Option<String>,
+        /// Seats of the event.
+        #[arg(long, default_value_t = 2_000)]
+        seats: u32,
+        /// Hold time of the event, in seconds.
+        #[arg(long, default_value_t = 2)]
+        hold_seconds: u32,
+        /// Seats one buyer may have; 0: no limit.
+        #[arg(long, default_value_t = 4)]
+        max_per_buyer: u32,
+        /// Number of distinct buyers.
+        #[arg(long, default_value_t = 500)]
+        buyers: usize,
+        /// Concurrent keep-alive connections.
+        #[arg(long, short = 'c', default_value_t = 32)]
+        connections: usize,
+        /// How long to run.
+        #[arg(long, short = 'd', default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Share of actions that are direct purchases (the rest are holds).
+        #[arg(long, default_value_t = 0.2)]
+        purchase_share: f64,
+        /// Share of holds confirmed.
+        #[arg(long, default_value_t = 0.5)]
+        confirm_share: f64,
+        /// Share of holds released (the rest are abandoned to expire).
+        #[arg(long, default_value_t = 0.25)]
+        release_share: f64,
+        /// Share of sales cancelled after the run.
+        #[arg(long, default_value_t = 0.05)]
+        cancel_share: f64,
+        /// PostgreSQL URL; when given, waits for the consumer and checks the rows.
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Give up on one request after this long.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// The purchase script straight against Redis: sales/s of one event.
     Ceiling {
@@ -184,6 +241,61 @@ async fn main() -> ExitCode {
                 duration,
             };
             return ceiling_report(ceiling::run(&plan).await, json);
+        }
+        Mode::Holds {
+            urls,
+            admin_token,
+            buyer_key,
+            seats,
+            hold_seconds,
+            max_per_buyer,
+            buyers,
+            connections,
+            duration,
+            purchase_share,
+            confirm_share,
+            release_share,
+            cancel_share,
+            database_url,
+            timeout,
+            json,
+        } => {
+            let share = |x: f64| x.clamp(0.0, 1.0);
+            let plan = holds::Plan {
+                urls,
+                admin_token,
+                max_per_buyer: if buyer_key.is_some() {
+                    max_per_buyer
+                } else {
+                    0
+                },
+                buyer_key,
+                seats: seats.max(1),
+                hold_seconds: hold_seconds.max(1),
+                buyers: buyers.max(1),
+                connections: connections.max(1),
+                duration,
+                purchase_share: share(purchase_share),
+                confirm_share: share(confirm_share),
+                release_share: share(release_share),
+                cancel_share: share(cancel_share),
+                database_url,
+                timeout,
+            };
+            return match holds::run(plan).await {
+                Ok(outcome) => {
+                    outcome.print(json);
+                    if outcome.passed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("rush: {e}");
+                    ExitCode::from(2)
+                }
+            };
         }
         Mode::Seed { common, users } => load::seed(&common, users).await.map(|r| (common, r)),
         Mode::Sustained {
