@@ -164,17 +164,51 @@ pub async fn connect(target: &Target) -> Result<Sender, String> {
     Ok(sender)
 }
 
-fn purchase_request(target: &Target, event: Uuid, key: &str, quantity: u8) -> Request<Full<Bytes>> {
-    Request::builder()
+fn purchase_request(
+    target: &Target,
+    event: Uuid,
+    key: &str,
+    quantity: u8,
+    token: Option<&str>,
+) -> Request<Full<Bytes>> {
+    let mut request = Request::builder()
         .method(Method::POST)
         .uri(format!("/api/v1/events/{event}/purchase"))
         .header("host", &target.authority)
         .header("content-type", "application/json")
-        .header("idempotency-key", key)
+        .header("idempotency-key", key);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    request
         .body(Full::new(Bytes::from(format!(
             "{{\"quantity\":{quantity}}}"
         ))))
         .expect("valid request")
+}
+
+/// Buyer tokens for `--buyers` buyers when `--buyer-key` is given: request `n` is
+/// sent as buyer `n % buyers`.
+pub fn buyer_tokens(common: &Common, run: &str) -> Result<Vec<String>, String> {
+    let Some(key) = &common.buyer_key else {
+        return Ok(Vec::new());
+    };
+    let exp = jsonwebtoken::get_current_timestamp() + 24 * 3600;
+    let key = jsonwebtoken::EncodingKey::from_secret(key.as_bytes()).map_err(|e| e.to_string())?;
+    (0..common.buyers.max(1))
+        .map(|i| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &serde_json::json!({"sub": format!("rush-{run}-{i}"), "exp": exp}),
+                &key,
+            )
+            .map_err(|e| format!("signing a buyer token: {e}"))
+        })
+        .collect()
+}
+
+fn token(tokens: &[String], n: u64) -> Option<&str> {
+    (!tokens.is_empty()).then(|| tokens[n as usize % tokens.len()].as_str())
 }
 
 /// A copy of a request whose body is in memory, for sending it again.
@@ -277,9 +311,11 @@ pub async fn seed(common: &Common, users: usize) -> Result<Report, String> {
     let event = verify::resolve_event(common, &targets[0]).await?;
     let before = Some(verify::snapshot(&targets[0], event).await?);
     let run = run_id();
+    let tokens = Arc::new(buyer_tokens(common, &run)?);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for user in 0..users {
+        let tokens = tokens.clone();
         let target = targets[user % targets.len()].clone();
         let key = format!("rush-{run}-{user}");
         let quantity = common.quantity.pick(user as u64);
@@ -290,7 +326,7 @@ pub async fn seed(common: &Common, users: usize) -> Result<Report, String> {
                 let mut sender = connect(&target).await?;
                 send(
                     &mut sender,
-                    purchase_request(&target, event, &key, quantity),
+                    purchase_request(&target, event, &key, quantity, token(&tokens, user as u64)),
                     timeout,
                 )
                 .await
@@ -341,6 +377,7 @@ struct Shared {
     retry_failed: u32,
     quantity: crate::QuantityArg,
     timeout: Duration,
+    tokens: Vec<String>,
 }
 
 /// Keep-alive connections, each sending as answers arrive (closed model) or at its
@@ -355,11 +392,14 @@ pub async fn sustained(common: &Common, plan: &Plan) -> Result<Report, String> {
         Some(_) => None,
         None => Some(verify::snapshot(&targets[0], event).await?),
     };
+    let run = run_id();
+    let tokens = buyer_tokens(common, &run)?;
     let started = Instant::now();
     let shared = Arc::new(Shared {
         targets,
         event,
-        run: run_id(),
+        run,
+        tokens,
         next: AtomicU64::new(0),
         done: Arc::new(AtomicU64::new(0)),
         started,
@@ -496,7 +536,13 @@ impl Connection {
         };
         let request = match &shared.get {
             Some(path) => get_request(&self.target, path),
-            None => purchase_request(&self.target, shared.event, &key, quantity),
+            None => purchase_request(
+                &self.target,
+                shared.event,
+                &key,
+                quantity,
+                token(&shared.tokens, n),
+            ),
         };
         Planned {
             n,

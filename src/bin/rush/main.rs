@@ -173,6 +173,13 @@ pub struct Common {
     /// Give up on one request after this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The servers' BOXOFFICE_BUYER_JWT_KEY (HS256): purchases then carry buyer
+    /// tokens, request n as buyer n mod `--buyers` (events with a limit need them).
+    #[arg(long, env = "BOXOFFICE_BUYER_JWT_KEY", hide_env_values = true)]
+    pub buyer_key: Option<String>,
+    /// Number of distinct buyers when `--buyer-key` is given.
+    #[arg(long, default_value_t = 10_000)]
+    pub buyers: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
