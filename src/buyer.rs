@@ -20,8 +20,9 @@ pub struct BuyerTokens {
     key: DecodingKey,
     validation: Validation,
     /// Tokens that passed, with their buyer and `exp`: a buyer sends the same token
-    /// with every request, and checking one (base64, two JSON documents, an HMAC or
-    /// a signature) cost a sixth of a purchase's server time.
+    /// with every request. Checking an HS256 token (base64, two JSON documents, an
+    /// HMAC) took 1.24 µs on the benchmark VM, a remembered one 0.17 µs: about 4 % of
+    /// a purchase's server time (ES256/RS256 signatures cost far more).
     verified: Arc<Mutex<HashMap<String, (Buyer, u64)>>>,
 }
 
