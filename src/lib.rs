@@ -8,7 +8,7 @@
 //!   seat movement (purchase, hold, confirm, release, expiry, cancellation)
 //!   atomically and appends sales and cancellations to the event's stream.
 //! * [`buyer`]: buyer identity, from a verified JWT.
-//! * [`batch`]: group commit: purchases of one event that arrive while its previous
+//! * [`batch`]: group commit: requests of one event that arrive while its previous
 //!   call is in flight share the next script call.
 //! * [`recovery`]: the one way an event's state comes into Redis, and why a retried
 //!   request is never sold twice whatever Redis lost.

@@ -1,6 +1,6 @@
-//! What the purchase script writes, as Rust reads and writes it: the idempotency
-//! record kept under each key, and the stream entry of each sale. `lua/purchase.lua`
-//! is the other side of both formats; `tests/api/records.rs` runs the script and
+//! What the gate script writes, as Rust reads and writes it: the idempotency record
+//! kept under each key (of a purchase or a hold), and the stream entry of each sale
+//! and cancellation. `lua/purchase.lua` is the other side of both formats; `tests/api/records.rs` runs the script and
 //! parses what it wrote with these functions.
 
 use std::fmt;
