@@ -6,7 +6,8 @@
 -- that expired (a call with no request does only that: the sweeper's call).
 --
 -- KEYS[1] inventory hash: total, sold, held, purchases, rejected, run, and the
---         event's settings limit (seats per buyer; absent: none) and hold (seconds)
+--         event's settings limit (seats per buyer; absent: none), hold (seconds) and
+--         queued ('1' when buyers must be admitted from its waiting room)
 -- KEYS[2] stream of sales and cancellations, read by the consumer into PostgreSQL
 -- KEYS[3] holds of the event that still hold seats: sorted set, member
 --         '<hold id>:<quantity>:<buyer>', score the expiry in Unix milliseconds
@@ -15,17 +16,19 @@
 -- ARGV[1] idempotency record TTL in seconds; then each request's arguments:
 --
 --   op        ARGV                                   KEYS
---   purchase  'P'..quantity, id, client key, buyer    idempotency record
---   hold      'H'..quantity, id, client key, buyer    idempotency record, hold hash
+--   purchase  'P'..quantity, id, client key, buyer, admitted    idempotency record
+--   hold      'H'..quantity, id, client key, buyer, admitted    idempotency record, hold hash
 --   confirm   'C', hold id                           hold hash
 --   release   'D', hold id                           hold hash
 --   cancel    'K'..quantity, purchase id, buyer        cancellation marker
 --
--- Ids are 32 hex digits; buyer is '' when the request carries no verified buyer.
+-- Ids are 32 hex digits; buyer is '' when the request carries no verified buyer;
+-- admitted is '1' when it carries a valid admission token for that buyer.
 --
 -- Returns one string, a line per request in order (formats of records in
 -- src/records.rs):
---   purchase, hold: 'N' and the new record, 'R' and the record replayed, 'T' when the
+--   purchase, hold: 'N' and the new record, 'R' and the record replayed, 'A' when the
+--                   event is queued and the request was not admitted, 'T' when the
 --                   event has a limit and no buyer was given (nothing recorded)
 --   confirm:        'N' or 'R' and the sale's record, 'E' and 'expired' or
 --                   'released', 'G' when there is no such hold
@@ -62,7 +65,7 @@ local valid = ttl and ttl >= 1 and ttl % 1 == 0 and ttl <= 1e12
 local requests = {}
 local k, a = 5, 2
 local key_count = { P = 1, H = 2, C = 1, D = 1, K = 1 }
-local arg_count = { P = 4, H = 4, C = 2, D = 2, K = 3 }
+local arg_count = { P = 5, H = 5, C = 2, D = 2, K = 3 }
 while valid and a <= #ARGV do
   local head = ARGV[a]
   local op = string.sub(head, 1, 1)
@@ -78,7 +81,7 @@ while valid and a <= #ARGV do
     end
   end
   if op == 'P' or op == 'H' then
-    r.client_key, r.buyer = ARGV[a + 2], ARGV[a + 3]
+    r.client_key, r.buyer, r.admitted = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4] == '1'
   elseif op == 'K' then
     r.buyer = ARGV[a + 2]
   end
@@ -99,11 +102,12 @@ check_type(KEYS[2], 'stream')
 check_type(KEYS[3], 'zset')
 
 local inventory = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'purchases', 'rejected', 'run',
-  'limit', 'hold')
+  'limit', 'hold', 'queued')
 local total, sold = tonumber(inventory[1]), tonumber(inventory[2])
 local held, purchases, rejected = tonumber(inventory[3]) or 0, tonumber(inventory[4]) or 0,
     tonumber(inventory[5]) or 0
 local limit = tonumber(inventory[7])
+local queued = inventory[9] == '1'
 local hold_ms = (tonumber(inventory[8]) or DEFAULT_HOLD_SECONDS) * 1000
 local exists = total ~= nil and sold ~= nil
 if limit then
@@ -221,6 +225,8 @@ for i, r in ipairs(requests) do
       reply = 'R' .. record
     elseif not is_on_sale() then
       reply = 'C'
+    elseif queued and not r.admitted then
+      reply = 'A'
     elseif limit and r.buyer == '' then
       reply = 'T'
     else

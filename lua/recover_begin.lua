@@ -2,12 +2,13 @@
 -- off sale, creates its counters or raises `sold` to what PostgreSQL and the stream
 -- hold (never lowers it), and makes sure its stream has the consumer group.
 --
--- KEYS[1] inventory hash, KEYS[2] stream of sales
+-- KEYS[1] inventory hash, KEYS[2] stream of sales, KEYS[3] the event's waiting room
 -- ARGV[1] total seats, ARGV[2] seats sold for certain, ARGV[3] consumer group,
 -- ARGV[4] a fresh token, ARGV[5] '1' to take the event off sale even when it was
 -- checked on this server and is not behind (`reconcile --fix`), ARGV[6] the event's
 -- seats per buyer ('' for no limit), ARGV[7] its hold time in seconds (both fixed when
--- the event is created, written again on every recovery)
+-- the event is created, written again on every recovery), ARGV[8..11] its waiting
+-- room (opens at, Unix ms; admitted per second; admission seconds; seed) or absent
 --
 -- Returns {state, run id, token, created, raised by}: state 'checked' when the event
 -- is on sale on this server and not behind (nothing was changed), else 'begun'. The
@@ -28,6 +29,10 @@ if type(group) == 'table' and group.err and not string.find(group.err, 'BUSYGROU
 end
 
 local token = inventory[3] or ARGV[4]
+if ARGV[8] then
+  redis.call('HSET', KEYS[1], 'queued', '1')
+  redis.call('HSET', KEYS[3], 'opens', ARGV[8], 'rate', ARGV[9], 'admission', ARGV[10], 'seed', ARGV[11])
+end
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'limit', ARGV[6], 'hold', ARGV[7])
 else

@@ -22,10 +22,11 @@ cleanup() {
 trap cleanup EXIT
 cleanup
 
-# Buyer tokens on, and holds as long as the schema allows, so every schema-valid
-# event is one this server creates.
+# Buyer and admission tokens on, and holds as long as the schema allows, so every
+# schema-valid event is one this server creates.
 BOXOFFICE_LISTEN=127.0.0.1:$PORT DATABASE_URL=$DB_URL BOXOFFICE_KEY_PREFIX=$PREFIX ADMIN_TOKEN=$TOKEN \
     BOXOFFICE_BUYER_JWT_KEY="fuzz-buyer-key-$$-of-at-least-32-bytes" BOXOFFICE_MAX_HOLD_SECONDS=86400 \
+    BOXOFFICE_ADMISSION_KEY="fuzz-admission-key-$$-of-at-least-32-bytes" \
     BOXOFFICE_LOG_FORMAT=json RUST_LOG=warn "$BIN_DIR/boxoffice" serve &
 server=$!
 schemathesis run "http://127.0.0.1:$PORT/openapi.json" --wait-for-schema 30 --checks all \

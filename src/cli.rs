@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the HTTP API (and, unless disabled, run the stream consumer). The default.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run only the stream consumer that writes sales to PostgreSQL.
     Worker(WorkerArgs),
     /// Create the database if needed, apply migrations and exit.
@@ -104,7 +104,7 @@ enum EventCommand {
 
 impl Cli {
     pub async fn run(self) -> Result<()> {
-        match self.command.unwrap_or(Command::Serve(self.serve)) {
+        match self.command.unwrap_or(Command::Serve(Box::new(self.serve))) {
             Command::Serve(args) => {
                 telemetry::init(args.common.log_format);
                 let app = Application::build(&args.common, &args.serve, &args.consumer).await?;
@@ -148,6 +148,7 @@ impl Cli {
                     seats,
                     hold_seconds,
                     max_per_buyer,
+                    queue: None,
                 };
                 let event = db::create_event(&stores.db, &name, settings).await?;
                 gate.recovery().ensure_event(&event, Mode::Check).await?;

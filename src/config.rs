@@ -114,6 +114,16 @@ pub struct ServeConfig {
     #[arg(long, env = "BOXOFFICE_BUYER_JWT_KEY", hide_env_values = true)]
     pub buyer_jwt_key: Option<String>,
 
+    /// Key that signs admission tokens of queued events (HS256, at least 32 bytes).
+    /// Unset: events cannot be queued.
+    #[arg(long, env = "BOXOFFICE_ADMISSION_KEY", hide_env_values = true)]
+    pub admission_key: Option<String>,
+
+    /// The admission key before the current one, still accepted (not used to sign):
+    /// set it to the old key when rotating, for one admission lifetime.
+    #[arg(long, env = "BOXOFFICE_ADMISSION_KEY_PREVIOUS", hide_env_values = true)]
+    pub admission_key_previous: Option<String>,
+
     /// Longest hold an event may set (`holdSeconds`), in seconds (1 to 86400).
     #[arg(
         long,

@@ -27,13 +27,30 @@ pub struct EventRow {
     pub total_seats: i32,
     pub hold_seconds: i32,
     pub max_per_buyer: Option<i32>,
+    pub queue_opens_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub queue_admit_per_second: Option<i32>,
+    pub queue_admission_seconds: Option<i32>,
+    pub queue_seed: Option<i64>,
+}
+
+impl EventRow {
+    /// The event's waiting room, if it is queued.
+    pub fn queue(&self) -> Option<crate::queue::QueueSettings> {
+        Some(crate::queue::QueueSettings {
+            opens_at_ms: self.queue_opens_at?.timestamp_millis(),
+            admit_per_second: u32::try_from(self.queue_admit_per_second?).ok()?,
+            admission_seconds: u32::try_from(self.queue_admission_seconds?).ok()?,
+            seed: self.queue_seed? as u64,
+        })
+    }
 }
 
 /// The columns of [`EventRow`], for every query that reads one (a macro, so queries
 /// stay string literals).
 macro_rules! event_columns {
     () => {
-        "id, name, total_seats, hold_seconds, max_per_buyer"
+        "id, name, total_seats, hold_seconds, max_per_buyer, queue_opens_at, \
+         queue_admit_per_second, queue_admission_seconds, queue_seed"
     };
 }
 
@@ -43,6 +60,7 @@ pub struct EventSettings {
     pub seats: Seats,
     pub hold_seconds: u32,
     pub max_per_buyer: Option<u32>,
+    pub queue: Option<crate::queue::QueueSettings>,
 }
 
 impl EventSettings {
@@ -52,6 +70,7 @@ impl EventSettings {
             seats,
             hold_seconds: crate::domain::DEFAULT_HOLD_SECONDS,
             max_per_buyer: None,
+            queue: None,
         }
     }
 }
@@ -101,9 +120,11 @@ pub async fn create_event<'c>(
     settings: EventSettings,
 ) -> Result<EventRow> {
     let to_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    let queue = settings.queue;
     Ok(sqlx::query_as(concat!(
-        "INSERT INTO events (id, name, total_seats, hold_seconds, max_per_buyer)
-         VALUES ($1, $2, $3, $4, $5) RETURNING ",
+        "INSERT INTO events (id, name, total_seats, hold_seconds, max_per_buyer, queue_opens_at,
+                             queue_admit_per_second, queue_admission_seconds, queue_seed)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING ",
         event_columns!()
     ))
     .bind(Uuid::now_v7())
@@ -111,6 +132,10 @@ pub async fn create_event<'c>(
     .bind(settings.seats.get())
     .bind(to_i32(settings.hold_seconds))
     .bind(settings.max_per_buyer.map(to_i32))
+    .bind(queue.and_then(|q| chrono::DateTime::from_timestamp_millis(q.opens_at_ms)))
+    .bind(queue.map(|q| to_i32(q.admit_per_second)))
+    .bind(queue.map(|q| to_i32(q.admission_seconds)))
+    .bind(queue.map(|q| q.seed as i64))
     .fetch_one(db)
     .await?)
 }
@@ -222,7 +247,8 @@ pub async fn default_event(pool: &PgPool, name: &str, seats: Seats) -> Result<Ev
         .execute(&mut *tx)
         .await?;
     let existing: Option<EventRow> = sqlx::query_as(
-        "SELECT e.id, e.name, e.total_seats, e.hold_seconds, e.max_per_buyer
+        "SELECT e.id, e.name, e.total_seats, e.hold_seconds, e.max_per_buyer, e.queue_opens_at,
+                e.queue_admit_per_second, e.queue_admission_seconds, e.queue_seed
          FROM default_event d JOIN events e ON e.id = d.event_id",
     )
     .fetch_optional(&mut *tx)

@@ -68,6 +68,17 @@ impl Keys {
         format!("{}:{{{event}}}:cancel:{}", self.prefix, purchase.simple())
     }
 
+    /// The event's waiting room: its settings (`opens`, `rate`, `admission`, `seed`)
+    /// and how many joined before (`early`) and after (`late`) the opening. No TTL.
+    pub fn queue(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:queue", self.prefix)
+    }
+
+    /// The waiting room's ticket of each buyer. No TTL.
+    pub fn queue_tickets(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:queue:tickets", self.prefix)
+    }
+
     /// Stream of the event's sales and cancellations, consumed into PostgreSQL.
     pub fn stream(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:log", self.prefix)

@@ -8,6 +8,8 @@
 //!   seat movement (purchase, hold, confirm, release, expiry, cancellation)
 //!   atomically and appends sales and cancellations to the event's stream.
 //! * [`buyer`]: buyer identity, from a verified JWT.
+//! * [`queue`]: the waiting room of queued events: fair order, admission at a rate,
+//!   admission tokens.
 //! * [`batch`]: group commit: requests of one event that arrive while its previous
 //!   call is in flight share the next script call.
 //! * [`recovery`]: the one way an event's state comes into Redis, and why a retried
@@ -45,6 +47,7 @@ pub mod keys;
 pub mod metrics;
 pub mod persist;
 pub mod purchase;
+pub mod queue;
 pub mod reconcile;
 pub mod records;
 pub mod recovery;

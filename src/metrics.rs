@@ -23,6 +23,7 @@ const PARKED: &str = "boxoffice_consumer_parked_total";
 const HOLDS: &str = "boxoffice_holds_total";
 const HOLDS_EXPIRED_BY_SWEEP: &str = "boxoffice_holds_swept_total";
 const CANCELLATIONS: &str = "boxoffice_cancellations_total";
+const QUEUE_JOINS: &str = "boxoffice_queue_joins_total";
 
 /// Buckets of every latency histogram, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -111,6 +112,11 @@ pub fn hold(outcome: &'static str) {
 /// Expired holds the sweeper returned to stock (requests return others themselves).
 pub fn holds_expired(holds: usize) {
     ::metrics::counter!(HOLDS_EXPIRED_BY_SWEEP).increment(holds as u64);
+}
+
+/// A buyer joined a waiting room (or asked again for their ticket).
+pub fn queue_joined() {
+    ::metrics::counter!(QUEUE_JOINS).increment(1);
 }
 
 /// A sale cancelled by an admin (repeats not counted).

@@ -55,6 +55,8 @@ pub enum Outcome<T = Sale> {
     BuyerLimit,
     /// The event has a limit per buyer and the request named no verified buyer.
     BuyerRequired,
+    /// The event is queued and the request carried no valid admission.
+    AdmissionRequired,
 }
 
 /// A completed sale as the client sees it.
@@ -186,12 +188,15 @@ pub enum Ask {
         /// The id of the sale if one is made; unused when the key replays.
         purchase_id: Uuid,
         buyer: Option<Buyer>,
+        /// Carries a valid admission token for `buyer` (queued events need one).
+        admitted: bool,
     },
     Hold {
         key: IdempotencyKey,
         quantity: Quantity,
         hold_id: Uuid,
         buyer: Option<Buyer>,
+        admitted: bool,
     },
     Confirm {
         hold_id: Uuid,
@@ -215,6 +220,7 @@ impl Ask {
             quantity,
             purchase_id,
             buyer: None,
+            admitted: false,
         }
     }
 }
@@ -352,12 +358,14 @@ pub fn invocation(
                 quantity,
                 purchase_id: id,
                 buyer,
+                admitted,
             }
             | Ask::Hold {
                 key,
                 quantity,
                 hold_id: id,
                 buyer,
+                admitted,
             } => {
                 let op = if matches!(ask, Ask::Hold { .. }) {
                     'H'
@@ -367,7 +375,8 @@ pub fn invocation(
                 cmd.arg(Formatted(format_args!("{op}{}", quantity.get())))
                     .arg(Formatted(records::purchase_id_arg(*id)))
                     .arg(key.as_str())
-                    .arg(buyer.as_ref().map_or("", Buyer::as_str));
+                    .arg(buyer.as_ref().map_or("", Buyer::as_str))
+                    .arg(if *admitted { "1" } else { "" });
             }
             Ask::Confirm { hold_id } => {
                 cmd.arg("C")
@@ -450,6 +459,11 @@ impl Gate {
         &self.seller.keys
     }
 
+    /// The waiting rooms, on the same connection.
+    pub fn queue(&self) -> crate::queue::Queue {
+        crate::queue::Queue::new(self.seller.conn.clone(), self.seller.keys.clone())
+    }
+
     /// The script runner itself, for callers that decide a batch of their own.
     pub fn seller(&self) -> &Seller {
         &self.seller
@@ -467,6 +481,7 @@ impl Gate {
         key: &IdempotencyKey,
         quantity: Quantity,
         buyer: Option<&Buyer>,
+        admitted: bool,
     ) -> Result<Decision> {
         let purchase_id = Uuid::now_v7();
         let reply = self
@@ -475,6 +490,7 @@ impl Gate {
                 quantity,
                 purchase_id,
                 buyer: buyer.cloned(),
+                admitted,
             })
             .await?;
         decision(reply, quantity, |record| match record {
@@ -501,6 +517,7 @@ impl Gate {
         key: &IdempotencyKey,
         quantity: Quantity,
         buyer: Option<&Buyer>,
+        admitted: bool,
     ) -> Result<Decision<Held>> {
         let hold_id = Uuid::now_v7();
         let reply = self
@@ -509,6 +526,7 @@ impl Gate {
                 quantity,
                 hold_id,
                 buyer: buyer.cloned(),
+                admitted,
             })
             .await?;
         decision(reply, quantity, |record| match record {
@@ -781,9 +799,14 @@ fn decision<T>(
     let (record, replayed) = match reply {
         Reply::New(record) => (record, false),
         Reply::Replay(record) => (record, true),
-        Reply::Other(line) if line == "T" => {
+        Reply::Other(line) if line == "T" || line == "A" => {
+            let outcome = if line == "T" {
+                Outcome::BuyerRequired
+            } else {
+                Outcome::AdmissionRequired
+            };
             return Ok(Decision {
-                outcome: Outcome::BuyerRequired,
+                outcome,
                 replayed: false,
             });
         }

@@ -208,10 +208,10 @@ impl Recovery {
         let inventory = self.keys.inventory(event.id);
         for _ in 0..ATTEMPTS {
             let durable = self.durable(event.id).await?;
-            let (state, run, token, created, raised_by): (String, String, String, i64, i64) = self
-                .begin
-                .key(&inventory)
+            let mut begin = self.begin.key(&inventory);
+            begin
                 .key(self.keys.stream(event.id))
+                .key(self.keys.queue(event.id))
                 .arg(event.total_seats)
                 .arg(durable.seats())
                 .arg(CONSUMER_GROUP)
@@ -223,9 +223,16 @@ impl Recovery {
                         .map(|n| n.to_string())
                         .unwrap_or_default(),
                 )
-                .arg(event.hold_seconds)
-                .invoke_async(&mut self.conn.clone())
-                .await?;
+                .arg(event.hold_seconds);
+            if let Some(queue) = event.queue() {
+                begin
+                    .arg(queue.opens_at_ms)
+                    .arg(queue.admit_per_second)
+                    .arg(queue.admission_seconds)
+                    .arg(queue.seed);
+            }
+            let (state, run, token, created, raised_by): (String, String, String, i64, i64) =
+                begin.invoke_async(&mut self.conn.clone()).await?;
             if state == "checked" {
                 return Ok(Report {
                     was_on_sale: true,

@@ -23,6 +23,7 @@ use crate::error::{Error, Result, redact_url};
 use crate::keys::Keys;
 use crate::persist::Consumer;
 use crate::purchase::Gate;
+use crate::queue::AdmissionTokens;
 use crate::server::{self, Limits};
 
 /// How long in-flight requests may take to finish after shutdown begins.
@@ -102,6 +103,7 @@ impl Application {
         let block = Duration::from_millis(consumer.consumer_block_ms);
         let stores = Stores::connect(&common.store, block).await?;
         let gate = Gate::connect(&common.store, stores.db.clone()).await?;
+        let queue = gate.queue();
         let seats =
             Seats::try_from(i64::from(serve.default_event_seats)).map_err(Error::Startup)?;
         let default_event = db::default_event(&stores.db, &serve.default_event_name, seats).await?;
@@ -127,6 +129,19 @@ impl Application {
                 .map(BuyerTokens::from_key)
                 .transpose()?,
             max_hold_seconds: serve.max_hold_seconds,
+            admissions: serve
+                .admission_key
+                .as_deref()
+                .filter(|k| !k.is_empty())
+                .map(|key| {
+                    let previous = serve
+                        .admission_key_previous
+                        .as_deref()
+                        .filter(|k| !k.is_empty());
+                    AdmissionTokens::new(key, previous)
+                })
+                .transpose()?,
+            queue,
             body_limit: serve.body_limit,
             request_timeout: Duration::from_millis(serve.request_timeout_ms),
             // `BOXOFFICE_CORS_ORIGINS=` (empty) means off, like unset.

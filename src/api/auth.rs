@@ -52,10 +52,12 @@ pub fn authorize(state: &AppState, auth: &AdminAuth) -> Result<(), ApiError> {
     }
 }
 
-/// The buyer a request names, and why its token was refused if it was.
+/// The buyer a request names, why its token was refused if it was, and whether it
+/// carries an admission to the event (queued events need one).
 pub struct Identity {
     pub buyer: Option<Buyer>,
     refused: Option<String>,
+    pub admitted: bool,
 }
 
 impl Identity {
@@ -66,6 +68,7 @@ impl Identity {
             return Self {
                 buyer: None,
                 refused: None,
+                admitted: false,
             };
         };
         let verified = match &state.buyer_tokens {
@@ -76,12 +79,40 @@ impl Identity {
             Ok(buyer) => Self {
                 buyer: Some(buyer),
                 refused: None,
+                admitted: false,
             },
             Err(reason) => Self {
                 buyer: None,
                 refused: Some(reason),
+                admitted: false,
             },
         }
+    }
+
+    /// The identity of a request for `event` that may carry an `Admission-Token`:
+    /// admitted when the token is valid and names this event and this buyer.
+    pub fn for_event(
+        state: &AppState,
+        auth: &BuyerAuth,
+        event: uuid::Uuid,
+        admission: Option<&str>,
+    ) -> Self {
+        let mut identity = Self::of(state, auth);
+        identity.admitted = match (&identity.buyer, admission, &state.admissions) {
+            (Some(buyer), Some(token), Some(admissions)) => admissions.admits(token, event, buyer),
+            _ => false,
+        };
+        identity
+    }
+
+    /// The 403 for a queued event's request without a valid admission.
+    pub fn not_admitted(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::AdmissionRequired,
+            "this event is queued: join its waiting room (POST …/queue) and send the \
+             Admission-Token it gives you, with the same buyer token",
+        )
     }
 
     /// The 401 for an event that needs a buyer and got none.

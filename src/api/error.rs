@@ -61,6 +61,13 @@ pub enum ErrorCode {
     HoldConfirmed,
     /// No sale with this id for this event.
     PurchaseNotFound,
+    /// The event is queued: a hold or purchase needs an `Admission-Token` from its
+    /// waiting room, for this event and this buyer, not expired.
+    AdmissionRequired,
+    /// The event has no waiting room.
+    EventNotQueued,
+    /// No such ticket in the event's waiting room.
+    TicketNotFound,
     /// The admin API is disabled because no admin token is configured.
     AdminDisabled,
     /// Redis or PostgreSQL is unreachable; retry after `Retry-After` seconds.

@@ -41,6 +41,23 @@ pub struct Event {
     /// Most seats one buyer may have (sold and held); absent: no limit.
     #[oai(skip_serializing_if_is_none)]
     pub max_per_buyer: Option<i32>,
+    /// The waiting room, for a queued event.
+    #[oai(skip_serializing_if_is_none)]
+    pub queue: Option<WaitingRoom>,
+}
+
+/// A queued event's waiting room: buyers join it (`POST …/queue`), and from `opensAt`
+/// are admitted `admitPerSecond` at a time, those who joined before `opensAt` in a
+/// random order, later ones first come, first served. Holds and purchases then need
+/// the buyer's token and an `Admission-Token`, valid for `admissionSeconds`.
+#[derive(Debug, Clone, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct WaitingRoom {
+    pub opens_at: chrono::DateTime<chrono::Utc>,
+    #[oai(validator(minimum(value = "1"), maximum(value = "100000")))]
+    pub admit_per_second: u32,
+    #[oai(validator(minimum(value = "1"), maximum(value = "3600")))]
+    pub admission_seconds: u32,
 }
 
 /// A new event.
@@ -55,6 +72,9 @@ pub struct NewEvent {
     /// Most seats one buyer may have, sold and held together. Purchases and holds
     /// then need a buyer token (`BuyerToken`). Absent: no limit.
     pub max_per_buyer: Omittable<SeatLimit>,
+    /// Makes the event queued (needs a server with `BOXOFFICE_ADMISSION_KEY` and
+    /// `BOXOFFICE_BUYER_JWT_KEY`). Absent: anyone may buy at once.
+    pub queue: Omittable<WaitingRoom>,
 }
 
 checked_integer_type!(Seats, 1, MAX_SEATS, "int32");
@@ -276,10 +296,24 @@ async fn create_event(
             "maxPerBuyer needs buyer tokens, and this server has no BOXOFFICE_BUYER_JWT_KEY",
         ));
     }
+    if new.queue.0.is_some() && (state.admissions.is_none() || state.buyer_tokens.is_none()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidBody,
+            "a queue needs admission and buyer tokens, and this server lacks \
+             BOXOFFICE_ADMISSION_KEY or BOXOFFICE_BUYER_JWT_KEY",
+        ));
+    }
     let settings = db::EventSettings {
         seats: new.total_seats,
         hold_seconds,
         max_per_buyer: new.max_per_buyer.0.map(SeatLimit::get),
+        queue: new.queue.0.as_ref().map(|q| crate::queue::QueueSettings {
+            opens_at_ms: q.opens_at.timestamp_millis(),
+            admit_per_second: q.admit_per_second,
+            admission_seconds: q.admission_seconds,
+            seed: Uuid::new_v4().as_u64_pair().0,
+        }),
     };
     let row = db::create_event(&state.db, new.name.as_str(), settings).await?;
     state
@@ -305,6 +339,7 @@ async fn event_response(state: &AppState, id: Uuid) -> EventResponse {
 
 async fn with_seats(state: &AppState, row: EventRow) -> crate::Result<Event> {
     let inventory = state.gate.inventory(row.id).await?;
+    let queue = row.queue();
     Ok(Event {
         id: row.id,
         name: row.name,
@@ -314,5 +349,10 @@ async fn with_seats(state: &AppState, row: EventRow) -> crate::Result<Event> {
         seats_remaining: inventory.available(),
         hold_seconds: row.hold_seconds,
         max_per_buyer: row.max_per_buyer,
+        queue: queue.map(|q| WaitingRoom {
+            opens_at: chrono::DateTime::from_timestamp_millis(q.opens_at_ms).unwrap_or_default(),
+            admit_per_second: q.admit_per_second,
+            admission_seconds: q.admission_seconds,
+        }),
     })
 }

@@ -94,6 +94,10 @@ pub enum HoldResponse {
     /// `BUYER_TOKEN_REQUIRED` or `BUYER_TOKEN_INVALID` (events with a limit per buyer).
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>),
+    /// `ADMISSION_REQUIRED`: the event is queued and the request has no valid
+    /// `Admission-Token` for this event and buyer. Nothing is recorded.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
     /// `EVENT_NOT_FOUND`.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
@@ -125,6 +129,7 @@ pub enum HoldResponse {
 api_errors!(HoldResponse {
     400 => BadRequest,
     401 => Unauthorized,
+    403 => Forbidden,
     404 => NotFound,
     413 => PayloadTooLarge,
     415 => UnsupportedMediaType,
@@ -244,10 +249,13 @@ impl HoldsApi {
         #[oai(name = "Idempotency-Key")]
         key: Header<IdempotencyKey>,
         body: Json<HoldRequest>,
+        /// For a queued event: the token its waiting room gave this buyer.
+        #[oai(name = "Admission-Token")]
+        admission: Header<Option<String>>,
         auth: BuyerAuth,
         state: Data<&Arc<AppState>>,
     ) -> HoldResponse {
-        let identity = Identity::of(&state, &auth);
+        let identity = Identity::for_event(&state, &auth, id.0, admission.0.as_deref());
         respond(hold(&state, id.0, &key.0, body.0.quantity, &identity).await)
     }
 
@@ -342,7 +350,13 @@ async fn hold(
 ) -> Result<HoldResponse, ApiError> {
     let decision = state
         .gate
-        .hold(event, key, quantity, identity.buyer.as_ref())
+        .hold(
+            event,
+            key,
+            quantity,
+            identity.buyer.as_ref(),
+            identity.admitted,
+        )
         .await?;
     let replayed = decision.replayed.then_some(true);
     crate::metrics::hold(match &decision.outcome {
@@ -351,6 +365,7 @@ async fn hold(
         Outcome::BuyerLimit => "buyer_limit",
         Outcome::KeyReused => "key_reused",
         Outcome::BuyerRequired => "buyer_required",
+        Outcome::AdmissionRequired => "admission_required",
     });
     match decision.outcome {
         Outcome::Done(held) => Ok(HoldResponse::Created(

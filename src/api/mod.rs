@@ -155,6 +155,7 @@ mod holds;
 mod middleware;
 mod ops;
 mod purchase;
+mod queue;
 mod sales;
 mod stats;
 
@@ -184,6 +185,11 @@ pub struct AppState {
     pub buyer_tokens: Option<crate::buyer::BuyerTokens>,
     /// Longest `holdSeconds` an event may be created with.
     pub max_hold_seconds: u32,
+    /// Signs and checks admission tokens; `None` when no key is configured (no
+    /// queued events then).
+    pub admissions: Option<crate::queue::AdmissionTokens>,
+    /// Waiting rooms in Redis.
+    pub queue: crate::queue::Queue,
     pub body_limit: usize,
     /// Longest a request may take, body upload included (408 after).
     pub request_timeout: std::time::Duration,
@@ -205,6 +211,8 @@ enum Tag {
     Holds,
     /// Sales made, and their cancellation.
     Sales,
+    /// The waiting room of queued events.
+    Queue,
     /// Events and their seats.
     Events,
     /// Health probes and counters.
@@ -214,6 +222,7 @@ enum Tag {
 type Apis = (
     purchase::PurchaseApi,
     holds::HoldsApi,
+    queue::QueueApi,
     sales::SalesApi,
     events::EventsApi,
     ops::OpsApi,
@@ -223,6 +232,7 @@ fn service() -> OpenApiService<Apis, ()> {
     let apis = (
         purchase::PurchaseApi,
         holds::HoldsApi,
+        queue::QueueApi,
         sales::SalesApi,
         events::EventsApi,
         ops::OpsApi,
@@ -272,6 +282,7 @@ fn cors(origins: &[String]) -> poem::middleware::Cors {
             "content-type",
             "idempotency-key",
             "authorization",
+            "admission-token",
             "x-request-id",
         ])
         .expose_headers([

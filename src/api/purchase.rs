@@ -66,6 +66,10 @@ pub enum PurchaseResponse {
     /// buyer and the request has no valid buyer token. Nothing is recorded.
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>),
+    /// `ADMISSION_REQUIRED`: the event is queued and the request has no valid
+    /// `Admission-Token` for this event and buyer. Nothing is recorded.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
     /// `EVENT_NOT_FOUND`.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
@@ -99,6 +103,7 @@ pub enum PurchaseResponse {
 api_errors!(PurchaseResponse {
     400 => BadRequest,
     401 => Unauthorized,
+    403 => Forbidden,
     404 => NotFound,
     413 => PayloadTooLarge,
     415 => UnsupportedMediaType,
@@ -151,10 +156,13 @@ impl PurchaseApi {
         #[oai(name = "Idempotency-Key")]
         key: Header<IdempotencyKey>,
         body: Json<PurchaseRequest>,
+        /// For a queued event: the token its waiting room gave this buyer.
+        #[oai(name = "Admission-Token")]
+        admission: Header<Option<String>>,
         auth: BuyerAuth,
         state: Data<&Arc<AppState>>,
     ) -> PurchaseResponse {
-        let identity = Identity::of(&state, &auth);
+        let identity = Identity::for_event(&state, &auth, id.0, admission.0.as_deref());
         respond(buy(&state, id.0, &key.0, body.0.quantity, &identity).await)
     }
 }
@@ -168,7 +176,13 @@ async fn buy(
 ) -> Result<PurchaseResponse, ApiError> {
     let decision = state
         .gate
-        .purchase(event, key, quantity, identity.buyer.as_ref())
+        .purchase(
+            event,
+            key,
+            quantity,
+            identity.buyer.as_ref(),
+            identity.admitted,
+        )
         .await?;
     let replayed = decision.replayed.then_some(true);
     record_outcome(&decision);
@@ -221,6 +235,7 @@ pub fn refusal<T>(outcome: Outcome<T>, identity: &Identity) -> ApiError {
              another kind of request",
         ),
         Outcome::BuyerRequired => identity.required(),
+        Outcome::AdmissionRequired => identity.not_admitted(),
     }
 }
 
@@ -231,6 +246,7 @@ fn record_outcome(decision: &Decision) {
         Outcome::KeyReused => ("key_reused", 0),
         Outcome::BuyerLimit => ("buyer_limit", 0),
         Outcome::BuyerRequired => ("buyer_required", 0),
+        Outcome::AdmissionRequired => ("admission_required", 0),
     };
     crate::metrics::purchase(outcome, decision.replayed, seats);
 }

@@ -250,6 +250,7 @@ impl TestEnv {
         config.serve.listen = "127.0.0.1:0".parse().unwrap();
         config.serve.admin_token = Some(ADMIN_TOKEN.into());
         config.serve.buyer_jwt_key = Some(BUYER_JWT_KEY.into());
+        config.serve.admission_key = Some("test-admission-key-of-at-least-32-bytes".into());
         config.common.store.redis_url = self.redis_url.clone();
         config.common.store.database_url = self.database_url.clone();
         config.common.store.key_prefix = self.prefix.clone();
@@ -500,6 +501,19 @@ impl Reply {
 }
 
 impl TestApp {
+    /// A client of the app at `address`, for tasks that cannot borrow the app (it is
+    /// stopped by its owner, not by this handle).
+    pub fn at(address: &str) -> Self {
+        Self {
+            address: address.to_owned(),
+            default_event: Uuid::nil(),
+            client: reqwest::Client::new(),
+            shutdown: CancellationToken::new(),
+            graceful: None,
+            handle: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }

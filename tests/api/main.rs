@@ -17,6 +17,7 @@ mod ops;
 mod persist;
 mod processes;
 mod purchase;
+mod queue;
 mod reconcile;
 mod records;
 mod recovery;

@@ -1,0 +1,440 @@
+//! The waiting room of a queued event: buyers join, wait, and are admitted at a fixed
+//! rate from the opening.
+//!
+//! # Order
+//!
+//! Each buyer gets one ticket (`lua/queue_join.lua`): `p<n>` for the n-th to join
+//! before the opening, `o<n>` after, numbered by Redis, whose clock alone decides
+//! which side of the opening a join falls. Once the event opens no more `p` tickets
+//! are issued, so their number `P` is final, and a ticket's place in line is:
+//!
+//! * `p<n>`: `1 + π(n − 1)`, where π is a pseudo-random permutation of `0..P` keyed
+//!   by the event's seed ([`permute`]): the order of joining before the opening says
+//!   nothing about the order of admission.
+//! * `o<n>`: `P + n`: first come, first served.
+//!
+//! # Admission
+//!
+//! At time `t` (Redis' clock), the first `⌊(t − opensAt) × rate⌋` places are admitted.
+//! A place is a number and admission a formula of Redis' time, so every replica
+//! admits the same buyers at the same moments, a poll is O(1) (two hash fields and
+//! `TIME`), and a position (place − admitted) only goes down. An admitted buyer gets
+//! an admission token ([`AdmissionTokens`]) that names the event and the buyer and
+//! expires `admissionSeconds` after the moment of admission.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use redis::aio::ConnectionManager;
+use uuid::Uuid;
+
+use crate::domain::Buyer;
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+
+/// What a queued event is created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSettings {
+    pub opens_at_ms: i64,
+    pub admit_per_second: u32,
+    pub admission_seconds: u32,
+    /// Keys the permutation of those who join before the opening.
+    pub seed: u64,
+}
+
+/// Fewest and most milliseconds a waiting buyer is told to wait before polling again.
+const MIN_POLL_MS: u64 = 1_000;
+const MAX_POLL_MS: u64 = 30_000;
+
+/// A buyer's ticket: who joined when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ticket {
+    /// The n-th to join before the opening (from 1).
+    Early(u64),
+    /// The n-th to join after it (from 1).
+    Late(u64),
+}
+
+impl Ticket {
+    pub fn parse(s: &str) -> Option<Self> {
+        let (kind, n) = s.split_at_checked(1)?;
+        let n: u64 = n.parse().ok().filter(|n| *n >= 1)?;
+        match kind {
+            "p" => Some(Ticket::Early(n)),
+            "o" => Some(Ticket::Late(n)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ticket::Early(n) => write!(f, "p{n}"),
+            Ticket::Late(n) => write!(f, "o{n}"),
+        }
+    }
+}
+
+/// The waiting room as Redis has it at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub settings: QueueSettings,
+    /// Tickets issued before the opening, and after.
+    pub early: u64,
+    pub late: u64,
+    /// Redis' clock, milliseconds.
+    pub now_ms: i64,
+}
+
+/// Where one ticket stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Before the opening: every early ticket is in the draw, `in_draw` of them so far.
+    BeforeOpening { in_draw: u64, opens_in_ms: u64 },
+    /// Waiting: `position` places to go (1: next), about `wait_ms` more.
+    Waiting { position: u64, wait_ms: u64 },
+    /// Admitted at `admitted_at_ms`.
+    Admitted { admitted_at_ms: i64 },
+}
+
+impl Room {
+    /// Places admitted by now.
+    pub fn admitted(&self) -> u64 {
+        let since = self.now_ms - self.settings.opens_at_ms;
+        if since < 0 {
+            return 0;
+        }
+        (since as u128 * u128::from(self.settings.admit_per_second) / 1000) as u64
+    }
+
+    /// The place in line of `ticket`, once the event has opened; `None` for a
+    /// ticket Redis never issued.
+    pub fn place(&self, ticket: Ticket) -> Option<u64> {
+        match ticket {
+            Ticket::Early(n) if n <= self.early => {
+                Some(1 + permute(n - 1, self.early, self.settings.seed))
+            }
+            Ticket::Late(n) if n <= self.late => Some(self.early + n),
+            _ => None,
+        }
+    }
+
+    /// Where `ticket` stands now; `None` for a ticket Redis never issued.
+    pub fn standing(&self, ticket: Ticket) -> Option<Standing> {
+        let opens_in = self.settings.opens_at_ms - self.now_ms;
+        if opens_in > 0 {
+            self.place(ticket)?;
+            return Some(Standing::BeforeOpening {
+                in_draw: self.early,
+                opens_in_ms: opens_in as u64,
+            });
+        }
+        let place = self.place(ticket)?;
+        let admitted = self.admitted();
+        let rate = u64::from(self.settings.admit_per_second);
+        // The moment ⌊(t − opens) × rate / 1000⌋ reaches `place`.
+        let admitted_at_ms = self.settings.opens_at_ms + (place * 1000).div_ceil(rate) as i64;
+        if place <= admitted {
+            return Some(Standing::Admitted { admitted_at_ms });
+        }
+        Some(Standing::Waiting {
+            position: place - admitted,
+            wait_ms: (admitted_at_ms - self.now_ms).max(0) as u64,
+        })
+    }
+}
+
+impl Standing {
+    /// When to poll again: half the expected wait, between 1 and 30 s, so polls
+    /// thin out with the distance to the front (about 2 × rate buyers poll every
+    /// second; the rest less and less often).
+    pub fn poll_after_ms(&self) -> u64 {
+        match *self {
+            Standing::BeforeOpening { opens_in_ms, .. } => {
+                opens_in_ms.clamp(MIN_POLL_MS, MAX_POLL_MS)
+            }
+            Standing::Waiting { wait_ms, .. } => (wait_ms / 2).clamp(MIN_POLL_MS, MAX_POLL_MS),
+            Standing::Admitted { .. } => 0,
+        }
+    }
+}
+
+/// A keyed pseudo-random permutation of `0..size`: a four-round Feistel network over
+/// the smallest even power of two at least `size`, walking the cycle until the value
+/// falls inside. Every replica computes the same place from the same seed, and the
+/// function of the ticket number is a bijection, so no two early tickets share a
+/// place. (splitmix64 as the round function: fixed, unlike std's hasher.)
+pub fn permute(x: u64, size: u64, seed: u64) -> u64 {
+    if size <= 1 {
+        return 0;
+    }
+    let bits = 64 - (size - 1).leading_zeros();
+    let half = bits.div_ceil(2);
+    let mask = (1u64 << half) - 1;
+    let mut value = x;
+    loop {
+        let (mut left, mut right) = (value >> half, value & mask);
+        for round in 0..4u64 {
+            let f = splitmix64(seed ^ (round << 56) ^ right) & mask;
+            (left, right) = (right, left ^ f);
+        }
+        value = (left << half) | right;
+        if value < size {
+            return value;
+        }
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Joins and reads waiting rooms in Redis.
+#[derive(Clone)]
+pub struct Queue {
+    conn: ConnectionManager,
+    keys: Keys,
+    join: redis::Script,
+}
+
+impl Queue {
+    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+        Self {
+            conn,
+            keys,
+            join: crate::lua_script!("queue_join.lua"),
+        }
+    }
+
+    /// The ticket of `buyer` (a new one, or the one they have), and the room;
+    /// `None` when Redis does not have the event's waiting room (recover it first).
+    pub async fn join(&self, event: Uuid, buyer: &Buyer) -> Result<Option<(Ticket, Room)>> {
+        let reply: Vec<String> = self
+            .join
+            .key(self.keys.queue(event))
+            .key(self.keys.queue_tickets(event))
+            .arg(buyer.as_str())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let [ticket, fields @ ..] = &reply[..] else {
+            return Ok(None);
+        };
+        let ticket = Ticket::parse(ticket)
+            .ok_or_else(|| Error::UnexpectedReply(format!("queue ticket {ticket:?}")))?;
+        Ok(Some((ticket, room(fields)?)))
+    }
+
+    /// The room now and the ticket `buyer` holds in it, if any; `None` when Redis
+    /// does not have the room. O(1): two hash reads and `TIME`, pipelined.
+    pub async fn poll(&self, event: Uuid, buyer: &Buyer) -> Result<Option<(Option<Ticket>, Room)>> {
+        type Reply = (Vec<Option<String>>, Option<String>, (i64, i64));
+        let (fields, ticket, (secs, micros)): Reply = redis::pipe()
+            .cmd("HMGET")
+            .arg(self.keys.queue(event))
+            .arg(&["opens", "rate", "admission", "seed", "early", "late"])
+            .cmd("HGET")
+            .arg(self.keys.queue_tickets(event))
+            .arg(buyer.as_str())
+            .cmd("TIME")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        if fields[0].is_none() || fields[3].is_none() {
+            return Ok(None);
+        }
+        let mut all: Vec<String> = fields.into_iter().map(Option::unwrap_or_default).collect();
+        all.push((secs * 1000 + micros / 1000).to_string());
+        Ok(Some((
+            ticket.as_deref().and_then(Ticket::parse),
+            room(&all)?,
+        )))
+    }
+}
+
+/// A room from opens, rate, admission, seed, early, late and now (ms), as strings.
+fn room(fields: &[String]) -> Result<Room> {
+    let bad = || Error::UnexpectedReply(format!("waiting room {fields:?}"));
+    let n = |i: usize| -> Result<i64> {
+        match fields.get(i).map(String::as_str) {
+            Some("") => Ok(0),
+            Some(v) => v.parse().map_err(|_| bad()),
+            None => Err(bad()),
+        }
+    };
+    Ok(Room {
+        settings: QueueSettings {
+            opens_at_ms: n(0)?,
+            admit_per_second: u32::try_from(n(1)?).map_err(|_| bad())?.max(1),
+            admission_seconds: u32::try_from(n(2)?).map_err(|_| bad())?,
+            seed: fields[3].parse().map_err(|_| bad())?,
+        },
+        early: n(4)? as u64,
+        late: n(5)? as u64,
+        now_ms: n(6)?,
+    })
+}
+
+/// The claims of an admission token.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Admission {
+    sub: String,
+    evt: Uuid,
+    exp: u64,
+}
+
+/// Signs admission tokens (HS256) with the current key and accepts the current and
+/// the previous one, so the key can be rotated without downtime: deploy the new key
+/// with the old one as previous, and drop the previous after one admission lifetime.
+#[derive(Clone)]
+pub struct AdmissionTokens {
+    signing: EncodingKey,
+    accepted: Vec<DecodingKey>,
+    validation: Validation,
+}
+
+impl AdmissionTokens {
+    pub fn new(key: &str, previous: Option<&str>) -> Result<Self> {
+        let short = |k: &str| k.len() < 32;
+        if short(key) || previous.is_some_and(short) {
+            return Err(Error::Startup(
+                "BOXOFFICE_ADMISSION_KEY and BOXOFFICE_ADMISSION_KEY_PREVIOUS must be at \
+                 least 32 bytes"
+                    .into(),
+            ));
+        }
+        let invalid = |e: jsonwebtoken::errors::Error| {
+            Error::Startup(format!("BOXOFFICE_ADMISSION_KEY: {e}"))
+        };
+        let mut accepted = vec![DecodingKey::from_secret(key.as_bytes()).map_err(invalid)?];
+        if let Some(previous) = previous {
+            accepted.push(DecodingKey::from_secret(previous.as_bytes()).map_err(invalid)?);
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 0;
+        validation.validate_aud = false;
+        Ok(Self {
+            signing: EncodingKey::from_secret(key.as_bytes()).map_err(invalid)?,
+            accepted,
+            validation,
+        })
+    }
+
+    /// A token admitting `buyer` to `event` until `expires_at_s` (Unix seconds).
+    pub fn issue(&self, event: Uuid, buyer: &Buyer, expires_at_s: u64) -> Result<String> {
+        let claims = Admission {
+            sub: buyer.as_str().to_owned(),
+            evt: event,
+            exp: expires_at_s,
+        };
+        jsonwebtoken::encode(&Header::default(), &claims, &self.signing)
+            .map_err(|e| Error::UnexpectedReply(format!("signing an admission token: {e}")))
+    }
+
+    /// Whether `token` admits `buyer` to `event` now.
+    pub fn admits(&self, token: &str, event: Uuid, buyer: &Buyer) -> bool {
+        self.accepted.iter().any(|key| {
+            jsonwebtoken::decode::<Admission>(token, key, &self.validation)
+                .is_ok_and(|data| data.claims.evt == event && data.claims.sub == buyer.as_str())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_is_a_bijection_and_not_the_identity() {
+        for size in [1u64, 2, 3, 7, 60, 1000, 4097] {
+            let mut seen: Vec<u64> = (0..size).map(|x| permute(x, size, 42)).collect();
+            let moved = seen
+                .iter()
+                .enumerate()
+                .filter(|(i, v)| *i as u64 != **v)
+                .count();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..size).collect::<Vec<_>>(), "size {size}");
+            if size >= 60 {
+                assert!(moved as u64 > size * 9 / 10, "size {size}: {moved} moved");
+            }
+        }
+        assert_ne!(
+            (0..100).map(|x| permute(x, 100, 1)).collect::<Vec<_>>(),
+            (0..100).map(|x| permute(x, 100, 2)).collect::<Vec<_>>()
+        );
+    }
+
+    fn room(now_ms: i64) -> Room {
+        Room {
+            settings: QueueSettings {
+                opens_at_ms: 10_000,
+                admit_per_second: 4,
+                admission_seconds: 60,
+                seed: 7,
+            },
+            early: 8,
+            late: 3,
+            now_ms,
+        }
+    }
+
+    #[test]
+    fn admission_follows_the_clock_and_positions_only_go_down() {
+        assert!(matches!(
+            room(9_000).standing(Ticket::Early(3)),
+            Some(Standing::BeforeOpening {
+                in_draw: 8,
+                opens_in_ms: 1_000
+            })
+        ));
+        assert_eq!(room(9_000).standing(Ticket::Late(4)), None);
+        // Late tickets come after every early one, in order: places 9, 10, 11.
+        let late = Ticket::Late(2);
+        assert_eq!(room(10_000).place(late), Some(10));
+        let mut last = u64::MAX;
+        for now in (10_000..13_000).step_by(50) {
+            match room(now).standing(late).unwrap() {
+                Standing::Waiting { position, .. } => {
+                    assert!(position <= last);
+                    last = position;
+                }
+                Standing::Admitted { admitted_at_ms } => {
+                    // 4 per second: place 10 at 2.5 s.
+                    assert_eq!(admitted_at_ms, 12_500);
+                    assert!(now >= 12_500);
+                    return;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        panic!("never admitted");
+    }
+
+    #[test]
+    fn admission_tokens_name_event_and_buyer_and_survive_a_key_rotation() {
+        let old = AdmissionTokens::new("the-old-admission-key-of-32-bytes!!", None).unwrap();
+        let new = AdmissionTokens::new(
+            "the-new-admission-key-of-32-bytes!!",
+            Some("the-old-admission-key-of-32-bytes!!"),
+        )
+        .unwrap();
+        let (event, buyer) = (Uuid::now_v7(), Buyer::try_from("ann".to_owned()).unwrap());
+        let later = jsonwebtoken::get_current_timestamp() + 60;
+        let token = old.issue(event, &buyer, later).unwrap();
+        assert!(
+            new.admits(&token, event, &buyer),
+            "the previous key is accepted"
+        );
+        assert!(!new.admits(&token, Uuid::now_v7(), &buyer));
+        assert!(!new.admits(&token, event, &Buyer::try_from("bo".to_owned()).unwrap()));
+        let expired = new
+            .issue(event, &buyer, jsonwebtoken::get_current_timestamp() - 1)
+            .unwrap();
+        assert!(!new.admits(&expired, event, &buyer));
+        let rotated_out =
+            AdmissionTokens::new("the-new-admission-key-of-32-bytes!!", None).unwrap();
+        assert!(!rotated_out.admits(&token, event, &buyer));
+    }
+}

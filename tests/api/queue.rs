@@ -1,0 +1,269 @@
+//! The waiting room: fair order (a random draw among those who joined before the
+//! opening, first come first served after), admission at a rate all replicas agree
+//! on, and admission tokens bound to the event and the buyer.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::StatusCode;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{Reply, TestApp, TestEnv, buyer_token};
+
+async fn queued_event(app: &TestApp, opens_in_ms: i64, rate: u32, admission: u32) -> Uuid {
+    let opens_at = Utc::now() + chrono::Duration::milliseconds(opens_in_ms);
+    app.create_event_with(json!({
+        "name": "queued",
+        "totalSeats": 1000,
+        "queue": {
+            "opensAt": opens_at.to_rfc3339(),
+            "admitPerSecond": rate,
+            "admissionSeconds": admission,
+        },
+    }))
+    .await
+}
+
+async fn join(app: &TestApp, event: Uuid, token: &str) -> Reply {
+    app.send(
+        app.client
+            .post(app.url(&format!("/api/v1/events/{event}/queue")))
+            .bearer_auth(token),
+    )
+    .await
+}
+
+async fn poll(app: &TestApp, event: Uuid, ticket: &str, token: &str) -> Reply {
+    app.send(
+        app.client
+            .get(app.url(&format!("/api/v1/events/{event}/queue/{ticket}")))
+            .bearer_auth(token),
+    )
+    .await
+}
+
+/// Polls until admitted, checking that the position never goes up; returns the
+/// admission answer.
+async fn wait_for_admission(app: &TestApp, event: Uuid, ticket: &str, token: &str) -> Reply {
+    let mut last = u64::MAX;
+    for _ in 0..400 {
+        let status = poll(app, event, ticket, token).await;
+        assert_eq!(status.status, StatusCode::OK, "{:?}", status.body);
+        if status.body["admitted"] == true {
+            return status;
+        }
+        let opened = DateTime::parse_from_rfc3339(status.body["opensAt"].as_str().unwrap())
+            .unwrap()
+            <= Utc::now();
+        let position = status.body["position"].as_u64().unwrap();
+        if opened {
+            assert!(
+                position <= last,
+                "{ticket}: position {position} after {last}"
+            );
+            last = position;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{ticket} never admitted");
+}
+
+/// Spearman's rank correlation of two rankings of the same n items.
+fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let d2: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
+}
+
+#[tokio::test]
+async fn early_joiners_are_drawn_at_random_later_ones_served_in_order_at_the_rate() {
+    let env = TestEnv::new().await;
+    let apps = env.spawn_replicas::<3>().await;
+    let rate = 40;
+    let event = queued_event(&apps[0], 2_500, rate, 60).await;
+    let (early, late) = (40, 15);
+
+    let tokens: Vec<String> = (0..early + late)
+        .map(|i| buyer_token(&format!("q-{i}")))
+        .collect();
+    let mut tickets = Vec::new();
+    for (i, token) in tokens.iter().take(early).enumerate() {
+        let joined = join(&apps[i % 3], event, token).await;
+        assert_eq!(joined.status, StatusCode::ACCEPTED, "{:?}", joined.body);
+        assert_eq!(joined.body["ticket"], format!("p{}", i + 1));
+        assert_eq!(joined.body["admitted"], false);
+        tickets.push(joined.body["ticket"].as_str().unwrap().to_owned());
+    }
+    // One place per buyer: joining again, anywhere, gives the same ticket.
+    assert_eq!(join(&apps[2], event, &tokens[0]).await.body["ticket"], "p1");
+    let opens_at: DateTime<Utc> = join(&apps[1], event, &tokens[0]).await.body["opensAt"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let until_open = (opens_at - Utc::now()).num_milliseconds();
+    assert!(until_open > 0, "the early buyers joined too slowly");
+    tokio::time::sleep(Duration::from_millis(until_open as u64 + 10)).await;
+    for (i, token) in tokens.iter().enumerate().skip(early) {
+        let joined = join(&apps[i % 3], event, token).await;
+        assert_eq!(joined.body["ticket"], format!("o{}", i - early + 1));
+        tickets.push(joined.body["ticket"].as_str().unwrap().to_owned());
+    }
+
+    // Everyone polls until admitted, from the three replicas in turn.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (ticket, token)) in tickets.iter().zip(&tokens).enumerate() {
+        let (app, ticket, token) = (apps[i % 3].address.clone(), ticket.clone(), token.clone());
+        let env_app = TestApp::at(&app);
+        tasks.spawn(async move {
+            let admitted = wait_for_admission(&env_app, event, &ticket, &token).await;
+            (i, admitted.body)
+        });
+    }
+    let admitted: HashMap<usize, serde_json::Value> = tasks.join_all().await.into_iter().collect();
+    let at = |i: usize| -> i64 {
+        admitted[&i]["admittedAt"]
+            .as_str()
+            .unwrap()
+            .parse::<DateTime<Utc>>()
+            .unwrap()
+            .timestamp_millis()
+    };
+    // Every replica answers the same moment for the same ticket.
+    for app in &apps {
+        let again = poll(app, event, &tickets[7], &tokens[7]).await;
+        assert_eq!(again.body["admittedAt"], admitted[&7]["admittedAt"]);
+    }
+
+    // Admission at the rate: the k-th place at opensAt + ⌈k × 1000 / rate⌉ ms.
+    let mut order: Vec<usize> = (0..early + late).collect();
+    order.sort_by_key(|i| at(*i));
+    for (k, i) in order.iter().enumerate() {
+        let expected =
+            opens_at.timestamp_millis() + ((k as u64 + 1) * 1000).div_ceil(u64::from(rate)) as i64;
+        assert_eq!(at(*i), expected, "place {}", k + 1);
+    }
+    // Every early joiner before every late one; the late ones in the order they joined.
+    assert!(order[..early].iter().all(|i| *i < early));
+    assert_eq!(
+        order[early..],
+        (early..early + late).collect::<Vec<_>>()[..]
+    );
+    // The draw: admission order of the early joiners against their join order.
+    let rank: Vec<f64> = (0..early)
+        .map(|i| order.iter().position(|j| *j == i).unwrap() as f64)
+        .collect();
+    let joined: Vec<f64> = (0..early).map(|i| i as f64).collect();
+    let rho = spearman(&joined, &rank);
+    assert!(
+        rho.abs() < 0.7,
+        "Spearman's rho {rho:.3} between join and admission order"
+    );
+    assert_ne!(order[..early], (0..early).collect::<Vec<_>>()[..]);
+}
+
+#[tokio::test]
+async fn a_queued_event_sells_only_with_an_admission_for_that_event_and_buyer() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = queued_event(&app, -1_000, 1_000, 2).await;
+    let other = queued_event(&app, -1_000, 1_000, 60).await;
+    let (ann, bob) = (buyer_token("ann"), buyer_token("bob"));
+
+    let refused = app.purchase_as(event, "no-admission", 1, Some(&ann)).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{:?}", refused.body);
+    assert_eq!(refused.code(), "ADMISSION_REQUIRED");
+    assert_eq!(
+        app.hold(event, "no-admission-hold", 1, Some(&ann))
+            .await
+            .code(),
+        "ADMISSION_REQUIRED"
+    );
+
+    let joined = join(&app, event, &ann).await;
+    let ticket = joined.body["ticket"].as_str().unwrap().to_owned();
+    let status = wait_for_admission(&app, event, &ticket, &ann).await;
+    let admission = status.body["admissionToken"].as_str().unwrap().to_owned();
+    let with = |key: &'static str, token: &str| {
+        app.client
+            .post(app.url(&format!("/api/v1/events/{event}/purchase")))
+            .header("Idempotency-Key", key)
+            .header("Admission-Token", &admission)
+            .bearer_auth(token)
+            .json(&json!({"quantity": 1}))
+    };
+    // Bound to the buyer: bob cannot use ann's admission.
+    assert_eq!(
+        app.send(with("bob", &bob)).await.code(),
+        "ADMISSION_REQUIRED"
+    );
+    let sold = app.send(with("ann", &ann)).await;
+    assert_eq!(sold.status, StatusCode::OK, "{:?}", sold.body);
+    // Bound to the event.
+    let elsewhere = app
+        .send(
+            app.client
+                .post(app.url(&format!("/api/v1/events/{other}/purchase")))
+                .header("Idempotency-Key", "elsewhere")
+                .header("Admission-Token", &admission)
+                .bearer_auth(&ann)
+                .json(&json!({"quantity": 1})),
+        )
+        .await;
+    assert_eq!(elsewhere.code(), "ADMISSION_REQUIRED");
+    // Short-lived: after admissionSeconds it no longer admits.
+    let expires_at: DateTime<Utc> = status.body["expiresAt"].as_str().unwrap().parse().unwrap();
+    let left = (expires_at - Utc::now()).num_milliseconds().max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(left + 1_100)).await;
+    assert_eq!(
+        app.send(with("ann-late", &ann)).await.code(),
+        "ADMISSION_REQUIRED"
+    );
+    assert_eq!(app.event(event).await["seatsSold"], 1);
+}
+
+#[tokio::test]
+async fn tickets_belong_to_their_buyer_and_plain_events_have_no_queue() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = queued_event(&app, 60_000, 10, 60).await;
+    let (ann, bob) = (buyer_token("ann"), buyer_token("bob"));
+    let ticket = join(&app, event, &ann).await.body["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        poll(&app, event, &ticket, &bob).await.code(),
+        "TICKET_NOT_FOUND"
+    );
+    assert_eq!(
+        poll(&app, event, "p999", &ann).await.code(),
+        "TICKET_NOT_FOUND"
+    );
+    let anonymous = app
+        .send(
+            app.client
+                .post(app.url(&format!("/api/v1/events/{event}/queue"))),
+        )
+        .await;
+    assert_eq!(anonymous.code(), "BUYER_TOKEN_REQUIRED");
+    let before = poll(&app, event, &ticket, &ann).await;
+    assert_eq!(
+        (
+            before.body["admitted"].as_bool(),
+            before.body["position"].as_u64()
+        ),
+        (Some(false), Some(1))
+    );
+    assert!(before.body["pollAfterMs"].as_u64().unwrap() >= 1_000);
+
+    let plain = app.create_event("plain", 10).await;
+    assert_eq!(join(&app, plain, &ann).await.code(), "EVENT_NOT_QUEUED");
+    // Plain events sell as before.
+    assert_eq!(
+        app.purchase_event(plain, "plain", 1).await.status,
+        StatusCode::OK
+    );
+}
