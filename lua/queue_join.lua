@@ -3,7 +3,7 @@
 -- which side of the opening a join falls, so no `p` ticket is issued once it opened.
 --
 -- KEYS[1] the room (hash: opens, rate, admission, seed; early and late counters)
--- KEYS[2] tickets by buyer (hash)
+-- KEYS[2] tickets by buyer (hash: '<ticket>@<joined at, ms>')
 -- ARGV[1] the buyer
 -- Returns {} when the room is missing (recover the event first), else {ticket,
 -- opens, rate, admission, seed, early, late, now (ms)}.
@@ -21,7 +21,9 @@ if not ticket then
   else
     ticket = 'o' .. redis.call('HINCRBY', KEYS[1], 'late', 1)
   end
-  redis.call('HSET', KEYS[2], ARGV[1], ticket)
+  redis.call('HSET', KEYS[2], ARGV[1], ticket .. '@' .. string.format('%d', now))
+else
+  ticket = string.match(ticket, '^[^@]+')
 end
 local counts = redis.call('HMGET', KEYS[1], 'early', 'late')
 return {ticket, room[1], room[2], room[3], room[4], counts[1] or '0', counts[2] or '0',

@@ -74,7 +74,12 @@ impl Keys {
         format!("{}:{{{event}}}:queue", self.prefix)
     }
 
-    /// The waiting room's ticket of each buyer. No TTL.
+    /// When each admitted buyer was first told so (for the metrics). No TTL.
+    pub fn queue_served(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:queue:served", self.prefix)
+    }
+
+    /// The waiting room's ticket of each buyer, with when they joined. No TTL.
     pub fn queue_tickets(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:queue:tickets", self.prefix)
     }

@@ -24,6 +24,16 @@ const HOLDS: &str = "boxoffice_holds_total";
 const HOLDS_EXPIRED_BY_SWEEP: &str = "boxoffice_holds_swept_total";
 const CANCELLATIONS: &str = "boxoffice_cancellations_total";
 const QUEUE_JOINS: &str = "boxoffice_queue_joins_total";
+const QUEUE_WAITING: &str = "boxoffice_queue_waiting";
+const QUEUE_ADMITTED: &str = "boxoffice_queue_admitted";
+const QUEUE_ADMISSIONS: &str = "boxoffice_queue_admissions_served_total";
+const QUEUE_LAG: &str = "boxoffice_queue_admission_lag_seconds";
+const QUEUE_WAIT: &str = "boxoffice_queue_wait_seconds";
+
+/// Buckets of the time buyers wait in a waiting room, in seconds.
+const WAIT_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
 
 /// Buckets of every latency histogram, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -60,6 +70,9 @@ pub fn install() -> PrometheusHandle {
                         Matcher::Full(SCRIPT_BATCH.into()),
                         SCRIPT_BATCH_BUCKETS,
                     )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(QUEUE_WAIT.into()), WAIT_BUCKETS)
                 })
                 .expect("bucket lists are not empty")
                 .install_recorder()
@@ -117,6 +130,22 @@ pub fn holds_expired(holds: usize) {
 /// A buyer joined a waiting room (or asked again for their ticket).
 pub fn queue_joined() {
     ::metrics::counter!(QUEUE_JOINS).increment(1);
+}
+
+/// A waiting room as a join or poll just saw it: buyers still waiting, and places
+/// admitted so far (of those who joined).
+pub fn queue_room(event: uuid::Uuid, waiting: u64, admitted: u64) {
+    let event = event.to_string();
+    ::metrics::gauge!(QUEUE_WAITING, "event" => event.clone()).set(waiting as f64);
+    ::metrics::gauge!(QUEUE_ADMITTED, "event" => event).set(admitted as f64);
+}
+
+/// A buyer learned of their admission for the first time (across replicas): how long
+/// after the moment of admission (polling lag), and how long after joining.
+pub fn queue_admission(lag: Duration, waited: Duration) {
+    ::metrics::counter!(QUEUE_ADMISSIONS).increment(1);
+    ::metrics::histogram!(QUEUE_LAG).record(lag.as_secs_f64());
+    ::metrics::histogram!(QUEUE_WAIT).record(waited.as_secs_f64());
 }
 
 /// A sale cancelled by an admin (repeats not counted).

@@ -226,9 +226,14 @@ impl Queue {
         Ok(Some((ticket, room(fields)?)))
     }
 
-    /// The room now and the ticket `buyer` holds in it, if any; `None` when Redis
-    /// does not have the room. O(1): two hash reads and `TIME`, pipelined.
-    pub async fn poll(&self, event: Uuid, buyer: &Buyer) -> Result<Option<(Option<Ticket>, Room)>> {
+    /// The room now and the ticket `buyer` holds in it (with when they joined, Unix
+    /// ms), if any; `None` when Redis does not have the room. O(1): two hash reads
+    /// and `TIME`, pipelined.
+    pub async fn poll(
+        &self,
+        event: Uuid,
+        buyer: &Buyer,
+    ) -> Result<Option<(Option<(Ticket, i64)>, Room)>> {
         type Reply = (Vec<Option<String>>, Option<String>, (i64, i64));
         let (fields, ticket, (secs, micros)): Reply = redis::pipe()
             .cmd("HMGET")
@@ -245,10 +250,23 @@ impl Queue {
         }
         let mut all: Vec<String> = fields.into_iter().map(Option::unwrap_or_default).collect();
         all.push((secs * 1000 + micros / 1000).to_string());
-        Ok(Some((
-            ticket.as_deref().and_then(Ticket::parse),
-            room(&all)?,
-        )))
+        let ticket = ticket.as_deref().and_then(|held| {
+            let (ticket, joined) = held.split_once('@')?;
+            Some((Ticket::parse(ticket)?, joined.parse().ok()?))
+        });
+        Ok(Some((ticket, room(&all)?)))
+    }
+
+    /// Whether this is the first time `buyer`'s admission is served, by any replica
+    /// (recorded once, for the metrics).
+    pub async fn first_admission(&self, event: Uuid, buyer: &Buyer, now_ms: i64) -> Result<bool> {
+        let first: bool = redis::cmd("HSETNX")
+            .arg(self.keys.queue_served(event))
+            .arg(buyer.as_str())
+            .arg(now_ms)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(first)
     }
 }
 

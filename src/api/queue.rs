@@ -1,6 +1,7 @@
 //! The waiting room of a queued event: join, then poll until admitted (see `queue`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use poem::http::StatusCode;
@@ -210,12 +211,23 @@ async fn status(
         .poll(event, &buyer)
         .await?
         .ok_or_else(not_found)?;
-    if held != Some(asked) {
+    let Some((ticket, joined_ms)) = held.filter(|(ticket, _)| *ticket == asked) else {
         return Err(not_found());
+    };
+    let status = answer(state, event, &buyer, ticket, &room)?;
+    if let Some(Standing::Admitted { admitted_at_ms }) = room.standing(ticket)
+        && state
+            .queue
+            .first_admission(event, &buyer, room.now_ms)
+            .await?
+    {
+        let ms = |from: i64, to: i64| Duration::from_millis((to - from).max(0) as u64);
+        crate::metrics::queue_admission(
+            ms(admitted_at_ms, room.now_ms),
+            ms(joined_ms, admitted_at_ms),
+        );
     }
-    Ok(StatusResponse::Ok(Json(answer(
-        state, event, &buyer, asked, &room,
-    )?)))
+    Ok(StatusResponse::Ok(Json(status)))
 }
 
 fn answer(
@@ -225,6 +237,9 @@ fn answer(
     ticket: Ticket,
     room: &Room,
 ) -> Result<QueueStatus, ApiError> {
+    let joined = room.early + room.late;
+    let admitted = room.admitted().min(joined);
+    crate::metrics::queue_room(event, joined - admitted, admitted);
     let standing = room
         .standing(ticket)
         .ok_or_else(|| crate::Error::UnexpectedReply(format!("ticket {ticket} not in {room:?}")))?;

@@ -186,6 +186,17 @@ async fn a_queued_event_sells_only_with_an_admission_for_that_event_and_buyer() 
     let ticket = joined.body["ticket"].as_str().unwrap().to_owned();
     let status = wait_for_admission(&app, event, &ticket, &ann).await;
     let admission = status.body["admissionToken"].as_str().unwrap().to_owned();
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    for series in [
+        "boxoffice_queue_admissions_served_total",
+        "boxoffice_queue_wait_seconds_count",
+        "boxoffice_queue_admission_lag_seconds_count",
+        &format!("boxoffice_queue_admitted{{event=\"{event}\"}} 1"),
+        &format!("boxoffice_queue_waiting{{event=\"{event}\"}} 0"),
+    ] {
+        assert!(metrics.contains(series), "{series} not in /metrics");
+    }
     let with = |key: &'static str, token: &str| {
         app.client
             .post(app.url(&format!("/api/v1/events/{event}/purchase")))
