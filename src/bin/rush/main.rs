@@ -8,6 +8,8 @@
 //!
 //! * `rush ceiling`: the purchase script driven straight against Redis, batches of
 //!   fresh purchases of one event: what one Redis core sells, without HTTP.
+//! * `rush queue`: a crowd in front of a queued event, joining before and after the
+//!   opening, polling as told and buying once admitted; fairness and rate checked.
 //! * `rush holds`: the seat lifecycle (purchases, holds confirmed, released or
 //!   abandoned, cancellations) on an event of its own, with buyer tokens and a limit,
 //!   checked at the end.
@@ -18,6 +20,7 @@
 mod ceiling;
 mod holds;
 mod load;
+mod queue;
 mod report;
 mod verify;
 
@@ -122,6 +125,52 @@ enum Mode {
         /// PostgreSQL URL; when given, waits for the consumer and checks the rows.
         #[arg(long)]
         database_url: Option<String>,
+        /// Give up on one request after this long.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A crowd in front of a queued event of its own: join before and after the
+    /// opening, poll as told, buy once admitted; checks fairness and the rate.
+    Queue {
+        /// Base URL of a replica; repeat to spread requests round-robin.
+        #[arg(long = "url", default_value = "http://127.0.0.1:3000")]
+        urls: Vec<String>,
+        /// The servers' ADMIN_TOKEN (the run creates its event).
+        #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: String,
+        /// The servers' BOXOFFICE_BUYER_JWT_KEY (HS256), to sign buyer tokens.
+        #[arg(long, env = "BOXOFFICE_BUYER_JWT_KEY", hide_env_values = true)]
+        buyer_key: String,
+        /// Number of buyers.
+        #[arg(long, default_value_t = 2_000)]
+        buyers: usize,
+        /// Share of buyers who join before the opening.
+        #[arg(long, default_value_t = 0.5)]
+        early_share: f64,
+        /// When the event opens, from the start of the run.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        opens_in: Duration,
+        /// Buyers admitted per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// How long an admission lasts, in seconds.
+        #[arg(long, default_value_t = 120)]
+        admission_seconds: u32,
+        /// Seats of the event (default: one per buyer).
+        #[arg(long)]
+        seats: Option<u32>,
+        /// Share of buyers who first try to buy without admission (must get 403).
+        #[arg(long, default_value_t = 0.05)]
+        sneak_share: f64,
+        /// Requests in flight at most, over pooled keep-alive connections.
+        #[arg(long, short = 'c', default_value_t = 64)]
+        connections: usize,
+        /// Redis of the servers, to report its CPU per request.
+        #[arg(long)]
+        redis_url: Option<String>,
         /// Give up on one request after this long.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
@@ -290,6 +339,52 @@ async fn main() -> ExitCode {
                 timeout,
             };
             return match holds::run(plan).await {
+                Ok(outcome) => {
+                    outcome.print(json);
+                    if outcome.passed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("rush: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Mode::Queue {
+            urls,
+            admin_token,
+            buyer_key,
+            buyers,
+            early_share,
+            opens_in,
+            rate,
+            admission_seconds,
+            seats,
+            sneak_share,
+            connections,
+            redis_url,
+            timeout,
+            json,
+        } => {
+            let plan = queue::Plan {
+                urls,
+                admin_token,
+                buyer_key,
+                buyers: buyers.max(1),
+                early_share: early_share.clamp(0.0, 1.0),
+                opens_in,
+                rate: rate.max(1),
+                admission_seconds: admission_seconds.max(1),
+                seats,
+                sneak_share: sneak_share.clamp(0.0, 1.0),
+                connections: connections.max(1),
+                redis_url,
+                timeout,
+            };
+            return match queue::run(plan).await {
                 Ok(outcome) => {
                     outcome.print(json);
                     if outcome.passed() {
