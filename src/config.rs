@@ -124,6 +124,12 @@ pub struct ServeConfig {
     #[arg(long, env = "BOXOFFICE_ADMISSION_KEY_PREVIOUS", hide_env_values = true)]
     pub admission_key_previous: Option<String>,
 
+    /// Longest a buyer in a waiting room is told to wait between polls, in ms (at
+    /// least 1000). Buyers far from the front poll this often: it bounds the poll
+    /// rate of a long queue at about (buyers waiting) / this.
+    #[arg(long, env = "BOXOFFICE_QUEUE_POLL_MAX_MS", default_value_t = 30_000)]
+    pub queue_poll_max_ms: u64,
+
     /// Longest hold an event may set (`holdSeconds`), in seconds (1 to 86400).
     #[arg(
         long,

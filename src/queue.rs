@@ -40,9 +40,9 @@ pub struct QueueSettings {
     pub seed: u64,
 }
 
-/// Fewest and most milliseconds a waiting buyer is told to wait before polling again.
+/// Fewest milliseconds a waiting buyer is told to wait before polling again (the
+/// most is configured: `BOXOFFICE_QUEUE_POLL_MAX_MS`).
 const MIN_POLL_MS: u64 = 1_000;
-const MAX_POLL_MS: u64 = 30_000;
 
 /// A buyer's ticket: who joined when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,15 +144,16 @@ impl Room {
 }
 
 impl Standing {
-    /// When to poll again: half the expected wait, between 1 and 30 s, so polls
-    /// thin out with the distance to the front (about 2 × rate buyers poll every
-    /// second; the rest less and less often).
-    pub fn poll_after_ms(&self) -> u64 {
+    /// When to poll again: half the expected wait, between 1 s and `max_ms`, so
+    /// polls thin out with the distance to the front. With N waiting and admission
+    /// at r per second, about 2r buyers poll every second, the next ones less and
+    /// less often, and none less often than every `max_ms`: the poll rate stays
+    /// near 2r·(1 + ln(N / 2r)) + N / max, whatever N.
+    pub fn poll_after_ms(&self, max_ms: u64) -> u64 {
+        let max_ms = max_ms.max(MIN_POLL_MS);
         match *self {
-            Standing::BeforeOpening { opens_in_ms, .. } => {
-                opens_in_ms.clamp(MIN_POLL_MS, MAX_POLL_MS)
-            }
-            Standing::Waiting { wait_ms, .. } => (wait_ms / 2).clamp(MIN_POLL_MS, MAX_POLL_MS),
+            Standing::BeforeOpening { opens_in_ms, .. } => opens_in_ms.clamp(MIN_POLL_MS, max_ms),
+            Standing::Waiting { wait_ms, .. } => (wait_ms / 2).clamp(MIN_POLL_MS, max_ms),
             Standing::Admitted { .. } => 0,
         }
     }

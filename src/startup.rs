@@ -142,6 +142,7 @@ impl Application {
                 })
                 .transpose()?,
             queue,
+            queue_poll_max_ms: serve.queue_poll_max_ms,
             body_limit: serve.body_limit,
             request_timeout: Duration::from_millis(serve.request_timeout_ms),
             // `BOXOFFICE_CORS_ORIGINS=` (empty) means off, like unset.

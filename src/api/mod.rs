@@ -190,6 +190,8 @@ pub struct AppState {
     pub admissions: Option<crate::queue::AdmissionTokens>,
     /// Waiting rooms in Redis.
     pub queue: crate::queue::Queue,
+    /// Longest a waiting buyer is told to wait between polls.
+    pub queue_poll_max_ms: u64,
     pub body_limit: usize,
     /// Longest a request may take, body upload included (408 after).
     pub request_timeout: std::time::Duration,

@@ -249,7 +249,7 @@ fn answer(
         admitted: false,
         position: None,
         estimated_wait_seconds: None,
-        poll_after_ms: Some(standing.poll_after_ms()),
+        poll_after_ms: Some(standing.poll_after_ms(state.queue_poll_max_ms)),
         opens_at: time(room.settings.opens_at_ms),
         admission_token: None,
         admitted_at: None,
