@@ -3,11 +3,11 @@
 # 3981–3983, one PostgreSQL database boxoffice_bench_queue, Redis key prefix
 # bench-queue-<pid>, all removed at the end) and `rush queue` against them.
 #
-#   scripts/bench-queue.sh                                  # 20,000 buyers, 500 admitted/s
-#   scripts/bench-queue.sh --buyers 5000 --rate 200 --opens-in 5s
+#   scripts/bench-queue.sh                            # 20,000 buyers, 500 admitted/s
+#   BUYERS=5000 RATE=200 OPENS_IN=5s scripts/bench-queue.sh --early-share 0.8
 #
-# Arguments go to `rush queue` (defaults here: --buyers 20000 --rate 500 --opens-in
-# 15s). Needs Redis and PostgreSQL on their local default ports and curl.
+# Further arguments go to `rush queue`. Needs Redis and PostgreSQL on their local
+# default ports and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +17,9 @@ PREFIX="bench-queue-$$"
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 DB="$PG/boxoffice_bench_queue"
 PORTS=(3981 3982 3983)
+BUYERS=${BUYERS:-20000}
+RATE=${RATE:-500}
+OPENS_IN=${OPENS_IN:-15s}
 
 cargo build --release --bins --quiet
 pids=()
@@ -45,4 +48,4 @@ for port in "${PORTS[@]}"; do
 done
 echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(date -u '+%Y-%m-%d %H:%M UTC')"
 target/release/rush queue "${urls[@]}" --admin-token "$ADMIN" --buyer-key "$KEY" \
-    --redis-url redis://127.0.0.1:6379 --buyers 20000 --rate 500 --opens-in 15s "$@"
+    --redis-url redis://127.0.0.1:6379 --buyers "$BUYERS" --rate "$RATE" --opens-in "$OPENS_IN" "$@"
