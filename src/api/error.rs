@@ -13,7 +13,7 @@ use crate::error::Error;
 /// Seconds a client is told to wait (`Retry-After`) when a dependency is down.
 pub const RETRY_AFTER_SECS: u32 = 1;
 
-/// Stable machine-readable error codes.
+/// Stable machine-readable error code of an `ErrorBody`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
 #[oai(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
@@ -79,7 +79,9 @@ pub enum ErrorCode {
 /// Body of every non-2xx response.
 #[derive(Debug, Clone, Object)]
 pub struct ErrorBody {
-    /// Stable error code.
+    // No doc comment here: poem-openapi would wrap the reference to `ErrorCode` in an
+    // `allOf` to attach it, which client generators (openapi-python-client) drop the
+    // whole schema over. `ErrorCode` documents itself.
     pub error: ErrorCode,
     /// Human-readable explanation; wording may change.
     pub message: String,

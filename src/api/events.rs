@@ -41,12 +41,16 @@ pub struct Event {
     /// Most seats one buyer may have (sold and held); absent: no limit.
     #[oai(skip_serializing_if_is_none)]
     pub max_per_buyer: Option<i32>,
-    /// The waiting room, for a queued event.
+    // A queued event's waiting room. (Documented on `WaitingRoom`: a doc comment on a
+    // field of another schema's type becomes an `allOf` that client generators
+    // handle badly.)
     #[oai(skip_serializing_if_is_none)]
     pub queue: Option<WaitingRoom>,
 }
 
-/// A queued event's waiting room: buyers join it (`POST …/queue`), and from `opensAt`
+/// A queued event's waiting room (set at creation, which needs a server with
+/// `BOXOFFICE_ADMISSION_KEY` and `BOXOFFICE_BUYER_JWT_KEY`; absent: anyone may buy at
+/// once): buyers join it (`POST …/queue`), and from `opensAt`
 /// are admitted `admitPerSecond` at a time, those who joined before `opensAt` in a
 /// random order, later ones first come, first served. Holds and purchases then need
 /// the buyer's token and an `Admission-Token`, valid for `admissionSeconds`.
@@ -72,8 +76,8 @@ pub struct NewEvent {
     /// Most seats one buyer may have, sold and held together. Purchases and holds
     /// then need a buyer token (`BuyerToken`). Absent: no limit.
     pub max_per_buyer: Omittable<SeatLimit>,
-    /// Makes the event queued (needs a server with `BOXOFFICE_ADMISSION_KEY` and
-    /// `BOXOFFICE_BUYER_JWT_KEY`). Absent: anyone may buy at once.
+    // Makes the event queued; absent, anyone may buy at once. (Documented on
+    // `WaitingRoom`, see `Event::queue`.)
     pub queue: Omittable<WaitingRoom>,
 }
 
@@ -227,13 +231,23 @@ impl EventsApi {
     /// Seats of the default event
     ///
     /// The seed-compatible view of the event that `POST /api/v1/purchase` sells.
-    #[oai(path = "/api/v1/event", method = "get", tag = "Tag::Events")]
+    #[oai(
+        path = "/api/v1/event",
+        method = "get",
+        tag = "Tag::Events",
+        operation_id = "defaultEvent"
+    )]
     async fn default_event(&self, state: Data<&Arc<AppState>>) -> EventResponse {
         event_response(&state, state.default_event).await
     }
 
     /// One event
-    #[oai(path = "/api/v1/events/:id", method = "get", tag = "Tag::Events")]
+    #[oai(
+        path = "/api/v1/events/:id",
+        method = "get",
+        tag = "Tag::Events",
+        operation_id = "getEvent"
+    )]
     async fn event(
         &self,
         /// Event id.
@@ -244,13 +258,23 @@ impl EventsApi {
     }
 
     /// All events
-    #[oai(path = "/api/v1/events", method = "get", tag = "Tag::Events")]
+    #[oai(
+        path = "/api/v1/events",
+        method = "get",
+        tag = "Tag::Events",
+        operation_id = "listEvents"
+    )]
     async fn events(&self, state: Data<&Arc<AppState>>) -> EventListResponse {
         respond(list_events(&state).await)
     }
 
     /// Create an event (admin)
-    #[oai(path = "/api/v1/events", method = "post", tag = "Tag::Events")]
+    #[oai(
+        path = "/api/v1/events",
+        method = "post",
+        tag = "Tag::Events",
+        operation_id = "createEvent"
+    )]
     async fn create_event(
         &self,
         auth: AdminAuth,

@@ -240,7 +240,12 @@ impl HoldsApi {
     /// Sets seats aside for the event's hold time (`holdSeconds`), then they go back
     /// on sale unless confirmed. Send a fresh `Idempotency-Key` per intended hold and
     /// repeat it on retries: a repeat gets the first answer back and never holds twice.
-    #[oai(path = "/api/v1/events/:id/holds", method = "post", tag = "Tag::Holds")]
+    #[oai(
+        path = "/api/v1/events/:id/holds",
+        method = "post",
+        tag = "Tag::Holds",
+        operation_id = "holdSeats"
+    )]
     async fn hold(
         &self,
         /// Event id.
@@ -263,7 +268,8 @@ impl HoldsApi {
     #[oai(
         path = "/api/v1/events/:id/holds/:holdId",
         method = "get",
-        tag = "Tag::Holds"
+        tag = "Tag::Holds",
+        operation_id = "getHold"
     )]
     async fn hold_info(
         &self,
@@ -291,7 +297,8 @@ impl HoldsApi {
     #[oai(
         path = "/api/v1/events/:id/holds/:holdId/confirm",
         method = "post",
-        tag = "Tag::Holds"
+        tag = "Tag::Holds",
+        operation_id = "confirmHold"
     )]
     async fn confirm(
         &self,
@@ -312,7 +319,8 @@ impl HoldsApi {
     #[oai(
         path = "/api/v1/events/:id/holds/:holdId",
         method = "delete",
-        tag = "Tag::Holds"
+        tag = "Tag::Holds",
+        operation_id = "releaseHold"
     )]
     async fn release(
         &self,

@@ -56,7 +56,8 @@ api_errors!(ReadyResponse {
     internal => Internal,
 });
 
-/// Sales across every replica, from Redis.
+/// Sales across every replica, from Redis; absent from the stats while Redis is
+/// unreachable.
 #[derive(Debug, Object)]
 #[oai(rename_all = "camelCase")]
 pub struct GlobalSales {
@@ -85,26 +86,43 @@ pub struct StatsBody {
     pub p95_latency: f64,
     pub instance_id: String,
     pub uptime_seconds: u64,
-    /// Global counters; absent while Redis is unreachable.
+    // Global counters, absent while Redis is unreachable. (Documented on
+    // `GlobalSales`: a doc comment here becomes an `allOf` that client generators
+    // handle badly.)
     pub global: Option<GlobalSales>,
 }
 
 #[OpenApi]
 impl OpsApi {
     /// Liveness (seed-compatible)
-    #[oai(path = "/health", method = "get", tag = "Tag::Operations")]
+    #[oai(
+        path = "/health",
+        method = "get",
+        tag = "Tag::Operations",
+        operation_id = "health"
+    )]
     async fn health(&self, state: Data<&Arc<AppState>>) -> Json<Health> {
         health(&state)
     }
 
     /// Liveness: the process answers
-    #[oai(path = "/health/live", method = "get", tag = "Tag::Operations")]
+    #[oai(
+        path = "/health/live",
+        method = "get",
+        tag = "Tag::Operations",
+        operation_id = "healthLive"
+    )]
     async fn live(&self, state: Data<&Arc<AppState>>) -> Json<Health> {
         health(&state)
     }
 
     /// Readiness: Redis and PostgreSQL answer
-    #[oai(path = "/health/ready", method = "get", tag = "Tag::Operations")]
+    #[oai(
+        path = "/health/ready",
+        method = "get",
+        tag = "Tag::Operations",
+        operation_id = "healthReady"
+    )]
     async fn ready(&self, state: Data<&Arc<AppState>>) -> ReadyResponse {
         if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
             return ApiError::new(
@@ -152,7 +170,12 @@ impl OpsApi {
     ///
     /// Requests per route and status with latency histograms, purchases by outcome,
     /// seats sold, Redis script latency, stream backlog, consumer batches and errors.
-    #[oai(path = "/metrics", method = "get", tag = "Tag::Operations")]
+    #[oai(
+        path = "/metrics",
+        method = "get",
+        tag = "Tag::Operations",
+        operation_id = "metrics"
+    )]
     async fn metrics(&self, state: Data<&Arc<AppState>>) -> PlainText<String> {
         PlainText(state.metrics.render())
     }
@@ -160,7 +183,12 @@ impl OpsApi {
     /// Request counters and sales
     ///
     /// The seed's fields describe this instance; `global` adds up every replica.
-    #[oai(path = "/api/v1/stats", method = "get", tag = "Tag::Operations")]
+    #[oai(
+        path = "/api/v1/stats",
+        method = "get",
+        tag = "Tag::Operations",
+        operation_id = "stats"
+    )]
     async fn stats(&self, state: Data<&Arc<AppState>>) -> Json<StatsBody> {
         let local = state.stats.snapshot();
         let global = match global(&state).await {

@@ -119,7 +119,12 @@ impl PurchaseApi {
     /// The seed-compatible purchase. Send a fresh `Idempotency-Key` per intended
     /// purchase and repeat it on retries: a repeat gets the first answer back and never
     /// sells twice.
-    #[oai(path = "/api/v1/purchase", method = "post", tag = "Tag::Purchases")]
+    #[oai(
+        path = "/api/v1/purchase",
+        method = "post",
+        tag = "Tag::Purchases",
+        operation_id = "purchase"
+    )]
     async fn purchase(
         &self,
         /// Unique per intended purchase; 1–255 printable ASCII characters.
@@ -146,7 +151,8 @@ impl PurchaseApi {
     #[oai(
         path = "/api/v1/events/:id/purchase",
         method = "post",
-        tag = "Tag::Purchases"
+        tag = "Tag::Purchases",
+        operation_id = "purchaseEvent"
     )]
     async fn purchase_event(
         &self,

@@ -125,7 +125,12 @@ impl QueueApi {
     /// Join the waiting room
     ///
     /// One ticket per buyer (the `sub` of the buyer token): joining again returns it.
-    #[oai(path = "/api/v1/events/:id/queue", method = "post", tag = "Tag::Queue")]
+    #[oai(
+        path = "/api/v1/events/:id/queue",
+        method = "post",
+        tag = "Tag::Queue",
+        operation_id = "joinQueue"
+    )]
     async fn join(
         &self,
         /// Event id.
@@ -142,7 +147,8 @@ impl QueueApi {
     #[oai(
         path = "/api/v1/events/:id/queue/:ticket",
         method = "get",
-        tag = "Tag::Queue"
+        tag = "Tag::Queue",
+        operation_id = "queueStatus"
     )]
     async fn status(
         &self,

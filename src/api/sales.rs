@@ -107,7 +107,8 @@ impl SalesApi {
     #[oai(
         path = "/api/v1/events/:id/purchases/:purchaseId",
         method = "get",
-        tag = "Tag::Sales"
+        tag = "Tag::Sales",
+        operation_id = "getSale"
     )]
     async fn sale(
         &self,
@@ -139,7 +140,8 @@ impl SalesApi {
     #[oai(
         path = "/api/v1/events/:id/purchases/:purchaseId/cancel",
         method = "post",
-        tag = "Tag::Sales"
+        tag = "Tag::Sales",
+        operation_id = "cancelSale"
     )]
     async fn cancel(
         &self,
