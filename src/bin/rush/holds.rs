@@ -10,14 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request};
+use hyper::Method;
 use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::load::{Answer, Sender, Target, connect, send, targets};
+use crate::load::{Answer, Sender, Target, connect, request, send, sign_buyer_tokens, targets};
 use crate::report::Check;
 
 /// How a `rush holds` run goes.
@@ -115,14 +113,17 @@ pub async fn run(plan: Plan) -> Result<Outcome, String> {
     let targets = targets(&plan.urls).await?;
     let run = Uuid::new_v4().simple().to_string()[..12].to_owned();
     let event = create_event(&targets[0], &plan, &run).await?;
-    let tokens = (0..plan.buyers)
-        .map(|i| {
-            plan.buyer_key
-                .as_deref()
-                .map(|key| buyer_token(key, &format!("rush-{run}-{i}"), &plan))
-                .transpose()
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let tokens: Vec<Option<String>> = match &plan.buyer_key {
+        Some(key) => {
+            let valid_for =
+                plan.duration + Duration::from_secs(u64::from(plan.hold_seconds) + 3_600);
+            sign_buyer_tokens(key, &run, plan.buyers, valid_for)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => vec![None; plan.buyers],
+    };
     let started = Instant::now();
     let shared = Arc::new(Shared {
         plan: plan.clone(),
@@ -189,7 +190,7 @@ async fn create_event(target: &Target, plan: &Plan, run: &str) -> Result<Uuid, S
         Method::POST,
         "/api/v1/events",
         &[("authorization", &format!("Bearer {}", plan.admin_token))],
-        Some(body),
+        Some(&body),
     );
     let answer = send(&mut sender, request, Duration::from_secs(10)).await?;
     let body: Value = serde_json::from_slice(&answer.body).unwrap_or_default();
@@ -200,44 +201,6 @@ async fn create_event(target: &Target, plan: &Plan, run: &str) -> Result<Uuid, S
             answer.status
         )),
     }
-}
-
-fn buyer_token(key: &str, sub: &str, plan: &Plan) -> Result<String, String> {
-    let exp = jsonwebtoken::get_current_timestamp()
-        + plan.duration.as_secs()
-        + u64::from(plan.hold_seconds)
-        + 3_600;
-    let key = jsonwebtoken::EncodingKey::from_secret(key.as_bytes()).map_err(|e| e.to_string())?;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": sub, "exp": exp}),
-        &key,
-    )
-    .map_err(|e| format!("signing a buyer token: {e}"))
-}
-
-fn request(
-    target: &Target,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> Request<Full<Bytes>> {
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", target.authority());
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    let body = match body {
-        Some(body) => {
-            builder = builder.header("content-type", "application/json");
-            Bytes::from(body.to_string())
-        }
-        None => Bytes::new(),
-    };
-    builder.body(Full::new(body)).expect("valid request")
 }
 
 /// A fixed hash of `n` in [0, 1): spreads the actions without an RNG to seed.
@@ -334,7 +297,7 @@ impl Client {
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
-        let request = request(&self.target, method, path, &headers, body);
+        let request = request(&self.target, method, path, &headers, body.as_ref());
         self.tally.requests += 1;
         let answer: Result<Answer, String> = async {
             let mut sender = match self.sender.take() {
@@ -638,12 +601,12 @@ async fn rows(url: &str, event: Uuid, tally: &Tally, outcome: &Outcome, limit: u
     }
 }
 
-impl Outcome {
-    pub fn passed(&self) -> bool {
+impl crate::Verdict for Outcome {
+    fn passed(&self) -> bool {
         self.checks.iter().all(|c| c.ok)
     }
 
-    pub fn print(&self, json: bool) {
+    fn print(&self, json: bool) {
         if json {
             println!(
                 "{}",
@@ -674,9 +637,6 @@ impl Outcome {
         let mut refusals: Vec<_> = self.refusals.iter().collect();
         refusals.sort();
         println!("statuses {statuses:?}; refusals {refusals:?}");
-        for check in &self.checks {
-            let mark = if check.ok { "ok  " } else { "FAIL" };
-            println!("  {mark} {}: {}", check.name, check.detail);
-        }
+        crate::report::print_checks(&self.checks);
     }
 }

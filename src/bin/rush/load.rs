@@ -44,13 +44,6 @@ pub struct Target {
     addr: SocketAddr,
 }
 
-impl Target {
-    /// `host:port` as the `Host` header carries it.
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
-}
-
 pub async fn targets(urls: &[String]) -> Result<Vec<Target>, String> {
     let mut targets = Vec::new();
     for url in urls {
@@ -190,12 +183,28 @@ fn purchase_request(
 /// Buyer tokens for `--buyers` buyers when `--buyer-key` is given: request `n` is
 /// sent as buyer `n % buyers`.
 pub fn buyer_tokens(common: &Common, run: &str) -> Result<Vec<String>, String> {
-    let Some(key) = &common.buyer_key else {
-        return Ok(Vec::new());
-    };
-    let exp = jsonwebtoken::get_current_timestamp() + 24 * 3600;
+    match &common.buyer_key {
+        Some(key) => sign_buyer_tokens(
+            key,
+            run,
+            common.buyers.max(1),
+            Duration::from_secs(24 * 3600),
+        ),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// HS256 tokens for buyers `rush-<run>-0` … `rush-<run>-<count − 1>`, valid for
+/// `valid_for`, signed with the servers' buyer key.
+pub fn sign_buyer_tokens(
+    key: &str,
+    run: &str,
+    count: usize,
+    valid_for: Duration,
+) -> Result<Vec<String>, String> {
+    let exp = jsonwebtoken::get_current_timestamp() + valid_for.as_secs();
     let key = jsonwebtoken::EncodingKey::from_secret(key.as_bytes()).map_err(|e| e.to_string())?;
-    (0..common.buyers.max(1))
+    (0..count)
         .map(|i| {
             jsonwebtoken::encode(
                 &jsonwebtoken::Header::default(),
@@ -205,6 +214,31 @@ pub fn buyer_tokens(common: &Common, run: &str) -> Result<Vec<String>, String> {
             .map_err(|e| format!("signing a buyer token: {e}"))
         })
         .collect()
+}
+
+/// A request of the lifecycle and queue modes: `body`, if any, sent as JSON.
+pub fn request(
+    target: &Target,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", &target.authority);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let body = match body {
+        Some(body) => {
+            builder = builder.header("content-type", "application/json");
+            Bytes::from(body.to_string())
+        }
+        None => Bytes::new(),
+    };
+    builder.body(Full::new(body)).expect("valid request")
 }
 
 fn token(tokens: &[String], n: u64) -> Option<&str> {

@@ -338,20 +338,7 @@ async fn main() -> ExitCode {
                 database_url,
                 timeout,
             };
-            return match holds::run(plan).await {
-                Ok(outcome) => {
-                    outcome.print(json);
-                    if outcome.passed() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("rush: {e}");
-                    ExitCode::from(2)
-                }
-            };
+            return finish(holds::run(plan).await, json);
         }
         Mode::Queue {
             urls,
@@ -384,20 +371,7 @@ async fn main() -> ExitCode {
                 redis_url,
                 timeout,
             };
-            return match queue::run(plan).await {
-                Ok(outcome) => {
-                    outcome.print(json);
-                    if outcome.passed() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("rush: {e}");
-                    ExitCode::from(2)
-                }
-            };
+            return finish(queue::run(plan).await, json);
         }
         Mode::Seed { common, users } => load::seed(&common, users).await.map(|r| (common, r)),
         Mode::Sustained {
@@ -427,6 +401,31 @@ async fn main() -> ExitCode {
             let ok = verify::run(&common, &mut report).await;
             report.print(common.json);
             if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("rush: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// What a self-checking mode (`holds`, `queue`) found.
+pub trait Verdict {
+    fn print(&self, json: bool);
+    fn passed(&self) -> bool;
+}
+
+/// Prints a self-checking mode's outcome; exit 1 when a check failed, 2 when the run
+/// could not be made.
+fn finish(result: Result<impl Verdict, String>, json: bool) -> ExitCode {
+    match result {
+        Ok(outcome) => {
+            outcome.print(json);
+            if outcome.passed() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

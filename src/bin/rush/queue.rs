@@ -10,16 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use http_body_util::Full;
-use hyper::{Method, Request};
+use hyper::Method;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::load::{Answer, Sender, Target, connect, send, targets};
+use crate::load::{Answer, Sender, Target, connect, request, send, sign_buyer_tokens, targets};
 use crate::report::Check;
 
 #[derive(Debug, Clone)]
@@ -141,22 +139,13 @@ impl Pool {
         headers: &[(&str, &str)],
         body: &Option<Value>,
     ) -> Result<(u16, Value), String> {
-        let target = &self.targets[t];
-        let mut builder = Request::builder()
-            .method(method.clone())
-            .uri(path)
-            .header("host", target.authority());
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        let body = match body {
-            Some(body) => {
-                builder = builder.header("content-type", "application/json");
-                Bytes::from(body.to_string())
-            }
-            None => Bytes::new(),
-        };
-        let request = builder.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let request = request(
+            &self.targets[t],
+            method.clone(),
+            path,
+            headers,
+            body.as_ref(),
+        );
         self.requests.fetch_add(1, Ordering::Relaxed);
         let answer: Answer = send(sender, request, self.timeout).await?;
         Ok((
@@ -212,19 +201,12 @@ pub async fn run(plan: Plan) -> Result<Outcome, String> {
         (201, Some(id)) => id.parse().map_err(|e| format!("{e}"))?,
         _ => return Err(format!("creating the queued event: {status} {body}")),
     };
-    let key = jsonwebtoken::EncodingKey::from_secret(plan.buyer_key.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let exp = jsonwebtoken::get_current_timestamp() + 3_600;
-    let tokens: Vec<String> = (0..plan.buyers)
-        .map(|i| {
-            jsonwebtoken::encode(
-                &jsonwebtoken::Header::default(),
-                &json!({"sub": format!("rush-{run}-{i}"), "exp": exp}),
-                &key,
-            )
-            .map_err(|e| e.to_string())
-        })
-        .collect::<Result<_, _>>()?;
+    let tokens = sign_buyer_tokens(
+        &plan.buyer_key,
+        &run,
+        plan.buyers,
+        Duration::from_secs(3_600),
+    )?;
 
     let early = (plan.buyers as f64 * plan.early_share).round() as usize;
     let mut seen: Vec<Seen> = vec![Seen::default(); plan.buyers];
@@ -578,12 +560,12 @@ async fn check(
     }
 }
 
-impl Outcome {
-    pub fn passed(&self) -> bool {
+impl crate::Verdict for Outcome {
+    fn passed(&self) -> bool {
         self.checks.iter().all(|c| c.ok)
     }
 
-    pub fn print(&self, json: bool) {
+    fn print(&self, json: bool) {
         if json {
             println!(
                 "{}",
@@ -618,9 +600,6 @@ impl Outcome {
             self.sneaks_refused,
             self.sneaks
         );
-        for check in &self.checks {
-            let mark = if check.ok { "ok  " } else { "FAIL" };
-            println!("  {mark} {}: {}", check.name, check.detail);
-        }
+        crate::report::print_checks(&self.checks);
     }
 }

@@ -26,6 +26,14 @@ pub struct Check {
     pub detail: String,
 }
 
+/// Prints checks one to a line, as the lifecycle and queue modes report them.
+pub fn print_checks(checks: &[Check]) {
+    for check in checks {
+        let mark = if check.ok { "ok  " } else { "FAIL" };
+        println!("  {mark} {}: {}", check.name, check.detail);
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub mode: &'static str,
