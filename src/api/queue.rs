@@ -192,9 +192,8 @@ async fn join(state: &AppState, event: Uuid, auth: &BuyerAuth) -> Result<JoinRes
     };
     let (ticket, room) = joined;
     crate::metrics::queue_joined();
-    Ok(JoinResponse::Accepted(Json(answer(
-        state, event, &buyer, ticket, &room,
-    )?)))
+    let (status, _) = answer(state, event, &buyer, ticket, &room)?;
+    Ok(JoinResponse::Accepted(Json(status)))
 }
 
 async fn status(
@@ -220,8 +219,8 @@ async fn status(
     let Some((ticket, joined_ms)) = held.filter(|(ticket, _)| *ticket == asked) else {
         return Err(not_found());
     };
-    let status = answer(state, event, &buyer, ticket, &room)?;
-    if let Some(Standing::Admitted { admitted_at_ms }) = room.standing(ticket)
+    let (status, standing) = answer(state, event, &buyer, ticket, &room)?;
+    if let Standing::Admitted { admitted_at_ms } = standing
         && state
             .queue
             .first_admission(event, &buyer, room.now_ms)
@@ -236,13 +235,14 @@ async fn status(
     Ok(StatusResponse::Ok(Json(status)))
 }
 
+/// What a buyer is told about `ticket`, and where it stands.
 fn answer(
     state: &AppState,
     event: Uuid,
     buyer: &Buyer,
     ticket: Ticket,
     room: &Room,
-) -> Result<QueueStatus, ApiError> {
+) -> Result<(QueueStatus, Standing), ApiError> {
     let joined = room.early + room.late;
     let admitted = room.admitted().min(joined);
     crate::metrics::queue_room(event, joined - admitted, admitted);
@@ -286,5 +286,5 @@ fn answer(
             status.expires_at = Some(time(expires_ms / 1000 * 1000));
         }
     }
-    Ok(status)
+    Ok((status, standing))
 }
