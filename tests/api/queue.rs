@@ -278,3 +278,43 @@ async fn tickets_belong_to_their_buyer_and_plain_events_have_no_queue() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn after_redis_loses_its_data_the_room_starts_empty_and_issued_admissions_still_admit() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = queued_event(&app, -1_000, 1_000, 60).await;
+    let ann = buyer_token("ann");
+    let ticket = join(&app, event, &ann).await.body["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let admitted = wait_for_admission(&app, event, &ticket, &ann).await;
+    let admission = admitted.body["admissionToken"].as_str().unwrap().to_owned();
+
+    env.lose_redis_data().await;
+
+    // The ticket went with the room; the admission, a signed token, did not.
+    assert_eq!(
+        poll(&app, event, &ticket, &ann).await.code(),
+        "TICKET_NOT_FOUND"
+    );
+    let sold = app
+        .send(
+            app.client
+                .post(app.url(&format!("/api/v1/events/{event}/purchase")))
+                .header("Idempotency-Key", "after-loss")
+                .header("Admission-Token", &admission)
+                .bearer_auth(&ann)
+                .json(&json!({"quantity": 1})),
+        )
+        .await;
+    assert_eq!(sold.status, StatusCode::OK, "{:?}", sold.body);
+    // The room is back, empty, with its settings: joining again is joining anew,
+    // after the opening, and admission follows.
+    let again = join(&app, event, &buyer_token("bo")).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{:?}", again.body);
+    assert_eq!(again.body["ticket"], "o1");
+    let rejoined = join(&app, event, &ann).await;
+    assert_eq!(rejoined.body["ticket"], "o2");
+}
