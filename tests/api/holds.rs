@@ -433,3 +433,22 @@ async fn a_hold_redis_forgot_was_confirmed_is_settled_from_postgresql_not_sold_t
     let info = app.get(&format!("/api/v1/events/{event}/holds/{id}")).await;
     assert_eq!(info.body["state"], "confirmed");
 }
+
+#[tokio::test]
+async fn holds_are_lost_with_redis_data_and_their_seats_return() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("lost-holds", 4).await;
+    let held = app.hold(event, "lost-1", 3, None).await;
+    let id = hold_id(&held);
+
+    env.lose_redis_data().await;
+
+    assert_eq!(seats(&app, event).await, (0, 0, 4));
+    assert_eq!(app.confirm(event, &id).await.code(), "HOLD_NOT_FOUND");
+    // The hold request's record went too: its retry makes a new hold.
+    let again = app.hold(event, "lost-1", 3, None).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(!again.replayed);
+    assert_ne!(hold_id(&again), id);
+}
