@@ -9,8 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "hadolint Dockerfile"
-hadolint Dockerfile
+echo "hadolint Dockerfile deploy/nginx/Dockerfile"
+hadolint Dockerfile deploy/nginx/Dockerfile
 
 echo "docker-compose.yml against the Compose specification"
 check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
@@ -25,8 +25,9 @@ kubectl kustomize k8s/ | kubernetes-validate --strict --quiet -
 echo "nginx -t on deploy/nginx (the compose configs with the real shared routes file)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp deploy/nginx/boxoffice.conf "$work/boxoffice.conf"
+cp deploy/nginx/boxoffice.conf deploy/nginx/storefront.conf "$work/"
 sed -e "s|/etc/nginx/boxoffice.conf|$work/boxoffice.conf|" \
+    -e "s|/etc/nginx/storefront.conf|$work/storefront.conf|" \
     deploy/nginx/compose.conf >"$work/site.conf"
 temp_paths="client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;"
 temp_paths+=" uwsgi_temp_path $work; scgi_temp_path $work;"

@@ -93,12 +93,26 @@ user=$(docker image inspect -f '{{.Config.User}}' boxoffice:local)
 [[ -n $user && $user != root && $user != 0* ]] || fail "the image runs as root ($user)"
 echo "runs as $user; HEALTHCHECK: $(docker image inspect -f '{{json .Config.Healthcheck.Test}}' boxoffice:local)"
 
+step "docker build deploy/nginx/Dockerfile (nginx with the buyer's page built by npm)"
+build_started=$(date +%s)
+DOCKER_BUILDKIT=0 docker build -q -t boxoffice-nginx:local -f deploy/nginx/Dockerfile . >"$log" 2>&1 ||
+    { cat "$log"; fail "docker build of the nginx image"; }
+echo "built boxoffice-nginx:local in $(($(date +%s) - build_started)) s"
+
 step "docker compose up: Redis, PostgreSQL, migration, 3 replicas, nginx on :3000"
 compose down -v --remove-orphans >/dev/null 2>&1 || true
 ADMIN_TOKEN=$TOKEN compose up -d
 wait_healthy 3
 for _ in $(seq 1 60); do curl -fs localhost:3000/health/ready >/dev/null && break; sleep 0.5; done
 database="postgres://boxoffice:boxoffice@$(container_ip "$(compose ps -q postgres)"):5432/boxoffice"
+
+step "the buyer's page at /shop/, beside the API"
+curl -fs localhost:3000/shop/ >"$log" || fail "GET /shop/"
+grep -q 'id="event-name"' "$log" || fail "/shop/ is not the storefront page"
+bundle=$(grep -oE '/shop/assets/[^"]+\.js' "$log" | head -n 1)
+type=$(curl -fs -o /dev/null -w '%{content_type}' "localhost:3000$bundle") || fail "GET $bundle"
+[[ $type == text/javascript* ]] || fail "$bundle served as '$type'"
+echo "/shop/ serves the page; $bundle as $type"
 
 step "rush seed through nginx, verified against PostgreSQL"
 "$RUSH" seed --url http://127.0.0.1:3000 --event "$(new_event seed 1000)" --users 1000 \

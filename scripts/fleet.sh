@@ -10,6 +10,7 @@
 # Replicas read REDIS_URL, DATABASE_URL, ADMIN_TOKEN, BOXOFFICE_KEY_PREFIX, ... from
 # the environment like `boxoffice serve`. State (pids, logs, nginx.conf) goes to
 # $FLEET_DIR (target/fleet). Uses target/release/boxoffice, building it if missing.
+# The buyer's page (examples/storefront) is served at /shop/, built with npm if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,16 @@ wait_ready() { # port
     done
     echo "replica on port $1 did not become ready (see $DIR/app-*.log)" >&2
     return 1
+}
+
+# The buyer's page at /shop/, built once with npm (skipped, with a note, without it).
+build_shop() {
+    if ! command -v npm >/dev/null; then
+        echo "npm is not installed: /shop/ will answer 404 (see examples/storefront)" >&2
+        return
+    fi
+    (cd examples/storefront && npm ci --no-audit --no-fund --loglevel=error && npm run -s build) >"$DIR/shop-build.log" 2>&1 ||
+        { cat "$DIR/shop-build.log" >&2; exit 1; }
 }
 
 up() {
@@ -59,6 +70,9 @@ up() {
     routes=$(realpath deploy/nginx/boxoffice.conf)
     local state
     state=$(realpath "$DIR")
+    local shop
+    shop=$(realpath examples/storefront)/dist
+    [[ -f $shop/shop/index.html ]] || build_shop
     cat >"$DIR/nginx.conf" <<CONF
 # Rendered by scripts/fleet.sh; the routes are deploy/nginx/boxoffice.conf.
 pid $state/nginx.pid;
@@ -85,6 +99,8 @@ $servers        keepalive 64;
         listen 127.0.0.1:$PORT backlog=4096;
         set \$boxoffice_backend boxoffice;
         include $routes;
+        root $shop;
+        include $(realpath deploy/nginx/storefront.conf);
     }
 }
 CONF

@@ -10,6 +10,8 @@
 #   postgres:16-alpine                   Debian's PostgreSQL (15), entrypoint honouring
 #                                        POSTGRES_USER/PASSWORD/DB like the official one
 #   nginx:1.27-alpine                    Debian's nginx (1.22)
+#   node:20-bookworm-slim                this machine's Node.js (20) and npm, which reach
+#                                        the npm registry the way this machine does
 #
 # Images that already exist are left alone (pulled official ones included), so the
 # script is safe to run on any machine. The base is a `debootstrap --variant=minbase`
@@ -219,11 +221,37 @@ CMD ["nginx", "-g", "daemon off;"]
 DOCKERFILE
 }
 
+node_image() {
+    local name=node:20-bookworm-slim context node npm
+    have "$name" && return
+    node=$(command -v node || true)
+    npm=$(dirname "$(realpath "$(command -v npm || echo /nonexistent)")")/..
+    if [[ -z $node || ! -f $npm/package.json ]] || ! "$node" -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)'; then
+        echo "node:20-bookworm-slim needs Node.js >= 20 and npm on this machine" >&2
+        return 1
+    fi
+    context=$(mktemp -d)
+    cp "$(realpath "$node")" "$context/node"
+    cp -r "$(realpath "$npm")" "$context/npm"
+    cp /etc/ssl/certs/ca-certificates.crt "$context/"
+    build "$name" "$context" <<DOCKERFILE
+FROM $BASE
+COPY node /usr/local/bin/node
+COPY npm /usr/local/lib/node_modules/npm
+COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \\
+    && ln -s ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx
+ENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt
+CMD ["node"]
+DOCKERFILE
+    rm -rf "$context"
+}
+
 command -v docker >/dev/null || { echo "docker is needed" >&2; exit 1; }
 if ! have "$BASE"; then
     missing=0
     for image in rust:1.95-slim-bookworm gcr.io/distroless/cc-debian12:nonroot \
-        redis:7.2-alpine postgres:16-alpine nginx:1.27-alpine; do
+        redis:7.2-alpine postgres:16-alpine nginx:1.27-alpine node:20-bookworm-slim; do
         have "$image" || missing=1
     done
     ((missing)) || exit 0
@@ -235,4 +263,5 @@ distroless_image
 redis_image
 postgres_image
 nginx_image
-docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^(rust|gcr.io|redis|postgres|nginx|boxoffice)' >&2
+node_image
+docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^(rust|gcr.io|redis|postgres|nginx|node|boxoffice)' >&2

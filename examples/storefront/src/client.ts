@@ -1,0 +1,118 @@
+// The API client generated from openapi/openapi.json (openapi-typescript types,
+// openapi-fetch calls), and what the page needs around it: the buyer's token, the
+// server's clock, and the one rule for retrying.
+
+import createClient from "openapi-fetch";
+import type { components, paths } from "./generated/api";
+
+export type Event = components["schemas"]["Event"];
+export type ErrorBody = components["schemas"]["ErrorBody"];
+export type ErrorCode = components["schemas"]["ErrorCode"];
+export type PurchaseOk = components["schemas"]["PurchaseOk"];
+export type HoldCreated = components["schemas"]["HoldCreated"];
+export type HoldInfo = components["schemas"]["HoldInfo"];
+export type QueueStatus = components["schemas"]["QueueStatus"];
+
+// Same origin as the page: nginx serves both /shop/ and /api/.
+export const api = createClient<paths>({ baseUrl: location.origin });
+
+const TOKEN_KEY = "boxoffice.buyerToken";
+
+/**
+ * The buyer's JWT, which the site's sign-in hands over in the URL fragment
+ * (`/shop/#buyer=<jwt>`, never sent to a server) or leaves in sessionStorage. It is
+ * moved out of the address bar at once so it is not bookmarked or shared.
+ */
+export function buyerToken(): string | undefined {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const fromLink = fragment.get("buyer");
+  if (fromLink) {
+    sessionStorage.setItem(TOKEN_KEY, fromLink);
+    fragment.delete("buyer");
+    const rest = fragment.toString();
+    history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+  }
+  return sessionStorage.getItem(TOKEN_KEY) ?? undefined;
+}
+
+/** Who the token names (`sub`), for display only: the server verifies it. */
+export function buyerName(token: string): string | undefined {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const sub: unknown = JSON.parse(atob(payload)).sub;
+    return typeof sub === "string" ? sub : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+api.use({
+  onRequest({ request }) {
+    const token = buyerToken();
+    if (token) request.headers.set("Authorization", `Bearer ${token}`);
+    return request;
+  },
+  onResponse({ response }) {
+    noteServerTime(response);
+    return response;
+  },
+});
+
+// Hold expiry and queue opening are the server's times: count down against its
+// clock, learned from each answer's Date header (to the second), not the device's.
+let clockOffsetMs = 0;
+
+function noteServerTime(response: Response) {
+  const date = Date.parse(response.headers.get("date") ?? "");
+  if (!Number.isNaN(date)) clockOffsetMs = date + 500 - Date.now();
+}
+
+export function serverNow(): number {
+  return Date.now() + clockOffsetMs;
+}
+
+/** What one call came to: an answer the server stands by, or none we can trust. */
+export type Outcome<T> =
+  | { kind: "ok"; data: T; response: Response }
+  | { kind: "refused"; status: number; error: ErrorBody }
+  | { kind: "unknown"; reason: string };
+
+type Answer<T> = { data?: T; error?: unknown; response: Response };
+
+/**
+ * Runs `call` until the server gives a definite answer, at most `attempts` times.
+ * No answer, a timeout, 429 or a 5xx leaves the outcome unknown: the call is sent
+ * again as it was — with the same Idempotency-Key, so a sale the lost answer made is
+ * replayed, never made twice.
+ */
+export async function untilAnswered<T>(call: () => Promise<Answer<T>>, attempts = 4): Promise<Outcome<T>> {
+  let last: Outcome<T> = { kind: "unknown", reason: "not sent" };
+  for (let attempt = 0; attempt < attempts; attempt++) {
+    if (attempt > 0) await sleep(400 * 2 ** (attempt - 1) * (0.5 + Math.random()));
+    let answer: Answer<T>;
+    try {
+      answer = await call();
+    } catch (e) {
+      last = { kind: "unknown", reason: e instanceof Error ? e.message : String(e) };
+      continue;
+    }
+    const { status } = answer.response;
+    // A 204 has no body: `data` is then undefined, which `T` says (e.g. `never`).
+    if (answer.response.ok) return { kind: "ok", data: answer.data as T, response: answer.response };
+    if (status === 408 || status === 429 || status >= 500) {
+      last = { kind: "unknown", reason: `HTTP ${status}` };
+      continue;
+    }
+    return { kind: "refused", status, error: asErrorBody(answer.error, status) };
+  }
+  return last;
+}
+
+function asErrorBody(error: unknown, status: number): ErrorBody {
+  if (error && typeof error === "object" && "error" in error && "message" in error) return error as ErrorBody;
+  return { error: "INTERNAL_ERROR", message: `HTTP ${status}` };
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
