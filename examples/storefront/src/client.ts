@@ -46,29 +46,41 @@ export function buyerName(token: string): string | undefined {
   }
 }
 
+const sentAt = new Map<string, number>();
+
 api.use({
-  onRequest({ request }) {
+  onRequest({ request, id }) {
     const token = buyerToken();
     if (token) request.headers.set("Authorization", `Bearer ${token}`);
+    sentAt.set(id, Date.now());
     return request;
   },
-  onResponse({ response }) {
-    noteServerTime(response);
+  onResponse({ response, id }) {
+    noteServerTime(response, sentAt.get(id) ?? Date.now());
+    sentAt.delete(id);
     return response;
   },
 });
 
 // Hold expiry and queue opening are the server's times: count down against its
-// clock, learned from each answer's Date header (to the second), not the device's.
-let clockOffsetMs = 0;
+// clock, not the device's. Each answer's Date header (whole seconds) bounds the
+// difference: the server read its clock, somewhere in [Date, Date + 1 s), between our
+// sending and our receiving. Every answer narrows the bounds; their middle is used.
+let low = -Infinity;
+let high = Infinity;
 
-function noteServerTime(response: Response) {
+function noteServerTime(response: Response, sent: number) {
   const date = Date.parse(response.headers.get("date") ?? "");
-  if (!Number.isNaN(date)) clockOffsetMs = date + 500 - Date.now();
+  if (Number.isNaN(date)) return;
+  const received = Date.now();
+  const [l, h] = [date - received, date + 1000 - sent];
+  // Bounds that no longer overlap mean a clock was set: start again from this answer.
+  if (l > high || h < low) [low, high] = [l, h];
+  else [low, high] = [Math.max(low, l), Math.min(high, h)];
 }
 
 export function serverNow(): number {
-  return Date.now() + clockOffsetMs;
+  return Number.isFinite(low) ? Date.now() + (low + high) / 2 : Date.now();
 }
 
 /** What one call came to: an answer the server stands by, or none we can trust. */

@@ -137,7 +137,11 @@ function render() {
     button.disabled = state.busy;
     button.setAttribute("aria-busy", String(state.busy));
   }
-  ui.orderHint.textContent = event.maxPerBuyer ? `At most ${tickets(event.maxPerBuyer)} per buyer.` : "";
+  ui.orderHint.textContent = !event.maxPerBuyer
+    ? ""
+    : state.token
+      ? `At most ${tickets(event.maxPerBuyer)} per buyer.`
+      : `Please sign in to buy: at most ${tickets(event.maxPerBuyer)} per buyer.`;
 }
 
 function renderQueue() {
@@ -221,6 +225,7 @@ async function send(intent: Intent) {
   };
   const params = { path: { id: intent.eventId }, header: headers };
   const body = { quantity: intent.quantity };
+  const started = Date.now();
   let outcome: Outcome<PurchaseOk | HoldCreated>;
   if (intent.kind === "purchase") {
     outcome = await untilAnswered(() => api.POST("/api/v1/events/{id}/purchase", { params, body }));
@@ -236,7 +241,9 @@ async function send(intent: Intent) {
       showReceipt(outcome.data as PurchaseOk);
     } else if (outcome.kind === "ok") {
       const hold = outcome.data as HoldCreated;
-      state.held = { holdId: hold.holdId, quantity: hold.quantity, expiresAt: Date.parse(hold.expiresAt) };
+      // Never later than the hold's length after we asked, whatever the clocks say.
+      const expiresAt = Math.min(Date.parse(hold.expiresAt), serverNow() - Date.now() + started + (state.event?.holdSeconds ?? 0) * 1000);
+      state.held = { holdId: hold.holdId, quantity: hold.quantity, expiresAt };
       stored.set("hold", state.held);
       say(`${tickets(hold.quantity)} held for you until ${clock(state.held.expiresAt)}.`);
       tick();
@@ -309,13 +316,15 @@ async function checkHold(held: Held) {
     ticking = window.setTimeout(() => void checkHold(held), 500);
     return;
   }
-  if (outcome.kind === "ok" && outcome.data.state === "confirmed") {
-    forgetHold();
-    say(`These ${tickets(held.quantity)} were bought.`);
-  } else {
-    forgetHold();
-    complain("Your hold expired, and the seats went back on sale.");
+  if (outcome.kind === "unknown") {
+    ticking = window.setTimeout(() => void checkHold(held), 2000);
+    return;
   }
+  forgetHold();
+  if (outcome.kind === "refused") complain(buyerWords(outcome.error, state.event));
+  else if (outcome.data.state === "confirmed") say(`These ${tickets(held.quantity)} were bought.`);
+  else if (outcome.data.state === "released") say("Released. The seats are back on sale.");
+  else complain(buyerWords({ error: "HOLD_EXPIRED", message: "" }, state.event));
   await refresh();
 }
 

@@ -143,6 +143,37 @@ test("an answer lost on the way back is retried with the same key: one sale, and
   await context.close();
 });
 
+test("when no answer comes back at all, Try again and a reload finish the same order: one sale", async () => {
+  const { id } = await createEvent({ totalSeats: 10 });
+  const { page, context } = await open(id);
+  const sent = purchasesSent(page);
+  const sales = [];
+  // Every attempt reaches the server; no answer reaches the page.
+  await page.route("**/api/v1/events/*/purchase", async (route) => {
+    sales.push((await (await route.fetch()).json()).purchaseId);
+    await route.abort("connectionreset");
+  });
+  await page.getByLabel("Number of tickets").selectOption("2");
+  await page.getByRole("button", { name: "Buy now" }).click();
+  await page.getByRole("alert").getByText(/did not answer\. Your order is kept/).waitFor({ timeout: 15_000 });
+  assert.equal(sent.length, 4, "four attempts, then the buyer decides");
+  assert.ok(await page.getByLabel("Number of tickets").isDisabled(), "the quantity of a pending order is fixed");
+
+  await page.getByRole("button", { name: "Try again" }).click();
+  await page.getByRole("alert").getByText(/did not answer/).waitFor({ timeout: 15_000 });
+  assert.equal(sent.length, 8);
+
+  // The connection is back; the buyer reloads instead of clicking.
+  await page.unroute("**/api/v1/events/*/purchase");
+  await page.reload();
+  await page.locator("#receipt").getByText(/2 tickets bought/).waitFor();
+  assert.equal(new Set(sent).size, 1, `one key for every attempt: ${sent}`);
+  assert.equal(new Set(sales).size, 1, "every attempt got the first sale back");
+  assert.match(await page.locator("#receipt-text").textContent(), new RegExp(sales[0]));
+  assert.equal((await event(id)).seatsSold, 2);
+  await context.close();
+});
+
 test("a sold-out event says so, both when the page opens and when the last seats go first", async () => {
   const { id } = await createEvent({ totalSeats: 2 });
   const { page, context } = await open(id);
