@@ -43,6 +43,6 @@ curl -fsS -o /dev/null "127.0.0.1:$FLEET_PORT/shop/" || { echo "/shop/ is not se
 
 echo "== the page in headless Chromium"
 screenshot=${1:+$(realpath -m "$1")}
-cd examples/storefront
-BOXOFFICE_URL="http://127.0.0.1:$FLEET_PORT" BUYER_JWT_KEY=$BOXOFFICE_BUYER_JWT_KEY \
-    SCREENSHOT=$screenshot npm test
+# In a subshell: the cleanup on exit runs from the repository's root.
+(cd examples/storefront && BOXOFFICE_URL="http://127.0.0.1:$FLEET_PORT" \
+    BUYER_JWT_KEY=$BOXOFFICE_BUYER_JWT_KEY SCREENSHOT=$screenshot npm test)
