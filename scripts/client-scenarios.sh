@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# == 3 ]] || { echo "usage: $0 BASE_URL ADMIN_TOKEN BUYER_JWT_KEY" >&2; exit 2; }
 
-python3 -m pip install -q --disable-pip-version-check "openapi-python-client==0.29.0"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "openapi-python-client==0.29.0"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 openapi-python-client generate --path openapi/openapi.json --output-path "$work/client" \
@@ -25,7 +25,7 @@ if grep -qiE 'warning|unable|removal|error' "$work/generate.log"; then
     echo "openapi-python-client reported problems with openapi/openapi.json (above)" >&2
     exit 1
 fi
-python3 -m pip install -q --disable-pip-version-check "$work/client"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "$work/client"
 python3 examples/clients/python/scenario.py "$@"
 
 cd examples/clients/typescript
