@@ -494,18 +494,9 @@ impl Gate {
             })
             .await?;
         decision(reply, quantity, |record| match record {
-            Record::Sold {
-                quantity,
-                seats_remaining,
-                purchase_id,
-            } => Some(Outcome::Done(Sale {
-                purchase_id,
-                quantity,
-                seats_remaining,
-            })),
             Record::Refused { .. } => Some(Outcome::SoldOut),
             Record::OverLimit { .. } => Some(Outcome::BuyerLimit),
-            _ => None,
+            sold => sale(sold).map(Outcome::Done),
         })
     }
 
@@ -553,20 +544,11 @@ impl Gate {
         let reply = self
             .decide_on_sale(event, || Ask::Confirm { hold_id })
             .await?;
-        let sold = |record: &str, replayed| match Record::parse(record) {
-            Some(Record::Sold {
-                quantity,
-                seats_remaining,
-                purchase_id,
-            }) => Ok(Confirmation::Sold {
-                sale: Sale {
-                    purchase_id,
-                    quantity,
-                    seats_remaining,
-                },
-                replayed,
-            }),
-            _ => Err(unexpected("confirmation", record)),
+        let sold = |record: &str, replayed| {
+            Record::parse(record)
+                .and_then(sale)
+                .map(|sale| Confirmation::Sold { sale, replayed })
+                .ok_or_else(|| unexpected("confirmation", record))
         };
         match reply {
             Reply::New(record) => sold(&record, false),
@@ -791,6 +773,22 @@ impl Gate {
 /// The outcome of a purchase or hold from the script's reply: `kind` reads the
 /// records of the request's own kind; any other record under the key means the key
 /// was used for the other kind of request.
+/// The sale a record tells of, whether a purchase or a hold's confirmation made it.
+fn sale(record: Record) -> Option<Sale> {
+    match record {
+        Record::Sold {
+            quantity,
+            seats_remaining,
+            purchase_id,
+        } => Some(Sale {
+            purchase_id,
+            quantity,
+            seats_remaining,
+        }),
+        _ => None,
+    }
+}
+
 fn decision<T>(
     reply: Reply,
     quantity: Quantity,

@@ -89,7 +89,8 @@ export type Outcome<T> =
   | { kind: "refused"; status: number; error: ErrorBody }
   | { kind: "unknown"; reason: string };
 
-type Answer<T> = { data?: T; error?: unknown; response: Response };
+/** What an openapi-fetch call resolves to. */
+export type Answer<T> = { data?: T; error?: unknown; response: Response };
 
 /**
  * Runs `call` until the server gives a definite answer, at most `attempts` times.

@@ -3,7 +3,7 @@
 
 import "./style.css";
 import { api, buyerName, buyerToken, serverNow, untilAnswered } from "./client";
-import type { Event, HoldCreated, Outcome, PurchaseOk, QueueStatus } from "./client";
+import type { Answer, Event, HoldCreated, Outcome, PurchaseOk, QueueStatus } from "./client";
 import { intentFor, pendingIntent, settle } from "./intent";
 import type { Intent } from "./intent";
 import { buyerWords, stillTrying } from "./words";
@@ -213,12 +213,24 @@ const stored = {
   },
 };
 
+/**
+ * Sends `call` until answered (`untilAnswered`), one request at a time: the page's
+ * controls are disabled meanwhile, so a second click has nothing to press.
+ */
+async function exclusively<T>(call: () => Promise<Answer<T>>): Promise<Outcome<T>> {
+  state.busy = true;
+  render();
+  try {
+    return await untilAnswered(call);
+  } finally {
+    state.busy = false;
+  }
+}
+
 /** Sends an intent until answered, then shows what it came to. */
 async function send(intent: Intent) {
   if (state.busy) return;
-  state.busy = true;
   say(`${intent.kind === "purchase" ? "Buying" : "Holding"} ${tickets(intent.quantity)}…`);
-  render();
   const headers = {
     "Idempotency-Key": intent.key,
     ...(state.admission ? { "Admission-Token": state.admission.token } : {}),
@@ -226,13 +238,11 @@ async function send(intent: Intent) {
   const params = { path: { id: intent.eventId }, header: headers };
   const body = { quantity: intent.quantity };
   const started = Date.now();
-  let outcome: Outcome<PurchaseOk | HoldCreated>;
-  if (intent.kind === "purchase") {
-    outcome = await untilAnswered(() => api.POST("/api/v1/events/{id}/purchase", { params, body }));
-  } else {
-    outcome = await untilAnswered(() => api.POST("/api/v1/events/{id}/holds", { params, body }));
-  }
-  state.busy = false;
+  const outcome = await exclusively<PurchaseOk | HoldCreated>(() =>
+    intent.kind === "purchase"
+      ? api.POST("/api/v1/events/{id}/purchase", { params, body })
+      : api.POST("/api/v1/events/{id}/holds", { params, body }),
+  );
   if (outcome.kind === "unknown") {
     complain(stillTrying);
   } else {
@@ -339,14 +349,11 @@ ui.confirm.addEventListener("click", async () => {
   const held = state.held;
   const id = state.event?.id;
   if (!held || !id || state.busy) return;
-  state.busy = true;
   say(`Buying ${tickets(held.quantity)}…`);
-  render();
   // Confirming is idempotent by the hold's id: a retry returns the same sale.
-  const outcome = await untilAnswered(() =>
+  const outcome = await exclusively(() =>
     api.POST("/api/v1/events/{id}/holds/{holdId}/confirm", { params: { path: { id, holdId: held.holdId } } }),
   );
-  state.busy = false;
   if (outcome.kind === "ok") showReceipt(outcome.data);
   else if (outcome.kind === "unknown") complain(stillTrying);
   else {
@@ -360,12 +367,9 @@ ui.release.addEventListener("click", async () => {
   const held = state.held;
   const id = state.event?.id;
   if (!held || !id || state.busy) return;
-  state.busy = true;
-  render();
-  const outcome = await untilAnswered(() =>
+  const outcome = await exclusively(() =>
     api.DELETE("/api/v1/events/{id}/holds/{holdId}", { params: { path: { id, holdId: held.holdId } } }),
   );
-  state.busy = false;
   if (outcome.kind === "unknown") complain(stillTrying);
   else if (outcome.kind === "ok") {
     forgetHold();
@@ -429,11 +433,8 @@ async function poll() {
 ui.join.addEventListener("click", async () => {
   const id = state.event?.id;
   if (!id || state.busy) return;
-  state.busy = true;
-  render();
   // Joining twice returns the same ticket, so a retry is harmless.
-  const outcome = await untilAnswered(() => api.POST("/api/v1/events/{id}/queue", { params: { path: { id } } }));
-  state.busy = false;
+  const outcome = await exclusively(() => api.POST("/api/v1/events/{id}/queue", { params: { path: { id } } }));
   if (outcome.kind === "ok") {
     say("You are in the queue.");
     applyQueue(outcome.data);

@@ -602,18 +602,11 @@ async fn rows(url: &str, event: Uuid, tally: &Tally, outcome: &Outcome, limit: u
 }
 
 impl crate::Verdict for Outcome {
-    fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.ok)
+    fn checks(&self) -> &[crate::report::Check] {
+        &self.checks
     }
 
-    fn print(&self, json: bool) {
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(self).expect("plain data")
-            );
-            return;
-        }
+    fn print_summary(&self) {
         println!(
             "rush holds on event {}: {} requests in {:.2} s ({:.0} req/s), {:.0} sales/s",
             self.event, self.requests, self.duration_s, self.requests_per_s, self.sales_per_s
@@ -637,6 +630,5 @@ impl crate::Verdict for Outcome {
         let mut refusals: Vec<_> = self.refusals.iter().collect();
         refusals.sort();
         println!("statuses {statuses:?}; refusals {refusals:?}");
-        crate::report::print_checks(&self.checks);
     }
 }

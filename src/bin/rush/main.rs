@@ -414,18 +414,27 @@ async fn main() -> ExitCode {
 }
 
 /// What a self-checking mode (`holds`, `queue`) found.
-pub trait Verdict {
-    fn print(&self, json: bool);
-    fn passed(&self) -> bool;
+pub trait Verdict: serde::Serialize {
+    fn checks(&self) -> &[report::Check];
+    /// The lines before the checks, in the text report.
+    fn print_summary(&self);
 }
 
-/// Prints a self-checking mode's outcome; exit 1 when a check failed, 2 when the run
-/// could not be made.
+/// Prints a self-checking mode's outcome (as JSON, or its summary and checks); exit 1
+/// when a check failed, 2 when the run could not be made.
 fn finish(result: Result<impl Verdict, String>, json: bool) -> ExitCode {
     match result {
         Ok(outcome) => {
-            outcome.print(json);
-            if outcome.passed() {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&outcome).expect("plain data")
+                );
+            } else {
+                outcome.print_summary();
+                report::print_checks(outcome.checks());
+            }
+            if outcome.checks().iter().all(|c| c.ok) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -561,18 +561,11 @@ async fn check(
 }
 
 impl crate::Verdict for Outcome {
-    fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.ok)
+    fn checks(&self) -> &[crate::report::Check] {
+        &self.checks
     }
 
-    fn print(&self, json: bool) {
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(self).expect("plain data")
-            );
-            return;
-        }
+    fn print_summary(&self) {
         println!(
             "rush queue on event {}: {} buyers ({} before the opening, {} after), {} joins, {} polls ({:.0}/s), \
              Redis CPU per request {} (its commands {})",
@@ -600,6 +593,5 @@ impl crate::Verdict for Outcome {
             self.sneaks_refused,
             self.sneaks
         );
-        crate::report::print_checks(&self.checks);
     }
 }
