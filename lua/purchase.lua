@@ -8,19 +8,20 @@
 -- KEYS[1] inventory hash: total, sold, held, purchases, rejected, run, and the
 --         event's settings limit (seats per buyer; absent: none), hold (seconds) and
 --         queued ('1' when buyers must be admitted from its waiting room)
--- KEYS[2] stream of sales and cancellations, read by the consumer into PostgreSQL
+-- KEYS[2] stream of the seat movements PostgreSQL must hold (src/records.rs): sales,
+--         cancellations, holds made and released, read by the consumer
 -- KEYS[3] holds of the event that still hold seats: sorted set, member
 --         '<hold id>:<quantity>:<buyer>', score the expiry in Unix milliseconds
 -- KEYS[4] seats sold or held per buyer (hash; kept only when the event has a limit)
 -- then each request's keys, in request order
 -- ARGV[1] idempotency record TTL in seconds; then each request's arguments:
 --
---   op        ARGV                                   KEYS
---   purchase  'P'..quantity, id, client key, buyer, admitted    idempotency record
---   hold      'H'..quantity, id, client key, buyer, admitted    idempotency record, hold hash
---   confirm   'C', hold id                           hold hash
---   release   'D', hold id                           hold hash
---   cancel    'K'..quantity, purchase id, buyer        cancellation marker
+--   op        ARGV                                                 KEYS
+--   purchase  'P'..quantity, id, client key, buyer, admitted       idempotency record
+--   hold      'H'..quantity, id, client key, buyer, admitted       idempotency record, hold hash
+--   confirm   'C', hold id                                         hold hash
+--   release   'D', hold id                                         hold hash
+--   cancel    'K'..quantity, purchase id, buyer                    cancellation marker
 --
 -- Ids are 32 hex digits; buyer is '' when the request carries no verified buyer;
 -- admitted is '1' when it carries a valid admission token for that buyer.
@@ -37,61 +38,73 @@
 --   cancel:         'N' and the cancellation time (Unix microseconds), 'R'
 --   any of them:    'C' alone when the event is missing or was not checked against
 --                   PostgreSQL on this server process (`run` is not this server's run
---                   id; see src/recovery.rs): nothing was done.
--- A call with no request returns how many expired holds it returned.
+--                   id; see src/recovery): nothing was done; 'Z' alone when doing it
+--                   would break an invariant below (counters that recovery should
+--                   have set right): nothing was done.
+-- A call with no request returns how many expired holds it returned (none while the
+-- event is not on sale).
 --
 -- Each request is decided exactly as if it had its own call, in the order given: a
 -- key repeated later in the batch replays what the earlier one got; a refusal (3
 -- asked, 2 left) does not stop a later, smaller purchase.
 --
--- Invariants after every call: sold + held <= total; a hold moves only forward
--- (held -> confirmed | released | expired); a buyer's seats never exceed the limit.
--- A hold's seats are returned exactly once, by whichever call removes its member
--- from KEYS[3]; a hold whose member is gone is never confirmed. 'expired' is not
--- written into the hold hash when the sweep returns it (its name is not in KEYS):
--- a hold still 'held' past its expiry reads as expired.
+-- Invariants after every call: sold + held <= total, checked wherever either grows;
+-- a hold moves only forward (held -> confirmed | released | expired); a buyer's
+-- seats never exceed the limit. A hold's seats are returned exactly once, by
+-- whichever call removes its member from KEYS[3]; a hold whose member is gone is
+-- never confirmed. 'expired' is not written into the hold hash when the sweep
+-- returns it (its name is not in KEYS): a hold still 'held' past its expiry reads as
+-- expired, and its expiry is not logged (its time says it).
 --
--- Everything is checked and read before the first write: Redis does not undo a
--- script's earlier writes when a later command fails. The writes are then SET with a
--- valid TTL, XADD on a stream, HSET on hashes, ZADD/ZREM on the sorted set and
+-- Everything is checked and read before the first write of each request: Redis does
+-- not undo a script's earlier writes when a later command fails. The writes are SET
+-- with a valid TTL, XADD on a stream, HSET on hashes, ZADD/ZREM on the sorted set and
 -- PEXPIREAT, none of which can fail on keys of the checked types.
 
 local EXPIRE_PER_CALL = 100
 local DEFAULT_HOLD_SECONDS = 600
 
+-- Arguments ------------------------------------------------------------------------
+
 local ttl = tonumber(ARGV[1])
 local valid = ttl and ttl >= 1 and ttl % 1 == 0 and ttl <= 1e12
--- The requests, parsed: op, quantity, id, client key, buyer, and their key names.
-local requests = {}
-local k, a = 5, 2
-local key_count = { P = 1, H = 2, C = 1, D = 1, K = 1 }
-local arg_count = { P = 5, H = 5, C = 2, D = 2, K = 3 }
-while valid and a <= #ARGV do
-  local head = ARGV[a]
-  local op = string.sub(head, 1, 1)
-  local r = { op = op, quantity = tonumber(string.sub(head, 2)), id = ARGV[a + 1] }
-  if not key_count[op] or a + arg_count[op] - 1 > #ARGV or #r.id ~= 32 then
-    valid = false
-    break
+local KEY_COUNT = { P = 1, H = 2, C = 1, D = 1, K = 1 }
+local ARG_COUNT = { P = 5, H = 5, C = 2, D = 2, K = 3 }
+local COUNTED = { P = true, H = true, K = true }
+
+local function parse_request(a, k)
+  local op = string.sub(ARGV[a], 1, 1)
+  if not KEY_COUNT[op] or a + ARG_COUNT[op] - 1 > #ARGV or #ARGV[a + 1] ~= 32 then
+    return nil
   end
-  if op == 'P' or op == 'H' or op == 'K' then
-    if not r.quantity or r.quantity < 1 or r.quantity % 1 ~= 0 then
-      valid = false
-      break
-    end
+  local r = { op = op, quantity = tonumber(string.sub(ARGV[a], 2)), id = ARGV[a + 1],
+    key = KEYS[k], hold_key = KEYS[k + 1] }
+  if COUNTED[op] and not (r.quantity and r.quantity >= 1 and r.quantity % 1 == 0) then
+    return nil
   end
   if op == 'P' or op == 'H' then
     r.client_key, r.buyer, r.admitted = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4] == '1'
   elseif op == 'K' then
     r.buyer = ARGV[a + 2]
   end
-  r.key, r.hold_key = KEYS[k], KEYS[k + 1]
-  k, a = k + key_count[op], a + arg_count[op]
-  requests[#requests + 1] = r
+  return r, a + ARG_COUNT[op], k + KEY_COUNT[op]
+end
+
+local requests = {}
+local a, k = 2, 5
+while valid and a <= #ARGV do
+  local r
+  r, a, k = parse_request(a, k)
+  if not r then
+    valid = false
+  else
+    requests[#requests + 1] = r
+  end
 end
 if not valid or k - 1 ~= #KEYS then
   return redis.error_reply('ERR purchase.lua: bad arguments')
 end
+
 local function check_type(key, expected)
   local t = redis.call('TYPE', key)['ok']
   if t ~= expected and t ~= 'none' then
@@ -101,14 +114,15 @@ end
 check_type(KEYS[2], 'stream')
 check_type(KEYS[3], 'zset')
 
-local inventory = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'purchases', 'rejected', 'run',
+-- State, read once ------------------------------------------------------------------
+
+local inv = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'purchases', 'rejected', 'run',
   'limit', 'hold', 'queued')
-local total, sold = tonumber(inventory[1]), tonumber(inventory[2])
-local held, purchases, rejected = tonumber(inventory[3]) or 0, tonumber(inventory[4]) or 0,
-    tonumber(inventory[5]) or 0
-local limit = tonumber(inventory[7])
-local queued = inventory[9] == '1'
-local hold_ms = (tonumber(inventory[8]) or DEFAULT_HOLD_SECONDS) * 1000
+local total, sold = tonumber(inv[1]), tonumber(inv[2])
+local held, purchases, rejected = tonumber(inv[3]) or 0, tonumber(inv[4]) or 0, tonumber(inv[5]) or 0
+local limit = tonumber(inv[7])
+local hold_ms = (tonumber(inv[8]) or DEFAULT_HOLD_SECONDS) * 1000
+local queued = inv[9] == '1'
 local exists = total ~= nil and sold ~= nil
 if limit then
   check_type(KEYS[4], 'hash')
@@ -116,28 +130,29 @@ end
 local on_sale -- read on the first request that needs it: INFO costs 2 µs
 local function is_on_sale()
   if on_sale == nil then
-    on_sale = exists and inventory[6] == server_run_id()
+    on_sale = exists and inv[6] == server_run_id()
   end
   return on_sale
 end
 
--- Reads: the idempotency records, the holds and the cancellation markers.
+-- Records under the requests' keys (MGET at once) and cancellation markers.
+local stored = {}
 local record_keys = {}
 for _, r in ipairs(requests) do
   if r.op == 'P' or r.op == 'H' then
     record_keys[#record_keys + 1] = r.key
   end
 end
-local stored = {}
 if #record_keys > 0 then
   local values = redis.call('MGET', unpack(record_keys))
   for i, key in ipairs(record_keys) do
     stored[key] = values[i] or nil
   end
 end
-local holds = {} -- hold hash name -> its fields, kept up to date through the batch
+-- Holds asked about, by hash name; kept up to date through the batch.
+local holds = {}
 for _, r in ipairs(requests) do
-  if (r.op == 'C' or r.op == 'D') and not holds[r.key] then
+  if (r.op == 'C' or r.op == 'D') and holds[r.key] == nil then
     local f = redis.call('HMGET', r.key, 's', 'q', 'b', 'k', 'x', 'r')
     holds[r.key] = f[1] and { s = f[1], q = tonumber(f[2]), b = f[3], k = f[4], x = tonumber(f[5]),
       r = f[6] } or false
@@ -156,6 +171,8 @@ local function now()
   return now_ms
 end
 
+-- Helpers --------------------------------------------------------------------------
+
 local buyers, dirty_buyers = {}, {}
 local function buyer_seats(buyer)
   if buyers[buyer] == nil then
@@ -171,8 +188,33 @@ local function add_buyer_seats(buyer, seats)
 end
 
 local changed = false
--- Returns the seats of the hold behind `member` (removed from KEYS[3] by the
--- caller) to stock and to its buyer.
+
+-- Appends a seat movement to the stream: `fields` as src/records.rs reads them,
+-- with the buyer when there is one.
+local function append(fields, buyer)
+  if buyer ~= '' then
+    fields[#fields + 1] = 'b'
+    fields[#fields + 1] = buyer
+  end
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
+  changed = true
+end
+
+local function append_sale(id, client_key, quantity, left, buyer, via_hold)
+  local fields = { 'p', id, 'k', client_key, 'q', quantity, 'r', left, 't', micros }
+  if via_hold then
+    fields[#fields + 1] = 'h'
+    fields[#fields + 1] = '1'
+  end
+  append(fields, buyer)
+end
+
+local function member_of(id, quantity, buyer)
+  return id .. ':' .. quantity .. ':' .. buyer
+end
+
+-- Returns the seats of the hold behind `member` (removed from KEYS[3] by the caller)
+-- to stock and to its buyer.
 local function return_hold(member)
   local _, _, quantity, buyer = string.find(member, '^[^:]+:(%d+):(.*)$')
   quantity = tonumber(quantity) or 0
@@ -181,9 +223,139 @@ local function return_hold(member)
   changed = true
 end
 
--- Expired holds first: their seats are on sale again for every request below.
+-- The refusal record of a purchase or hold ('X' no seats, 'L' over the limit), or
+-- nil when `quantity` seats may go to `buyer`.
+local function refusal(r, prefix)
+  if sold + held + r.quantity > total then
+    return prefix .. 'X' .. r.quantity
+  end
+  if limit and buyer_seats(r.buyer) + r.quantity > limit then
+    return prefix .. 'L' .. r.quantity
+  end
+  return nil
+end
+
+-- Operations: each returns its reply line -------------------------------------------
+
+local function purchase_or_hold(r)
+  local record = stored[r.key]
+  if record then
+    return 'R' .. record
+  elseif not is_on_sale() then
+    return 'C'
+  elseif queued and not r.admitted then
+    return 'A'
+  elseif limit and r.buyer == '' then
+    return 'T'
+  end
+  record = refusal(r, r.op == 'H' and 'H' or '')
+  if record then
+    rejected = rejected + 1
+  elseif r.op == 'P' then
+    now()
+    sold, purchases = sold + r.quantity, purchases + 1
+    add_buyer_seats(r.buyer, r.quantity)
+    local left = total - sold - held
+    append_sale(r.id, r.client_key, r.quantity, left, r.buyer, false)
+    record = 'S' .. r.quantity .. ':' .. left .. ':' .. r.id
+  else
+    local expires = now() + hold_ms
+    held = held + r.quantity
+    add_buyer_seats(r.buyer, r.quantity)
+    local left = total - sold - held
+    redis.call('HSET', r.hold_key, 's', 'held', 'q', r.quantity, 'b', r.buyer, 'k', r.client_key,
+      'x', expires, 'c', now_ms)
+    redis.call('PEXPIREAT', r.hold_key, expires + ttl * 1000)
+    redis.call('ZADD', KEYS[3], expires, member_of(r.id, r.quantity, r.buyer))
+    append({ 'p', r.id, 'k', r.client_key, 'q', r.quantity, 'r', left, 'x', expires, 'm', micros },
+      r.buyer)
+    holds[r.hold_key] = { s = 'held', q = r.quantity, b = r.buyer, k = r.client_key, x = expires }
+    record = 'H' .. r.quantity .. ':' .. left .. ':' .. r.id .. ':' .. expires
+  end
+  redis.call('SET', r.key, record, 'EX', ttl)
+  stored[r.key] = record
+  changed = true
+  return 'N' .. record
+end
+
+-- A hold that is no longer 'held' answers what it came to.
+local function ended_hold(r, hold)
+  if hold.s == 'confirmed' then
+    return r.op == 'C' and ('RS' .. hold.q .. ':' .. hold.r .. ':' .. r.id) or 'F'
+  end
+  return (r.op == 'C' and 'E' or 'R') .. hold.s
+end
+
+-- Confirm or release a hold still 'held'. Past its expiry it is expired, whether or
+-- not a sweep returned it yet; before, it is still held only if no sweep took its
+-- member (a clock that stepped back).
+local function confirm_or_release(r)
+  local hold = holds[r.key]
+  -- An ended hold is final; a missing or held one may be older than PostgreSQL.
+  if (not hold or hold.s == 'held') and not is_on_sale() then
+    return 'C'
+  elseif not hold then
+    return 'G'
+  elseif hold.s ~= 'held' then
+    return ended_hold(r, hold)
+  end
+  local member = member_of(r.id, hold.q, hold.b)
+  local present = redis.call('ZSCORE', KEYS[3], member) ~= false
+  if now() >= hold.x or not present then
+    if present then
+      redis.call('ZREM', KEYS[3], member)
+      return_hold(member)
+    end
+    hold.s = 'expired'
+    redis.call('HSET', r.key, 's', 'expired', 'e', math.min(hold.x, now_ms))
+    return (r.op == 'C' and 'E' or 'R') .. 'expired'
+  end
+  if r.op == 'C' and sold + held > total then
+    return 'Z' -- the hold's seats moving to `sold` would not fit
+  end
+  redis.call('ZREM', KEYS[3], member)
+  held = held - hold.q
+  if r.op == 'D' then
+    add_buyer_seats(hold.b, -hold.q)
+    hold.s = 'released'
+    redis.call('HSET', r.key, 's', 'released', 'e', now_ms)
+    append({ 'p', r.id, 'q', hold.q, 'd', micros }, hold.b)
+    return 'N'
+  end
+  sold, purchases = sold + hold.q, purchases + 1
+  local left = total - sold - held
+  append_sale(r.id, hold.k, hold.q, left, hold.b, true)
+  hold.s, hold.r = 'confirmed', left
+  redis.call('HSET', r.key, 's', 'confirmed', 'r', left, 'e', now_ms)
+  return 'NS' .. hold.q .. ':' .. left .. ':' .. r.id
+end
+
+local function cancel(r)
+  if stored[r.key] then
+    return 'R' .. stored[r.key]
+  elseif not is_on_sale() then
+    return 'C'
+  elseif sold < r.quantity then
+    return 'Z' -- `sold` does not count the sale
+  end
+  now()
+  sold = sold - r.quantity
+  add_buyer_seats(r.buyer, -r.quantity)
+  append({ 'p', r.id, 'q', r.quantity, 'c', micros }, r.buyer)
+  redis.call('SET', r.key, micros, 'EX', ttl)
+  stored[r.key] = micros
+  return 'N' .. micros
+end
+
+local OPERATIONS = { P = purchase_or_hold, H = purchase_or_hold, C = confirm_or_release,
+  D = confirm_or_release, K = cancel }
+
+-- The call ----------------------------------------------------------------------------
+
+-- Expired holds first: their seats are on sale again for every request below. Only
+-- on an event checked on this server: elsewhere the holds may not be what they seem.
 local expired = {}
-if exists and held > 0 then
+if exists and held > 0 and is_on_sale() then
   expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now(), 'LIMIT', 0, EXPIRE_PER_CALL)
   for _, member in ipairs(expired) do
     redis.call('ZREM', KEYS[3], member)
@@ -191,141 +363,9 @@ if exists and held > 0 then
   end
 end
 
-local function member_of(r, hold)
-  return r.id .. ':' .. hold.q .. ':' .. hold.b
-end
-
--- A hold still 'held': removes its member, and answers whether it was still there
--- (if not, a sweep returned its seats already).
-local function take_member(r, hold)
-  return redis.call('ZREM', KEYS[3], member_of(r, hold)) == 1
-end
-
-local function seats_or_buy(r, kind)
-  local quantity, buyer = r.quantity, r.buyer
-  if sold + held + quantity > total then
-    rejected = rejected + 1
-    return kind .. 'X' .. quantity
-  end
-  if limit and buyer_seats(buyer) + quantity > limit then
-    rejected = rejected + 1
-    return kind .. 'L' .. quantity
-  end
-  add_buyer_seats(buyer, quantity)
-  return nil
-end
-
 local replies = {}
 for i, r in ipairs(requests) do
-  local reply
-  local op = r.op
-  if op == 'P' or op == 'H' then
-    local record = stored[r.key]
-    if record then
-      reply = 'R' .. record
-    elseif not is_on_sale() then
-      reply = 'C'
-    elseif queued and not r.admitted then
-      reply = 'A'
-    elseif limit and r.buyer == '' then
-      reply = 'T'
-    else
-      local prefix = op == 'H' and 'H' or ''
-      record = seats_or_buy(r, prefix)
-      if not record and op == 'P' then
-        now()
-        sold, purchases = sold + r.quantity, purchases + 1
-        local left = total - sold - held
-        if r.buyer ~= '' then
-          redis.call('XADD', KEYS[2], '*', 'p', r.id, 'k', r.client_key, 'q', r.quantity, 'r', left,
-            't', micros, 'b', r.buyer)
-        else
-          redis.call('XADD', KEYS[2], '*', 'p', r.id, 'k', r.client_key, 'q', r.quantity, 'r', left,
-            't', micros)
-        end
-        record = 'S' .. r.quantity .. ':' .. left .. ':' .. r.id
-      elseif not record then
-        local expires = now() + hold_ms
-        held = held + r.quantity
-        local left = total - sold - held
-        redis.call('HSET', r.hold_key, 's', 'held', 'q', r.quantity, 'b', r.buyer, 'k', r.client_key,
-          'x', expires, 'c', now_ms)
-        redis.call('PEXPIREAT', r.hold_key, expires + ttl * 1000)
-        redis.call('ZADD', KEYS[3], expires, r.id .. ':' .. r.quantity .. ':' .. r.buyer)
-        holds[r.hold_key] = { s = 'held', q = r.quantity, b = r.buyer, k = r.client_key, x = expires }
-        record = 'H' .. r.quantity .. ':' .. left .. ':' .. r.id .. ':' .. expires
-      end
-      redis.call('SET', r.key, record, 'EX', ttl)
-      stored[r.key] = record
-      changed = true
-      reply = 'N' .. record
-    end
-  elseif op == 'C' or op == 'D' then
-    local hold = holds[r.key]
-    if not hold then
-      reply = 'G'
-    elseif hold.s == 'confirmed' then
-      reply = op == 'C' and ('RS' .. hold.q .. ':' .. hold.r .. ':' .. r.id) or 'F'
-    elseif hold.s ~= 'held' then
-      reply = (op == 'C' and 'E' or 'R') .. hold.s
-    elseif op == 'C' and not is_on_sale() then
-      reply = 'C'
-    else
-      -- Past its expiry the hold is expired, whether or not a sweep returned it yet;
-      -- before, it is still held only if no sweep took it (a clock that stepped back).
-      local present = take_member(r, hold)
-      if present then
-        held = held - hold.q
-        changed = true
-      end
-      if now() >= hold.x or not present then
-        if present then
-          add_buyer_seats(hold.b, -hold.q)
-        end
-        hold.s = 'expired'
-        redis.call('HSET', r.key, 's', 'expired', 'e', math.min(hold.x, now_ms))
-        reply = (op == 'C' and 'E' or 'R') .. 'expired'
-      elseif op == 'D' then
-        add_buyer_seats(hold.b, -hold.q)
-        hold.s = 'released'
-        redis.call('HSET', r.key, 's', 'released', 'e', now_ms)
-        reply = 'N'
-      else
-        sold, purchases = sold + hold.q, purchases + 1
-        local left = total - sold - held
-        if hold.b ~= '' then
-          redis.call('XADD', KEYS[2], '*', 'p', r.id, 'k', hold.k, 'q', hold.q, 'r', left, 't', micros,
-            'h', '1', 'b', hold.b)
-        else
-          redis.call('XADD', KEYS[2], '*', 'p', r.id, 'k', hold.k, 'q', hold.q, 'r', left, 't', micros,
-            'h', '1')
-        end
-        hold.s, hold.r = 'confirmed', left
-        redis.call('HSET', r.key, 's', 'confirmed', 'r', left, 'e', now_ms)
-        reply = 'NS' .. hold.q .. ':' .. left .. ':' .. r.id
-      end
-    end
-  else -- 'K'
-    if stored[r.key] then
-      reply = 'R' .. stored[r.key]
-    elseif not is_on_sale() then
-      reply = 'C'
-    else
-      now()
-      sold = sold - r.quantity
-      add_buyer_seats(r.buyer, -r.quantity)
-      if r.buyer ~= '' then
-        redis.call('XADD', KEYS[2], '*', 'p', r.id, 'q', r.quantity, 'c', micros, 'b', r.buyer)
-      else
-        redis.call('XADD', KEYS[2], '*', 'p', r.id, 'q', r.quantity, 'c', micros)
-      end
-      redis.call('SET', r.key, micros, 'EX', ttl)
-      stored[r.key] = micros
-      changed = true
-      reply = 'N' .. micros
-    end
-  end
-  replies[i] = reply
+  replies[i] = OPERATIONS[r.op](r)
 end
 
 if changed then

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::domain::Seats;
 use crate::error::{Error, Result, redact_url};
-use crate::records::{Cancellation, Entry};
+use crate::records::{Cancellation, Entry, HoldMade, HoldReleased};
 
 /// How long startup and requests wait for a PostgreSQL connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -174,69 +174,6 @@ pub async fn purchase(pool: &PgPool, event: Uuid, id: Uuid) -> Result<Option<Pur
     .await?)
 }
 
-/// A sale as a hold's confirmation recorded it.
-#[derive(Debug, Clone, FromRow)]
-pub struct SettledSale {
-    pub id: Uuid,
-    pub seats_remaining: i64,
-    pub sold_at_ms: i64,
-}
-
-/// Which of `ids` are sales of `event`, with the seats left after each and its time.
-pub async fn sales_of(pool: &PgPool, event: Uuid, ids: &[Uuid]) -> Result<Vec<SettledSale>> {
-    Ok(sqlx::query_as(
-        "SELECT id, COALESCE(seats_remaining, 0)::int8 AS seats_remaining,
-                (EXTRACT(EPOCH FROM sold_at) * 1000)::int8 AS sold_at_ms
-         FROM purchases WHERE event_id = $1 AND id = ANY($2)",
-    )
-    .bind(event)
-    .bind(ids)
-    .fetch_all(pool)
-    .await?)
-}
-
-/// What [`buyer_seats_and_written`] counts.
-#[derive(Debug, Clone, Default)]
-pub struct BuyersCounted {
-    /// Seats of the event's sales that are not cancelled, per buyer.
-    pub buyers: Vec<(String, i64)>,
-    /// As in [`Counted`].
-    pub written: Vec<Uuid>,
-    pub cancelled: Vec<Uuid>,
-}
-
-/// [`seats_sold_and_written`] per buyer: one statement, so one snapshot.
-pub async fn buyer_seats_and_written(
-    pool: &PgPool,
-    event: Uuid,
-    sales: &[Uuid],
-    cancellations: &[Uuid],
-) -> Result<BuyersCounted> {
-    let (buyers, seats, written, cancelled): (Vec<String>, Vec<i64>, Vec<Uuid>, Vec<Uuid>) =
-        sqlx::query_as(
-            "WITH sale AS (SELECT id, buyer, quantity, cancelled_at FROM purchases
-                           WHERE event_id = $1),
-                  per_buyer AS (SELECT buyer, SUM(quantity)::int8 AS seats FROM sale
-                                WHERE buyer IS NOT NULL AND cancelled_at IS NULL
-                                GROUP BY buyer)
-             SELECT COALESCE((SELECT array_agg(buyer ORDER BY buyer) FROM per_buyer), '{}'),
-                    COALESCE((SELECT array_agg(seats ORDER BY buyer) FROM per_buyer), '{}'),
-                    COALESCE((SELECT array_agg(id) FROM sale WHERE id = ANY($2)), '{}'),
-                    COALESCE((SELECT array_agg(id) FROM sale
-                              WHERE id = ANY($3) AND cancelled_at IS NOT NULL), '{}')",
-        )
-        .bind(event)
-        .bind(sales)
-        .bind(cancellations)
-        .fetch_one(pool)
-        .await?;
-    Ok(BuyersCounted {
-        buyers: buyers.into_iter().zip(seats).collect(),
-        written,
-        cancelled,
-    })
-}
-
 /// The default event, which the seed-compatible endpoints sell from. It is recorded
 /// in `default_event` once, by the first replica to start on an empty database
 /// (which creates it with `name` and `seats`); every replica then reads the same one.
@@ -269,45 +206,6 @@ pub async fn default_event(pool: &PgPool, name: &str, seats: Seats) -> Result<Ev
     Ok(event)
 }
 
-/// What [`seats_sold_and_written`] counts.
-#[derive(Debug, Clone, Default)]
-pub struct Counted {
-    /// Seats of the event's sales that are not cancelled.
-    pub sold: i64,
-    /// Those of the sale ids asked about that are rows.
-    pub written: Vec<Uuid>,
-    /// Those of the cancelled ids asked about whose rows are marked cancelled.
-    pub cancelled: Vec<Uuid>,
-}
-
-/// Seats of `event` sold and not cancelled in `purchases`, which of `sales` are rows
-/// already and which of `cancellations` are written; read in one statement so that
-/// a row written meanwhile is in every answer or in none.
-pub async fn seats_sold_and_written(
-    pool: &PgPool,
-    event: Uuid,
-    sales: &[Uuid],
-    cancellations: &[Uuid],
-) -> Result<Counted> {
-    let (sold, written, cancelled): (i64, Vec<Uuid>, Vec<Uuid>) = sqlx::query_as(
-        "SELECT COALESCE(SUM(quantity) FILTER (WHERE cancelled_at IS NULL), 0)::int8,
-                COALESCE(array_agg(id) FILTER (WHERE id = ANY($2)), '{}'),
-                COALESCE(array_agg(id) FILTER (WHERE id = ANY($3) AND cancelled_at IS NOT NULL),
-                         '{}')
-         FROM purchases WHERE event_id = $1",
-    )
-    .bind(event)
-    .bind(sales)
-    .bind(cancellations)
-    .fetch_one(pool)
-    .await?;
-    Ok(Counted {
-        sold,
-        written,
-        cancelled,
-    })
-}
-
 /// A sale recent enough that its idempotency record should still be in Redis.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RecentSale {
@@ -322,9 +220,12 @@ pub struct RecentSale {
 }
 
 /// Sales of `event` made within the last `ttl` seconds, newest first; sales made by
-/// confirming a hold are left out (their key recorded the hold, which lives in
-/// Redis only).
-pub async fn recent_sales(pool: &PgPool, event: &EventRow, ttl: u32) -> Result<Vec<RecentSale>> {
+/// confirming a hold are left out (their key recorded the hold: see [`books`]).
+pub async fn recent_sales<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    event: &EventRow,
+    ttl: u32,
+) -> Result<Vec<RecentSale>> {
     let sales = sqlx::query_as(
         "SELECT id, idempotency_key, quantity, seats_remaining,
                 GREATEST(1, CEIL($3 - EXTRACT(EPOCH FROM now() - sold_at)))::int8 AS ttl_left
@@ -339,7 +240,7 @@ pub async fn recent_sales(pool: &PgPool, event: &EventRow, ttl: u32) -> Result<V
     .bind(event.id)
     .bind(i64::from(event.total_seats))
     .bind(f64::from(ttl))
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     Ok(sales)
 }
@@ -395,6 +296,201 @@ pub async fn cancel_sales(pool: &PgPool, event: Uuid, cancels: &[Cancellation]) 
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// Writes holds of one event as the gate made them; holds already written are
+/// skipped. Returns how many rows were new.
+pub async fn insert_holds(pool: &PgPool, event: Uuid, holds: &[HoldMade]) -> Result<u64> {
+    let ids: Vec<Uuid> = holds.iter().map(|h| h.id).collect();
+    let keys: Vec<&str> = holds.iter().map(|h| h.idempotency_key.as_str()).collect();
+    let quantities: Vec<i16> = holds.iter().map(|h| h.quantity).collect();
+    let buyers: Vec<Option<&str>> = holds.iter().map(|h| h.buyer.as_deref()).collect();
+    let remaining: Vec<i32> = holds.iter().map(|h| h.seats_remaining).collect();
+    let held_at: Vec<i64> = holds.iter().map(|h| h.held_at_micros).collect();
+    let expires_at: Vec<i64> = holds.iter().map(|h| h.expires_at_ms).collect();
+    let done = sqlx::query(
+        "INSERT INTO holds
+             (id, event_id, idempotency_key, quantity, buyer, seats_remaining, held_at, expires_at)
+         SELECT id, $1, key, quantity, buyer, remaining,
+                timestamptz 'epoch' + held * interval '1 microsecond',
+                timestamptz 'epoch' + expires * interval '1 millisecond'
+         FROM UNNEST($2::uuid[], $3::text[], $4::int2[], $5::text[], $6::int4[], $7::int8[],
+                     $8::int8[])
+              AS h(id, key, quantity, buyer, remaining, held, expires)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(event)
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&quantities)
+    .bind(&buyers)
+    .bind(&remaining)
+    .bind(&held_at)
+    .bind(&expires_at)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Marks holds of `event` released, each at its time; a hold already marked keeps
+/// its first time. Returns how many rows changed.
+pub async fn release_holds(pool: &PgPool, event: Uuid, releases: &[HoldReleased]) -> Result<u64> {
+    let ids: Vec<Uuid> = releases.iter().map(|r| r.id).collect();
+    let at: Vec<i64> = releases.iter().map(|r| r.released_at_micros).collect();
+    let done = sqlx::query(
+        "UPDATE holds h
+         SET released_at = timestamptz 'epoch' + r.micros * interval '1 microsecond'
+         FROM UNNEST($2::uuid[], $3::int8[]) AS r(id, micros)
+         WHERE h.event_id = $1 AND h.id = r.id AND h.released_at IS NULL",
+    )
+    .bind(event)
+    .bind(&ids)
+    .bind(&at)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Most hold rows one prune deletes, so that it never holds locks for long.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Deletes holds that expired more than `retention` ago: nothing can ask for them
+/// any more (their idempotency record and hash lived that long in Redis; a confirmed
+/// one's sale is in `purchases`). Returns how many rows went.
+pub async fn prune_holds(pool: &PgPool, retention: Duration) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM holds WHERE id IN (
+             SELECT id FROM holds WHERE expires_at < now() - make_interval(secs => $1)
+             LIMIT $2)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(PRUNE_BATCH)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// What PostgreSQL holds of one event, read in one snapshot (see [`books`]).
+#[derive(Debug, Clone, Default)]
+pub struct Books {
+    /// Seats of sales that are not cancelled.
+    pub sold: i64,
+    /// The same per buyer (buyers with none left out).
+    pub buyers: Vec<(String, i64)>,
+    /// Those of the sale ids asked about that are rows.
+    pub written: Vec<Uuid>,
+    /// Those of the cancelled ids asked about whose rows are marked cancelled.
+    pub cancelled: Vec<Uuid>,
+    /// Holds recent enough to matter (see [`books`]), with how each ended.
+    pub holds: Vec<HoldRow>,
+    /// Sales whose idempotency record should still be in Redis.
+    pub recent_sales: Vec<RecentSale>,
+    /// Sales cancelled within the TTL: (purchase id, when, Unix µs, seconds left).
+    pub recent_cancellations: Vec<(Uuid, i64, i64)>,
+}
+
+/// A hold as PostgreSQL has it.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct HoldRow {
+    pub id: Uuid,
+    pub idempotency_key: String,
+    pub quantity: i16,
+    pub buyer: Option<String>,
+    pub seats_remaining: i32,
+    pub held_at_micros: i64,
+    pub expires_at_ms: i64,
+    pub released_at_micros: Option<i64>,
+    /// Whether `purchases` has its sale (it was confirmed).
+    pub confirmed: bool,
+    /// That sale: seats left after it, and when (Unix µs).
+    pub sale_seats_remaining: Option<i32>,
+    pub sold_at_micros: Option<i64>,
+}
+
+/// Everything recovery needs of `event` from PostgreSQL, in one REPEATABLE READ
+/// snapshot, so that a row the consumer writes meanwhile is in every answer or in
+/// none: sales and per-buyer seats, which of the log's `sales` and `cancellations`
+/// are written already, the holds whose record or hash Redis keeps (expired less
+/// than `ttl` ago, or named in `holds`), and the sales and cancellations of the last
+/// `ttl`.
+pub async fn books(
+    pool: &PgPool,
+    event: &EventRow,
+    ttl: u32,
+    sales: &[Uuid],
+    cancellations: &[Uuid],
+    holds: &[Uuid],
+) -> Result<Books> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let (sold, written, cancelled): (i64, Vec<Uuid>, Vec<Uuid>) = sqlx::query_as(
+        "SELECT COALESCE(SUM(quantity) FILTER (WHERE cancelled_at IS NULL), 0)::int8,
+                COALESCE(array_agg(id) FILTER (WHERE id = ANY($2)), '{}'),
+                COALESCE(array_agg(id) FILTER (WHERE id = ANY($3) AND cancelled_at IS NOT NULL),
+                         '{}')
+         FROM purchases WHERE event_id = $1",
+    )
+    .bind(event.id)
+    .bind(sales)
+    .bind(cancellations)
+    .fetch_one(&mut *tx)
+    .await?;
+    let buyers = if event.max_per_buyer.is_some() {
+        sqlx::query_as(
+            "SELECT buyer, SUM(quantity)::int8 FROM purchases
+             WHERE event_id = $1 AND buyer IS NOT NULL AND cancelled_at IS NULL
+             GROUP BY buyer",
+        )
+        .bind(event.id)
+        .fetch_all(&mut *tx)
+        .await?
+    } else {
+        Vec::new()
+    };
+    let micros = |column: &str| format!("(EXTRACT(EPOCH FROM {column}) * 1000000)::int8");
+    let hold_rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT h.id, h.idempotency_key, h.quantity, h.buyer, h.seats_remaining,
+                {} AS held_at_micros,
+                (EXTRACT(EPOCH FROM h.expires_at) * 1000)::int8 AS expires_at_ms,
+                {} AS released_at_micros,
+                p.id IS NOT NULL AS confirmed,
+                p.seats_remaining AS sale_seats_remaining,
+                {} AS sold_at_micros
+         FROM holds h LEFT JOIN purchases p ON p.id = h.id AND p.event_id = h.event_id
+         WHERE h.event_id = $1
+           AND (h.expires_at > now() - make_interval(secs => $2) OR h.id = ANY($3))",
+        micros("h.held_at"),
+        micros("h.released_at"),
+        micros("p.sold_at"),
+    )))
+    .bind(event.id)
+    .bind(f64::from(ttl))
+    .bind(holds)
+    .fetch_all(&mut *tx)
+    .await?;
+    let recent_sales = recent_sales(&mut *tx, event, ttl).await?;
+    let recent_cancellations = sqlx::query_as(
+        "SELECT id, (EXTRACT(EPOCH FROM cancelled_at) * 1000000)::int8,
+                GREATEST(1, CEIL($2 - EXTRACT(EPOCH FROM now() - cancelled_at)))::int8
+         FROM purchases
+         WHERE event_id = $1 AND cancelled_at > now() - make_interval(secs => $2)",
+    )
+    .bind(event.id)
+    .bind(f64::from(ttl))
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Books {
+        sold,
+        buyers,
+        written,
+        cancelled,
+        holds: hold_rows,
+        recent_sales,
+        recent_cancellations,
+    })
 }
 
 /// The SQLSTATE of an error by which PostgreSQL refused a write because of what was

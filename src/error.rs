@@ -27,6 +27,12 @@ pub enum Error {
     #[error("unexpected reply from Redis: {0}")]
     UnexpectedReply(String),
 
+    /// The gate refused a seat movement that would break one of its invariants
+    /// (`sold + held <= total`): counters that recovery should have set right. Nothing
+    /// was done; a bug to report.
+    #[error("the gate refused to break an invariant of event {0}")]
+    InvariantBroken(Uuid),
+
     /// `reconcile` found events whose counters disagree.
     #[error("{0} event(s) drifted; see the table above")]
     Drift(usize),

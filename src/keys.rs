@@ -20,8 +20,10 @@ impl Keys {
     }
 
     /// Hash with the event's `total`, `sold`, `held`, `purchases` and `rejected`
-    /// counters, its settings (`limit` seats per buyer, `hold` seconds), and `run`, the
-    /// Redis server it was last checked on (see `recovery`). No TTL.
+    /// counters, its settings (`limit` seats per buyer, `hold` seconds, `queued` when
+    /// buyers must be admitted from its waiting room), `run`, the Redis server it was
+    /// last checked on, and `fence`, the token of a recovery under way (see
+    /// `recovery`). No TTL.
     pub fn inventory(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:inv", self.prefix)
     }
@@ -56,7 +58,7 @@ impl Keys {
     }
 
     /// Seats sold or held per buyer (the `sub` of their token), for events with a
-    /// limit per buyer. No TTL; rebuilt from PostgreSQL by recovery.
+    /// limit per buyer. No TTL; rebuilt from PostgreSQL and the stream by recovery.
     pub fn buyers(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:buyers", self.prefix)
     }
@@ -84,7 +86,14 @@ impl Keys {
         format!("{}:{{{event}}}:queue:tickets", self.prefix)
     }
 
-    /// Stream of the event's sales and cancellations, consumed into PostgreSQL.
+    /// A set one recovery attempt builds (`part`: `holds` or `buyers`) before it swaps
+    /// it in for the event's own (see `recovery`). Expires if the attempt dies.
+    pub fn rebuild(&self, event: Uuid, attempt: &str, part: &str) -> String {
+        format!("{}:{{{event}}}:rebuild:{attempt}:{part}", self.prefix)
+    }
+
+    /// Stream of the event's seat movements (sales, cancellations, holds made and
+    /// released), consumed into PostgreSQL.
     pub fn stream(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:log", self.prefix)
     }

@@ -28,8 +28,8 @@
 macro_rules! lua_script {
     ($file:literal) => {
         ::redis::Script::new(concat!(
-            include_str!("../lua/prelude.lua"),
-            include_str!(concat!("../lua/", $file))
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/prelude.lua")),
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $file))
         ))
     };
 }

@@ -1,4 +1,5 @@
-//! The stream consumer: moves sales from each event's Redis stream into PostgreSQL.
+//! The stream consumer: moves the seat movements of each event's Redis stream (sales,
+//! cancellations, holds made and released) into PostgreSQL.
 //!
 //! Every replica runs one consumer in the group [`CONSUMER_GROUP`] under its own name.
 //! A batch is written in one `INSERT … ON CONFLICT (id) DO NOTHING` and only then
@@ -9,10 +10,13 @@
 //! silent for [`Consumer::departed_after`]) is removed from the group so that replicas
 //! of past deployments do not pile up in it.
 //!
-//! A sale PostgreSQL refuses for good (a constraint or data error, see
+//! An entry PostgreSQL refuses for good (a constraint or data error, see
 //! [`db::refused_for_good`]) is parked in the event's dead-letter stream
-//! (`lua/park.lua`) rather than retried forever in front of every later sale;
+//! (`lua/park.lua`) rather than retried forever in front of every later one;
 //! `boxoffice reconcile` reports parked sales and `--fix` sends them back.
+//!
+//! Holds are kept in PostgreSQL only as long as recovery could need them: every
+//! [`PRUNE_EVERY`], holds that expired more than the idempotency TTL ago are deleted.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -30,7 +34,7 @@ use crate::config::ConsumerConfig;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::records::{Entry, Logged};
+use crate::records::{Cancellation, Entry, HoldMade, HoldReleased, Logged};
 
 /// Name of the consumer group that writes sales to PostgreSQL.
 pub const CONSUMER_GROUP: &str = "persist";
@@ -39,6 +43,9 @@ pub const CONSUMER_GROUP: &str = "persist";
 const REFRESH_STREAMS_EVERY: Duration = Duration::from_secs(1);
 /// How often each stream is trimmed of acknowledged entries.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// How often holds nothing can ask for any more are deleted from PostgreSQL.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Batches at least this long are written as two statements in parallel.
 const SPLIT_BATCH_AT: usize = 200;
@@ -56,6 +63,8 @@ pub struct Consumer {
     keys: Keys,
     name: String,
     config: ConsumerConfig,
+    /// How long a hold row is kept after its expiry (`None`: forever).
+    hold_retention: Option<Duration>,
     forget_consumer: Script,
     trim: Script,
     park: Script,
@@ -77,6 +86,7 @@ struct Cursor {
     /// restart under the same name) and after a failed write.
     backlog: bool,
     last_claim: Option<Instant>,
+    last_prune: Option<Instant>,
 }
 
 impl Cursor {
@@ -89,6 +99,7 @@ impl Cursor {
             grouped: HashSet::new(),
             backlog: true,
             last_claim: None,
+            last_prune: None,
         }
     }
 
@@ -119,10 +130,17 @@ impl Consumer {
             keys,
             name,
             config,
+            hold_retention: None,
             forget_consumer: Script::new(include_str!("../lua/forget_consumer.lua")),
             trim: Script::new(include_str!("../lua/trim.lua")),
             park: Script::new(include_str!("../lua/park.lua")),
         }
+    }
+
+    /// Deletes holds from PostgreSQL `retention` after their expiry.
+    pub fn keeping_holds_for(mut self, retention: Duration) -> Self {
+        self.hold_retention = Some(retention);
+        self
     }
 
     /// Runs until `shutdown` is cancelled. A batch in progress is written and
@@ -203,6 +221,7 @@ impl Consumer {
         }
         let longest = self.read(&mut conn, cursor).await?;
         self.trim_due(&mut conn, cursor, longest == 0).await?;
+        self.prune_due(cursor).await?;
         cursor.conn = Some(conn);
         Ok(match longest {
             0 => Round::Empty,
@@ -293,6 +312,24 @@ impl Consumer {
         Ok(())
     }
 
+    async fn prune_due(&self, cursor: &mut Cursor) -> Result<()> {
+        let Some(retention) = self.hold_retention else {
+            return Ok(());
+        };
+        if cursor
+            .last_prune
+            .is_some_and(|at| at.elapsed() < PRUNE_EVERY)
+        {
+            return Ok(());
+        }
+        let pruned = db::prune_holds(&self.db, retention).await?;
+        if pruned > 0 {
+            tracing::debug!(pruned, "deleted holds past their retention");
+        }
+        cursor.last_prune = Some(Instant::now());
+        Ok(())
+    }
+
     async fn trim_stream(&self, conn: &mut Connection, stream: &str) -> Result<()> {
         let _: i64 = self
             .trim
@@ -367,7 +404,8 @@ impl Consumer {
     }
 
     /// Writes one batch of a stream to PostgreSQL, then acknowledges it. Entries that
-    /// are not sales, or that PostgreSQL refuses for good, are parked instead.
+    /// are none of the kinds the gate writes, or that PostgreSQL refuses for good, are
+    /// parked instead.
     async fn persist(
         &self,
         conn: &mut Connection,
@@ -382,47 +420,22 @@ impl Consumer {
             .keys
             .event_of_stream(stream)
             .ok_or_else(|| Error::UnexpectedReply(format!("stream key {stream}")))?;
-        // Parallel vectors: the sales, and the id of the entry each came in.
-        let (mut sales, mut sale_ids) = (Vec::with_capacity(entries.len()), Vec::new());
-        let (mut cancels, mut cancel_ids) = (Vec::new(), Vec::new());
+        let mut batch = Batch::default();
         for entry in &entries {
             match Logged::from_stream(entry) {
-                Some(Logged::Sale(sale)) => {
-                    sales.push(sale);
-                    sale_ids.push(entry.id.as_str());
-                }
-                Some(Logged::Cancel(cancel)) => {
-                    cancels.push(cancel);
-                    cancel_ids.push(entry.id.as_str());
-                }
+                Some(logged) => batch.add(logged, &entry.id),
                 None => {
-                    let reason = "neither a sale nor a cancellation written by lua/purchase.lua";
+                    let reason = "not a seat movement written by lua/purchase.lua";
                     self.park_entry(conn, event, &entry.id, reason).await?;
                 }
             }
         }
-        let written = match self.write(event, &sales).await {
-            Err(e) if db::refused_for_good(&e).is_some() => {
-                tracing::warn!(error = %e, %event, "PostgreSQL refused a batch; writing it sale by sale");
-                self.write_one_by_one(conn, event, &sales, &sale_ids)
-                    .await?
-            }
-            written => written?,
-        };
-        // After the sales: a sale and its cancellation may come in one batch.
-        if !cancels.is_empty() {
-            match db::cancel_sales(&self.db, event, &cancels).await {
-                Err(e) if db::refused_for_good(&e).is_some() => {
-                    for id in &cancel_ids {
-                        let reason = format!("cancellation refused: {e}");
-                        self.park_entry(conn, event, id, &reason).await?;
-                    }
-                }
-                done => {
-                    done?;
-                }
-            }
-        }
+        // In the order they depend on each other: a hold before its sale or release,
+        // a sale before its cancellation (one batch may carry both).
+        self.write_or_park(conn, event, &batch.holds).await?;
+        let written = self.write_or_park(conn, event, &batch.sales).await?;
+        self.write_or_park(conn, event, &batch.releases).await?;
+        self.write_or_park(conn, event, &batch.cancels).await?;
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
         let _: i64 = conn.xack(stream, CONSUMER_GROUP, &ids).await?;
         crate::metrics::consumer_batch(entries.len(), written);
@@ -433,32 +446,28 @@ impl Consumer {
         Ok(())
     }
 
-    /// One batch in one statement, or two in parallel for long batches: PostgreSQL
-    /// inserts them on two cores. Each is idempotent, and nothing is acknowledged
-    /// unless both succeed.
-    async fn write(&self, event: Uuid, sales: &[Entry]) -> Result<u64> {
-        if sales.len() < SPLIT_BATCH_AT {
-            return db::insert_sales(&self.db, event, sales).await;
-        }
-        let (first, second) = sales.split_at(sales.len() / 2);
-        let (a, b) = tokio::try_join!(
-            db::insert_sales(&self.db, event, first),
-            db::insert_sales(&self.db, event, second),
-        )?;
-        Ok(a + b)
-    }
-
-    /// After PostgreSQL refused a batch: each sale alone, parking those it refuses.
-    async fn write_one_by_one(
+    /// Writes `items` (each with the stream entry it came in); when PostgreSQL
+    /// refuses the lot for good, writes them one by one and parks those it refuses.
+    /// Returns how many rows changed.
+    async fn write_or_park<T: Written>(
         &self,
         conn: &mut Connection,
         event: Uuid,
-        sales: &[Entry],
-        ids: &[&str],
+        items: &[(T, String)],
     ) -> Result<u64> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let all: Vec<T> = items.iter().map(|(item, _)| item.clone()).collect();
+        match T::write(&self.db, event, &all).await {
+            Err(e) if db::refused_for_good(&e).is_some() => {
+                tracing::warn!(error = %e, %event, "PostgreSQL refused a batch; writing it entry by entry");
+            }
+            written => return written,
+        }
         let mut written = 0;
-        for (sale, id) in sales.iter().zip(ids) {
-            match db::insert_sales(&self.db, event, std::slice::from_ref(sale)).await {
+        for (item, id) in items {
+            match T::write(&self.db, event, std::slice::from_ref(item)).await {
                 Ok(n) => written += n,
                 Err(e) => match db::refused_for_good(&e) {
                     Some(code) => {
@@ -494,6 +503,71 @@ impl Consumer {
             "parked a sale PostgreSQL cannot take; see `boxoffice reconcile`"
         );
         Ok(())
+    }
+}
+
+/// A kind of stream entry, as the consumer writes it to PostgreSQL. Every write is
+/// idempotent: an entry delivered again changes nothing.
+trait Written: Clone + Send + Sync {
+    fn write<'a>(
+        db: &'a PgPool,
+        event: Uuid,
+        items: &'a [Self],
+    ) -> impl Future<Output = Result<u64>> + Send + 'a;
+}
+
+impl Written for Entry {
+    /// Sales in one statement, or two in parallel for long batches: PostgreSQL
+    /// inserts them on two cores. Nothing is acknowledged unless both succeed.
+    async fn write(db: &PgPool, event: Uuid, sales: &[Self]) -> Result<u64> {
+        if sales.len() < SPLIT_BATCH_AT {
+            return db::insert_sales(db, event, sales).await;
+        }
+        let (first, second) = sales.split_at(sales.len() / 2);
+        let (a, b) = tokio::try_join!(
+            db::insert_sales(db, event, first),
+            db::insert_sales(db, event, second),
+        )?;
+        Ok(a + b)
+    }
+}
+
+impl Written for Cancellation {
+    async fn write(db: &PgPool, event: Uuid, cancels: &[Self]) -> Result<u64> {
+        db::cancel_sales(db, event, cancels).await
+    }
+}
+
+impl Written for HoldMade {
+    async fn write(db: &PgPool, event: Uuid, holds: &[Self]) -> Result<u64> {
+        db::insert_holds(db, event, holds).await
+    }
+}
+
+impl Written for HoldReleased {
+    async fn write(db: &PgPool, event: Uuid, releases: &[Self]) -> Result<u64> {
+        db::release_holds(db, event, releases).await
+    }
+}
+
+/// The entries of one read, by kind, each with the id of its stream entry.
+#[derive(Default)]
+struct Batch {
+    sales: Vec<(Entry, String)>,
+    cancels: Vec<(Cancellation, String)>,
+    holds: Vec<(HoldMade, String)>,
+    releases: Vec<(HoldReleased, String)>,
+}
+
+impl Batch {
+    fn add(&mut self, logged: Logged, entry: &str) {
+        let entry = entry.to_owned();
+        match logged {
+            Logged::Sale(sale) => self.sales.push((sale, entry)),
+            Logged::Cancel(cancel) => self.cancels.push((cancel, entry)),
+            Logged::Hold(hold) => self.holds.push((hold, entry)),
+            Logged::Release(release) => self.releases.push((release, entry)),
+        }
     }
 }
 

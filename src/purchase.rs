@@ -234,6 +234,8 @@ pub enum Reply {
     Replay(String),
     /// The event is missing or not checked on this Redis server; nothing happened.
     Recover,
+    /// Doing it would break an invariant of the counters; nothing happened.
+    Invariant,
     /// Anything else the script answers for this kind of request (`T`, `E…`, `F`,
     /// `G`: see `lua/purchase.lua`).
     Other(String),
@@ -278,6 +280,7 @@ impl Reply {
             Some(("N", record)) => Ok(Reply::New(record.to_owned())),
             Some(("R", record)) => Ok(Reply::Replay(record.to_owned())),
             Some(("C", "")) => Ok(Reply::Recover),
+            Some(("Z", "")) => Ok(Reply::Invariant),
             Some(_) => Ok(Reply::Other(line.to_owned())),
             None => Err(Error::UnexpectedReply(format!("gate script: {line:?}"))),
         }
@@ -559,7 +562,7 @@ impl Gate {
                 .and_then(HoldState::parse)
                 .map(Confirmation::Ended)
                 .ok_or_else(|| unexpected("confirmation", &line)),
-            Reply::Recover => Err(Error::RecoveryPending(server_changed())),
+            Reply::Recover | Reply::Invariant => Err(Error::RecoveryPending(server_changed())),
         }
     }
 
@@ -573,7 +576,7 @@ impl Gate {
             Reply::Other(line) if line == "F" => Ok(Release::Confirmed),
             Reply::Other(line) if line == "G" => Ok(Release::NotFound),
             Reply::Other(line) => Err(unexpected("release", &line)),
-            Reply::Recover => Err(Error::RecoveryPending(server_changed())),
+            Reply::Recover | Reply::Invariant => Err(Error::RecoveryPending(server_changed())),
         }
     }
 
@@ -597,7 +600,9 @@ impl Gate {
             Reply::New(micros) => (micros, false),
             Reply::Replay(micros) => (micros, true),
             Reply::Other(line) => return Err(unexpected("cancellation", &line)),
-            Reply::Recover => return Err(Error::RecoveryPending(server_changed())),
+            Reply::Recover | Reply::Invariant => {
+                return Err(Error::RecoveryPending(server_changed()));
+            }
         };
         let at_micros = micros
             .parse()
@@ -690,9 +695,12 @@ impl Gate {
             }))
     }
 
-    /// A hold as Redis has it; `None` if it has no such hold (never made, forgotten
-    /// after its retention, or lost with Redis' data).
+    /// A hold as Redis has it once the event is checked on this server; `None` if it
+    /// has no such hold (never made, forgotten after its retention, or lost with
+    /// Redis' data before it reached PostgreSQL).
     pub async fn hold_state(&self, event: Uuid, hold_id: Uuid) -> Result<Option<HoldView>> {
+        // Before a recovery, the hash may be from an older point in time.
+        self.inventory(event).await?;
         let (fields, (secs, micros)): (Vec<Option<String>>, (i64, i64)) = redis::pipe()
             .cmd("HMGET")
             .arg(self.keys().hold(event, hold_id))
@@ -735,11 +743,15 @@ impl Gate {
     /// Has the script decide one request; when the event must be recovered first,
     /// recovers it and asks once more (`ask` builds the request again).
     async fn decide_on_sale(&self, event: Uuid, ask: impl Fn() -> Ask) -> Result<Reply> {
-        match self.decide(event, ask()).await? {
+        let reply = match self.decide(event, ask()).await? {
             Reply::Recover => {
                 self.recovery.ensure(event).await?;
-                self.decide(event, ask()).await
+                self.decide(event, ask()).await?
             }
+            reply => reply,
+        };
+        match reply {
+            Reply::Invariant => Err(Error::InvariantBroken(event)),
             reply => Ok(reply),
         }
     }
@@ -809,7 +821,9 @@ fn decision<T>(
             });
         }
         Reply::Other(line) => return Err(unexpected("request", &line)),
-        Reply::Recover => return Err(Error::RecoveryPending(server_changed())),
+        Reply::Recover | Reply::Invariant => {
+            return Err(Error::RecoveryPending(server_changed()));
+        }
     };
     let parsed = Record::parse(&record).ok_or_else(|| unexpected("idempotency record", &record))?;
     let outcome = if parsed.quantity() != quantity.get() {

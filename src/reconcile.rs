@@ -145,7 +145,7 @@ async fn read(recovery: &Recovery, event: &EventRow) -> Result<Row> {
     // Redis first: a sale made after this reading shows up in PostgreSQL or the
     // stream and reads as Redis behind for a moment; `settled` reads again.
     let state = recovery.state(event.id).await?;
-    let durable = recovery.durable(event.id).await?;
+    let durable = recovery.durable(event).await?;
     let records_missing = match state {
         Some((_, true)) => recovery.missing_records(event).await?,
         _ => 0,

@@ -1,7 +1,9 @@
 //! What the gate script writes, as Rust reads and writes it: the idempotency record
-//! kept under each key (of a purchase or a hold), and the stream entry of each sale
-//! and cancellation. `lua/purchase.lua` is the other side of both formats; `tests/api/records.rs` runs the script and
-//! parses what it wrote with these functions.
+//! kept under each key (of a purchase or a hold), and the stream entry of each seat
+//! movement PostgreSQL must hold — a sale, a cancellation, a hold made, a hold
+//! released. `lua/purchase.lua` is the other side of both formats;
+//! `tests/api/records.rs` runs the script and parses what it wrote with these
+//! functions.
 
 use std::fmt;
 
@@ -158,16 +160,50 @@ pub struct Cancellation {
     pub id: Uuid,
     pub quantity: i16,
     pub cancelled_at_micros: i64,
+    /// The buyer the sale counted against, if any.
+    pub buyer: Option<String>,
 }
 
-/// What an entry of an event's stream records.
+/// A hold as the gate made it: what recovery needs to bring it back, or to know it
+/// ended, after Redis lost it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldMade {
+    /// The hold's id; its sale, once confirmed, has the same id.
+    pub id: Uuid,
+    pub idempotency_key: String,
+    pub quantity: i16,
+    /// Seats left right after the hold, as its 201 said.
+    pub seats_remaining: i32,
+    /// Microseconds since the Unix epoch, from Redis' clock.
+    pub held_at_micros: i64,
+    /// Milliseconds since the Unix epoch, from Redis' clock.
+    pub expires_at_ms: i64,
+    pub buyer: Option<String>,
+}
+
+/// The release of a hold (its seats back on sale before its expiry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldReleased {
+    pub id: Uuid,
+    pub quantity: i16,
+    pub released_at_micros: i64,
+    pub buyer: Option<String>,
+}
+
+/// What an entry of an event's stream records. A hold's confirmation is the sale
+/// it makes (`via_hold`); a hold's expiry is not logged: a hold neither confirmed
+/// nor released by its expiry expired, which its expiry time says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Logged {
     Sale(Entry),
     Cancel(Cancellation),
+    Hold(HoldMade),
+    Release(HoldReleased),
 }
 
-/// Field names of a stream entry, as `lua/purchase.lua` writes them.
+/// Field names of a stream entry, as `lua/purchase.lua` writes them. The kind of an
+/// entry is told by which of `c`, `x`, `d` it has (none: a sale). Hold entries have
+/// no `t`, so a consumer from before holds were logged does not take one for a sale.
 pub mod field {
     pub const PURCHASE_ID: &str = "p";
     pub const KEY: &str = "k";
@@ -178,19 +214,46 @@ pub mod field {
     pub const VIA_HOLD: &str = "h";
     /// Present on cancellations only: when the sale was cancelled.
     pub const CANCELLED_AT: &str = "c";
+    /// Present on holds made only: when the hold expires (Unix ms).
+    pub const EXPIRES_AT: &str = "x";
+    /// When the hold was made (Unix µs), on holds made.
+    pub const HELD_AT: &str = "m";
+    /// Present on releases only: when the hold was released (Unix µs).
+    pub const RELEASED_AT: &str = "d";
 }
 
 impl Logged {
-    /// Reads an entry of an event's stream; `None` if it is neither a sale nor a
-    /// cancellation.
+    /// Reads an entry of an event's stream (or of its dead letters, whose extra
+    /// fields are ignored); `None` if it is none of the kinds above.
     pub fn from_stream(entry: &StreamId) -> Option<Self> {
         let id = entry.get::<String>(field::PURCHASE_ID)?.parse().ok()?;
         let quantity = entry.get(field::QUANTITY)?;
+        let buyer = entry.get(field::BUYER);
         if let Some(cancelled_at_micros) = entry.get(field::CANCELLED_AT) {
             return Some(Logged::Cancel(Cancellation {
                 id,
                 quantity,
                 cancelled_at_micros,
+                buyer,
+            }));
+        }
+        if let Some(expires_at_ms) = entry.get(field::EXPIRES_AT) {
+            return Some(Logged::Hold(HoldMade {
+                id,
+                idempotency_key: entry.get(field::KEY)?,
+                quantity,
+                seats_remaining: entry.get(field::SEATS_REMAINING)?,
+                held_at_micros: entry.get(field::HELD_AT)?,
+                expires_at_ms,
+                buyer,
+            }));
+        }
+        if let Some(released_at_micros) = entry.get(field::RELEASED_AT) {
+            return Some(Logged::Release(HoldReleased {
+                id,
+                quantity,
+                released_at_micros,
+                buyer,
             }));
         }
         Some(Logged::Sale(Entry {
@@ -199,37 +262,20 @@ impl Logged {
             quantity,
             seats_remaining: entry.get(field::SEATS_REMAINING),
             sold_at_micros: entry.get(field::SOLD_AT)?,
-            buyer: entry.get(field::BUYER),
+            buyer,
             via_hold: entry.contains_key(field::VIA_HOLD),
         }))
     }
 
-    /// What a count needs of an entry.
-    pub fn movement(entry: &StreamId) -> Option<Movement> {
-        Some(Movement {
-            id: entry.get::<String>(field::PURCHASE_ID)?.parse().ok()?,
-            seats: entry.get(field::QUANTITY)?,
-            cancel: entry.contains_key(field::CANCELLED_AT),
-            buyer: entry.get(field::BUYER),
-        })
+    /// The purchase or hold id the entry is about.
+    pub fn id(&self) -> Uuid {
+        match self {
+            Logged::Sale(e) => e.id,
+            Logged::Cancel(c) => c.id,
+            Logged::Hold(h) => h.id,
+            Logged::Release(r) => r.id,
+        }
     }
-}
-
-impl Movement {
-    /// Seats the entry adds to what is sold: a cancellation's count negative.
-    pub fn signed_seats(&self) -> i64 {
-        if self.cancel { -self.seats } else { self.seats }
-    }
-}
-
-/// Seats a stream entry moves: a sale's, or a cancellation's (which returns them).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Movement {
-    /// The purchase id.
-    pub id: Uuid,
-    pub seats: i64,
-    pub cancel: bool,
-    pub buyer: Option<String>,
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ pub struct Stores {
     pub db: PgPool,
     pub redis: deadpool_redis::Pool,
     pub keys: Keys,
+    /// How long a decision is remembered (`BOXOFFICE_IDEMPOTENCY_TTL`, seconds).
+    pub idempotency_ttl: u32,
 }
 
 impl Stores {
@@ -64,6 +66,7 @@ impl Stores {
             db,
             redis,
             keys: Keys::new(config.key_prefix.clone()),
+            idempotency_ttl: config.idempotency_ttl,
         })
     }
 
@@ -75,6 +78,7 @@ impl Stores {
             name,
             config.clone(),
         )
+        .keeping_holds_for(Duration::from_secs(u64::from(self.idempotency_ttl)))
     }
 }
 

@@ -211,11 +211,12 @@ async fn buyers_counts_come_back_from_postgresql_after_redis_loses_its_data() {
         StatusCode::CREATED
     );
     env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+    wait_for_holds(&env, event, 1).await;
 
     env.lose_redis_data().await;
 
-    // dave's sale is in PostgreSQL: his allowance is still used up. erin's hold lived
-    // in Redis only: it is gone, and so are its seats and her count.
+    // dave's sale is in PostgreSQL: his allowance is still used up. erin's hold is
+    // there too: it holds its seats again, and counts against her.
     assert_eq!(
         app.purchase_as(event, "d-2", 1, Some(&dave)).await.code(),
         "BUYER_LIMIT"
@@ -223,10 +224,34 @@ async fn buyers_counts_come_back_from_postgresql_after_redis_loses_its_data() {
     let body = app.event(event).await;
     assert_eq!(
         (body["seatsSold"].as_i64(), body["seatsHeld"].as_i64()),
-        (Some(3), Some(0))
+        (Some(3), Some(2))
     );
     assert_eq!(
-        app.purchase_as(event, "e-2", 3, Some(&erin)).await.status,
+        app.purchase_as(event, "e-2", 2, Some(&erin)).await.code(),
+        "BUYER_LIMIT"
+    );
+    assert_eq!(
+        app.purchase_as(event, "e-3", 1, Some(&erin)).await.status,
         StatusCode::OK
     );
+}
+
+/// Waits until PostgreSQL has `count` holds of `event`.
+async fn wait_for_holds(env: &TestEnv, event: uuid::Uuid, count: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM holds WHERE event_id = $1")
+            .bind(event)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+        if n == count {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} of {count} holds written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -9,6 +9,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::helpers::{TestApp, TestEnv};
+use crate::processes::{Persistence, PrivateRedis, on_private_servers};
 
 async fn seats(app: &TestApp, event: Uuid) -> (i64, i64, i64) {
     let body = app.event(event).await;
@@ -435,9 +436,10 @@ async fn a_hold_redis_forgot_was_confirmed_is_settled_from_postgresql_not_sold_t
 }
 
 #[tokio::test]
-async fn holds_are_lost_with_redis_data_and_their_seats_return() {
+async fn a_hold_lost_with_redis_before_it_reached_postgresql_returns_its_seats() {
     let env = TestEnv::new().await;
-    let app = env.spawn_app().await;
+    // No consumer: the hold stays in the stream, which the loss takes with it.
+    let app = env.spawn_app_with(|c| c.serve.consumer = false).await;
     let event = app.create_event("lost-holds", 4).await;
     let held = app.hold(event, "lost-1", 3, None).await;
     let id = hold_id(&held);
@@ -451,4 +453,172 @@ async fn holds_are_lost_with_redis_data_and_their_seats_return() {
     assert_eq!(again.status, StatusCode::CREATED);
     assert!(!again.replayed);
     assert_ne!(hold_id(&again), id);
+}
+
+/// Waits until PostgreSQL has the hold `id` (the consumer wrote its entry).
+async fn hold_persisted(env: &TestEnv, id: &str) {
+    let id: Uuid = id.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM holds WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&env.db)
+            .await
+            .unwrap();
+        if found.is_some() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hold {id} never reached PostgreSQL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_released_after_the_snapshot_stays_released_when_redis_returns_to_it() {
+    on_private_servers(async {
+        let mut redis = PrivateRedis::start(Persistence::Snapshot).await;
+        let env = TestEnv::with_redis(&redis.url()).await;
+        let app = env.spawn_app_with(|c| c.serve.redis_watch_ms = 0).await;
+        let event = app.create_event("snapshot-release", 2).await;
+        let id = hold_id(&app.hold(event, "held-then-released", 2, None).await);
+        hold_persisted(&env, &id).await;
+        let _: () = redis::cmd("SAVE")
+            .query_async(&mut env.redis_now().await)
+            .await
+            .unwrap();
+        let snapshot = redis.dir().join("older.rdb");
+        std::fs::copy(redis.dir().join("dump.rdb"), &snapshot).unwrap();
+
+        // After the snapshot: the hold is released and another buyer takes its seats.
+        assert_eq!(app.release(event, &id).await.0, StatusCode::NO_CONTENT);
+        let bought = app.purchase_event(event, "the-other-buyer", 2).await;
+        assert_eq!(bought.status, StatusCode::OK, "{:?}", bought.body);
+        env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+
+        redis.kill();
+        std::fs::copy(&snapshot, redis.dir().join("dump.rdb")).unwrap();
+        redis.restart().await;
+
+        // The released hold does not come back to life with the snapshot.
+        let mut confirm = app.confirm(event, &id).await;
+        while confirm.status == StatusCode::SERVICE_UNAVAILABLE {
+            confirm = app.confirm(event, &id).await;
+        }
+        assert_eq!(confirm.status, StatusCode::GONE, "{:?}", confirm.body);
+        assert_eq!(confirm.code(), "HOLD_EXPIRED");
+        assert_eq!(seats(&app, event).await, (2, 0, 0));
+        let info = app.get(&format!("/api/v1/events/{event}/holds/{id}")).await;
+        assert_eq!(info.body["state"], "released");
+        let more = app.purchase_event(event, "one-more", 1).await;
+        assert_eq!(more.code(), "SOLD_OUT");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rows = env.rows(event).await;
+        let seats_in_rows: i64 = rows.iter().map(|(.., q)| i64::from(*q)).sum();
+        assert_eq!(seats_in_rows, 2, "{rows:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_confirmed_holds_key_and_id_replay_the_sale_after_redis_lost_its_data() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("confirmed-then-lost", 5).await;
+    let held = app.hold(event, "hold-key", 2, None).await;
+    let id = hold_id(&held);
+    let sale = app.confirm(event, &id).await;
+    assert_eq!(sale.status, StatusCode::OK);
+    env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+    hold_persisted(&env, &id).await;
+
+    env.lose_redis_data().await;
+
+    // The client that lost the confirmation's answer asks again, by id and by key.
+    let again = app.confirm(event, &id).await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+    assert!(again.replayed);
+    assert_eq!(again.body, sale.body);
+    let rehold = app.hold(event, "hold-key", 2, None).await;
+    assert_eq!(rehold.status, StatusCode::CREATED, "{:?}", rehold.body);
+    assert!(rehold.replayed);
+    assert_eq!(rehold.body, held.body);
+    assert_eq!(app.confirm(event, &id).await.body, sale.body);
+    assert_eq!(seats(&app, event).await, (2, 0, 3));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.rows(event).await.len(), 1, "the key sold twice");
+}
+
+#[tokio::test]
+async fn a_live_hold_comes_back_after_redis_lost_its_data_and_can_be_confirmed() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("held-then-lost", 4).await;
+    let held = app.hold(event, "live-hold", 3, None).await;
+    let id = hold_id(&held);
+    hold_persisted(&env, &id).await;
+
+    env.lose_redis_data().await;
+
+    assert_eq!(seats(&app, event).await, (0, 3, 1));
+    let again = app.hold(event, "live-hold", 3, None).await;
+    assert!(again.replayed);
+    assert_eq!(again.body, held.body);
+    let sale = app.confirm(event, &id).await;
+    assert_eq!(sale.status, StatusCode::OK, "{:?}", sale.body);
+    assert_eq!(sale.body["purchaseId"], id.as_str());
+    assert_eq!(seats(&app, event).await, (3, 0, 1));
+}
+
+#[tokio::test]
+async fn a_hold_confirmed_in_lost_data_cannot_be_released_before_recovery_settles_it() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app_with(|c| c.serve.redis_watch_ms = 0).await;
+    let event = app.create_event("release-before-recovery", 10).await;
+    let id = hold_id(&app.hold(event, "confirm-then-release", 3, None).await);
+    let keys = [
+        format!("{}:{{{event}}}:inv", env.prefix),
+        format!("{}:{{{event}}}:holds", env.prefix),
+        format!("{}:{{{event}}}:hold:{}", env.prefix, id.replace('-', "")),
+    ];
+    let mut redis = env.redis_now().await;
+    let mut snapshot = Vec::new();
+    for key in &keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        snapshot.push(dump);
+    }
+    let sale = app.confirm(event, &id).await;
+    assert_eq!(sale.status, StatusCode::OK);
+    env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+    // Redis comes back from before the confirmation, not yet checked on this server.
+    for (key, dump) in keys.iter().zip(&snapshot) {
+        let _: () = redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dump.as_slice())
+            .arg("REPLACE")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("HDEL")
+        .arg(&keys[0])
+        .arg("run")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    // The first request is a release: it must not undo the sale.
+    let (status, body) = app.release(event, &id).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body:?}");
+    assert_eq!(body.unwrap()["error"], "HOLD_CONFIRMED");
+    let info = app.get(&format!("/api/v1/events/{event}/holds/{id}")).await;
+    assert_eq!(info.body["state"], "confirmed");
+    assert_eq!(seats(&app, event).await, (3, 0, 7));
 }

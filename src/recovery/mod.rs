@@ -1,0 +1,503 @@
+//! Recovery: the one way an event's state comes into Redis, on every path that needs
+//! it — the first request for an event Redis lacks or has not checked, the Redis
+//! watcher after a server change, startup, and `boxoffice reconcile --fix`.
+//!
+//! # The rule
+//!
+//! An event sells only while its inventory hash carries `run` = the run id of the
+//! Redis server process answering; `lua/purchase.lua` compares the two before every
+//! seat movement (purchase, hold, confirmation, release, cancellation, and the
+//! return of expired holds) and answers `recover` otherwise. `run` is written by
+//! [`Recovery::ensure`] alone, in its last step, after, on that same server process:
+//!
+//! 1. `lua/recover_begin.lua` took the event off sale (deleting `run`) and left a
+//!    token in the hash: from here on nothing moves a seat of the event, so what
+//!    PostgreSQL and the event's log (stream and dead letters) say of it is fixed;
+//! 2. that was read ([`ledger`]) and worked out into the state the event must have:
+//!    idempotency records, cancellation markers and hold hashes were written back
+//!    where Redis lacks them, the live holds and the buyers' counts into keys of
+//!    this attempt ([`restore`]);
+//! 3. the event was added to the set the stream consumer reads streams from;
+//! 4. `lua/recover_end.lua`, if the token is still there, swapped those keys in,
+//!    set `sold` and `held`, and wrote `run`, in one step.
+//!
+//! So an event never sells from state that was not checked, and never before its
+//! stream is read: that is a property of the data, whoever calls.
+//!
+//! # What each piece of state becomes
+//!
+//! Every seat movement is appended to the event's stream in the script call that
+//! makes it, and an entry leaves the stream only once PostgreSQL has it (or it was
+//! parked in the dead letters). So PostgreSQL plus the log is never behind Redis,
+//! and is ahead of it exactly when Redis came back from an older point in time (a
+//! snapshot, a replica that had not caught up). Recovery therefore sets every
+//! counter to what they say, up or down, and never keeps what Redis had instead:
+//!
+//! | state | what PostgreSQL and the log know | after recovery |
+//! | --- | --- | --- |
+//! | `sold` | sales (rows, entries), less cancellations | exactly that |
+//! | hold: live | made (`holds` row or entry), not ended, before its expiry | held again: its seats in `held`, its member back, its hash and its key's record |
+//! | hold: confirmed | its sale (row or entry, same id) | hash `confirmed` with the sale's answer: a retried confirmation replays it |
+//! | hold: released | `released_at` or a release entry | hash `released`: never confirms |
+//! | hold: expired | none of the above by its expiry | hash read as expired, seats not held |
+//! | `held` | live holds | their seats |
+//! | buyers' counts | sales and live holds per buyer | exactly that |
+//! | purchase records | sales of the last TTL, with their answer | written back where missing |
+//! | cancellation markers | `cancelled_at` or an entry, of the last TTL | written back where missing |
+//! | refusals (`SOLD_OUT`, over the limit) | nothing | gone: a retry is decided again (a refusal sold nothing) |
+//! | waiting room | its settings (`events`) | the room back, empty: tickets are gone, admissions already issued (signed tokens) still admit, and re-joiners are admitted at the rate from now (`src/queue.rs`) |
+//!
+//! Redis' own state is written over, not merged: it can only be equal or older. A
+//! hold that ended does not come back to life; one that was live comes back and can
+//! be confirmed. A sale or hold only the lost part of Redis held (its entry was
+//! still in the stream) is lost with it: only `appendfsync always` rules that out.
+//!
+//! # Why it holds
+//!
+//! * **Restart, restore from any older file, failover**: the server answering is a
+//!   new process with a new run id, so every event's `run` differs, whatever the
+//!   file or the replica held (a snapshot taken after a recovery holds the old run id).
+//! * **FLUSHALL, keys deleted**: the inventory is gone, which the script treats alike.
+//! * **Several deployments on one Redis** (key prefixes): `run` is per event and each
+//!   deployment checks its own events; nothing is shared between them (the script
+//!   cache, which is, says nothing about any deployment's data).
+//! * **Several replicas at once, or an attempt cut at any point** (timeout, error,
+//!   crash): step 1 reuses the token of an attempt already under way, so attempts
+//!   that overlap share one and whichever finishes first puts the event on sale; the
+//!   others' last step then changes nothing. Each attempt builds its sets under keys
+//!   of its own (they expire if it dies), and everything else it writes is the same
+//!   whoever writes it. An attempt cut short leaves the event off sale with its
+//!   token, and the next one, in any process, does the job again. The last step
+//!   refuses when the server changed meanwhile: then the attempt begins again.
+//! * **While the event is off sale** the stream consumer goes on writing entries to
+//!   PostgreSQL and trimming them, which moves entries between the two sources but
+//!   changes neither what they say together nor, since entries leave the stream only
+//!   after PostgreSQL has them, lets one fall between the reads: the log is read
+//!   first, then PostgreSQL in one snapshot ([`db::books`]).
+//!
+//! # What it costs and what it cannot do
+//!
+//! The purchase script reads `INFO server` on each sale (3–4 µs of Redis time). A
+//! recovery rewrites every record within the TTL of its event, during which the
+//! event answers 503; see README "Durability". Records deleted behind the service's
+//! back on a running server (by eviction, or by hand) are found by `boxoffice
+//! reconcile`.
+
+pub mod ledger;
+mod restore;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::streams::StreamRangeReply;
+use redis::{AsyncCommands, Script};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::{self, EventRow};
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+use crate::persist::CONSUMER_GROUP;
+use crate::purchase::Inventory;
+use crate::records::Logged;
+pub use ledger::Durable;
+use ledger::{Log, Rebuilt};
+
+/// Attempts of one recovery before it gives up (each further one follows a server
+/// change in the middle of the previous).
+const ATTEMPTS: usize = 3;
+
+/// After a failed recovery, how long requests for that event fail at once instead
+/// of trying again (each try may wait out PostgreSQL's connection timeout).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Stream entries read per XRANGE call.
+const RANGE_CHUNK: usize = 10_000;
+
+/// What one recovery did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The event was already on sale on this server; nothing was changed.
+    pub was_on_sale: bool,
+    pub created: bool,
+    /// How far `sold` moved (negative: Redis counted sales that were cancelled, or
+    /// holds confirmed, in what it lost).
+    pub sold_moved_by: i64,
+    pub held: i64,
+    pub records: usize,
+    pub live_holds: usize,
+}
+
+/// Whether a recovery may leave alone an event that is on sale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Only events missing or not checked on this server.
+    Check,
+    /// Every event, even one on sale: off sale until its state is rebuilt.
+    Force,
+}
+
+/// When and why the last recovery of an event in this process failed.
+type LastFailure = Option<(Instant, String)>;
+
+#[derive(Clone)]
+pub struct Recovery {
+    conn: ConnectionManager,
+    db: PgPool,
+    keys: Keys,
+    idempotency_ttl: u32,
+    begin: Script,
+    end: Script,
+    seats: Script,
+    /// One lock per event being recovered in this process: concurrent requests wait
+    /// for one recovery instead of each running one.
+    running: Arc<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<LastFailure>>>>>,
+}
+
+impl Recovery {
+    pub fn new(conn: ConnectionManager, db: PgPool, keys: Keys, idempotency_ttl: u32) -> Self {
+        Self {
+            conn,
+            db,
+            keys,
+            idempotency_ttl,
+            begin: crate::lua_script!("recover_begin.lua"),
+            end: crate::lua_script!("recover_end.lua"),
+            seats: crate::lua_script!("seats.lua"),
+            running: Arc::default(),
+        }
+    }
+
+    /// Brings `event` on sale on this Redis server if it is not (see the module
+    /// docs). `EventNotFound` if PostgreSQL does not have it.
+    pub async fn ensure(&self, event: Uuid) -> Result<Report> {
+        // PostgreSQL first: an id that names no event leaves nothing behind here.
+        let row = db::event(&self.db, event)
+            .await?
+            .ok_or(Error::EventNotFound(event))?;
+        self.ensure_event(&row, Mode::Check).await
+    }
+
+    /// [`Recovery::ensure`] for an event already read from PostgreSQL.
+    pub async fn ensure_event(&self, event: &EventRow, mode: Mode) -> Result<Report> {
+        let lock = self.lock(event.id);
+        let mut last_failure = lock.lock().await;
+        if mode == Mode::Check && self.counters(event.id).await?.is_some() {
+            // Another request of this process finished the job while this one waited.
+            return Ok(Report {
+                was_on_sale: true,
+                ..Report::default()
+            });
+        }
+        if let Some((at, error)) = last_failure.as_ref()
+            && at.elapsed() < RETRY_AFTER
+        {
+            return Err(Error::RecoveryPending(error.clone()));
+        }
+        let recovered = self.recover(event, mode).await;
+        *last_failure = recovered
+            .as_ref()
+            .err()
+            .map(|e| (Instant::now(), e.to_string()));
+        recovered
+    }
+
+    fn lock(&self, event: Uuid) -> Arc<tokio::sync::Mutex<LastFailure>> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.entry(event).or_default().clone()
+    }
+
+    /// Every event of PostgreSQL, one by one; the first error is returned after all
+    /// were tried.
+    pub async fn ensure_all(&self) -> Result<usize> {
+        let events = db::events(&self.db).await?;
+        let mut first_error = None;
+        for event in &events {
+            if let Err(e) = self.ensure_event(event, Mode::Check).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(events.len()), Err)
+    }
+
+    /// The steps of the module docs, begun again when the last one refuses.
+    async fn recover(&self, event: &EventRow, mode: Mode) -> Result<Report> {
+        let started = Instant::now();
+        for _ in 0..ATTEMPTS {
+            let Some(begun) = self.begin(event, mode).await? else {
+                return Ok(Report {
+                    was_on_sale: true,
+                    ..Report::default()
+                });
+            };
+            let (log, books) = self.read_books(event).await?;
+            let now_ms = redis_now_ms(&mut self.conn.clone()).await?;
+            let rebuilt = ledger::rebuild(&log, &books, now_ms, self.idempotency_ttl);
+            let attempt = Uuid::new_v4().simple().to_string();
+            let records = restore::write(
+                &mut self.conn.clone(),
+                &self.keys,
+                event.id,
+                &rebuilt,
+                &attempt,
+                self.idempotency_ttl,
+            )
+            .await?;
+            let _: () = self
+                .conn
+                .clone()
+                .sadd(self.keys.events(), event.id.to_string())
+                .await?;
+            if let Some((sold_before, _)) = self.end(event.id, &begun, &rebuilt, &attempt).await? {
+                let report = Report {
+                    was_on_sale: false,
+                    created: begun.created,
+                    sold_moved_by: rebuilt.sold() - sold_before,
+                    held: rebuilt.held,
+                    records,
+                    live_holds: rebuilt.live_holds().count(),
+                };
+                log_recovery(event, &rebuilt, &report, started.elapsed());
+                crate::metrics::recovery(records);
+                return Ok(report);
+            }
+        }
+        Err(Error::RecoveryPending(
+            "the Redis server changed while the event was being checked".into(),
+        ))
+    }
+
+    /// Step 1: takes the event off sale; `None` when it is on sale on this server
+    /// and `mode` lets it be.
+    async fn begin(&self, event: &EventRow, mode: Mode) -> Result<Option<Begun>> {
+        let mut begin = self.begin.key(self.keys.inventory(event.id));
+        begin
+            .key(self.keys.stream(event.id))
+            .key(self.keys.queue(event.id))
+            .arg(event.total_seats)
+            .arg(CONSUMER_GROUP)
+            .arg(Uuid::new_v4().simple().to_string())
+            .arg(u8::from(mode == Mode::Force))
+            .arg(
+                event
+                    .max_per_buyer
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(event.hold_seconds);
+        if let Some(queue) = event.queue() {
+            begin
+                .arg(queue.opens_at_ms)
+                .arg(queue.admit_per_second)
+                .arg(queue.admission_seconds)
+                .arg(queue.seed);
+        }
+        let (state, run, token, created): (String, String, String, i64) =
+            begin.invoke_async(&mut self.conn.clone()).await?;
+        Ok((state != "checked").then_some(Begun {
+            run,
+            token,
+            created: created == 1,
+        }))
+    }
+
+    /// Step 4: puts the event on sale with `rebuilt`'s counters and the sets of
+    /// `attempt`; returns `sold` and `held` as they were, or `None` when the attempt
+    /// must begin again.
+    async fn end(
+        &self,
+        event: Uuid,
+        begun: &Begun,
+        rebuilt: &Rebuilt,
+        attempt: &str,
+    ) -> Result<Option<(i64, i64)>> {
+        let (state, sold, held): (String, i64, i64) = self
+            .end
+            .key(self.keys.inventory(event))
+            .key(self.keys.holds(event))
+            .key(self.keys.buyers(event))
+            .key(self.keys.rebuild(event, attempt, "holds"))
+            .key(self.keys.rebuild(event, attempt, "buyers"))
+            .arg(&begun.token)
+            .arg(&begun.run)
+            .arg(rebuilt.sold())
+            .arg(rebuilt.held)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok((state == "checked").then_some((sold, held)))
+    }
+
+    /// The event's log, then what PostgreSQL holds of it (see the module docs for
+    /// the order).
+    async fn read_books(&self, event: &EventRow) -> Result<(Log, db::Books)> {
+        let log = self.read_log(event.id).await?;
+        let ids = log.ids();
+        let books = db::books(
+            &self.db,
+            event,
+            self.idempotency_ttl,
+            &ids.sales,
+            &ids.cancellations,
+            &ids.holds,
+        )
+        .await?;
+        Ok((log, books))
+    }
+
+    /// The stream and the dead letters of `event`. The dead letters are read before
+    /// and after the stream: an entry moved between the two (parked, or sent back) is
+    /// read at least once.
+    async fn read_log(&self, event: Uuid) -> Result<Log> {
+        let dead = self.keys.dead_letters(event);
+        let mut parked = self.read_stream(&dead).await?;
+        let stream = self.read_stream(&self.keys.stream(event)).await?;
+        parked.extend(self.read_stream(&dead).await?);
+        Ok(Log { stream, parked })
+    }
+
+    /// Every entry of a stream that the gate wrote, read in chunks.
+    async fn read_stream(&self, stream: &str) -> Result<Vec<Logged>> {
+        let mut conn = self.conn.clone();
+        let mut entries = Vec::new();
+        let mut start = "-".to_owned();
+        loop {
+            let page: StreamRangeReply =
+                conn.xrange_count(stream, &start, "+", RANGE_CHUNK).await?;
+            entries.extend(page.ids.iter().filter_map(Logged::from_stream));
+            match page.ids.last() {
+                Some(last) if page.ids.len() == RANGE_CHUNK => start = format!("({}", last.id),
+                _ => return Ok(entries),
+            }
+        }
+    }
+
+    /// The counters of `event` if it is on sale on this server; `None` if Redis lacks
+    /// it or has not had it checked.
+    pub async fn counters(&self, event: Uuid) -> Result<Option<Inventory>> {
+        Ok(self
+            .state(event)
+            .await?
+            .and_then(|(inventory, on_sale)| on_sale.then_some(inventory)))
+    }
+
+    /// The counters of `event` as Redis has them, and whether it is on sale on this
+    /// server (checked since the server started); `None` if Redis lacks the event.
+    pub async fn state(&self, event: Uuid) -> Result<Option<(Inventory, bool)>> {
+        let fields: Vec<i64> = self
+            .seats
+            .key(self.keys.inventory(event))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(match fields[..] {
+            [total, sold, purchases, rejected, on_sale, held] => Some((
+                Inventory {
+                    total,
+                    sold,
+                    purchases,
+                    rejected,
+                    held,
+                },
+                on_sale == 1,
+            )),
+            _ => None,
+        })
+    }
+
+    /// How many sales of `event` within the TTL have no idempotency record in Redis
+    /// (a retry of one would be sold again). Sales whose record expires within
+    /// `EXPIRY_MARGIN` are left out, so that a record expiring meanwhile does not count.
+    pub async fn missing_records(&self, event: &EventRow) -> Result<usize> {
+        const EXPIRY_MARGIN: i64 = 5;
+        let sales = db::recent_sales(&self.db, event, self.idempotency_ttl).await?;
+        let keys: Vec<String> = sales
+            .iter()
+            .filter(|sale| sale.ttl_left > EXPIRY_MARGIN)
+            .map(|sale| self.keys.idempotency(event.id, &sale.idempotency_key))
+            .collect();
+        restore::count_missing(&mut self.conn.clone(), &keys).await
+    }
+
+    /// Seats of `event` sold for certain: rows in PostgreSQL that are not cancelled,
+    /// and entries of its log that are not rows yet (a cancellation not yet written
+    /// takes its seats off).
+    pub async fn durable(&self, event: &EventRow) -> Result<Durable> {
+        let (log, books) = self.read_books(event).await?;
+        Ok(ledger::durable(&log, &books))
+    }
+
+    /// The `run_id` of the Redis server behind the shared connection.
+    pub async fn redis_run_id(&self) -> Result<String> {
+        server_run_id(&mut self.conn.clone()).await
+    }
+
+    /// Checks every event at once when the Redis server changes (and at start), rather
+    /// than at each event's next request, which would otherwise wait for it.
+    pub async fn watch_redis(self, every: Duration, shutdown: CancellationToken) {
+        let mut known: Option<String> = None;
+        loop {
+            match self.redis_run_id().await {
+                Ok(run_id) if known.as_ref() != Some(&run_id) => match self.ensure_all().await {
+                    Ok(events) => {
+                        tracing::info!(events, run_id, "events checked on this Redis server");
+                        known = Some(run_id);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "checking events on a new Redis failed"),
+                },
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "Redis run_id check failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+/// An attempt under way: the server it began on and its token.
+struct Begun {
+    run: String,
+    token: String,
+    created: bool,
+}
+
+fn log_recovery(event: &EventRow, rebuilt: &Rebuilt, report: &Report, took: Duration) {
+    if report.created && report.records == 0 && rebuilt.sold() == 0 && rebuilt.holds.is_empty() {
+        tracing::info!(event = %event.id, "event on sale in Redis");
+        return;
+    }
+    tracing::warn!(
+        event = %event.id,
+        created = report.created,
+        sold = rebuilt.sold(),
+        sold_moved_by = report.sold_moved_by,
+        held = report.held,
+        live_holds = report.live_holds,
+        records = report.records,
+        persisted = rebuilt.durable.persisted,
+        in_stream = rebuilt.durable.in_stream,
+        parked = rebuilt.durable.parked,
+        ?took,
+        "event checked against PostgreSQL on this Redis server (new, restarted, restored \
+         or failed over) and put back on sale"
+    );
+}
+
+/// The `run_id` of the Redis server `conn` talks to: what an event's `run` must equal
+/// for it to sell (see the module docs).
+pub async fn server_run_id(conn: &mut impl redis::aio::ConnectionLike) -> Result<String> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .ok_or_else(|| Error::UnexpectedReply("INFO server without run_id".into()))
+}
+
+/// Redis' clock, Unix milliseconds: what hold expiries are measured against.
+async fn redis_now_ms(conn: &mut impl redis::aio::ConnectionLike) -> Result<i64> {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
+    Ok(secs * 1000 + micros / 1000)
+}
