@@ -2,29 +2,52 @@
 -- for the n-th to join before the opening, `o<n>` after. Redis' clock alone decides
 -- which side of the opening a join falls, so no `p` ticket is issued once it opened.
 --
--- KEYS[1] the room (hash: opens, rate, admission, seed; early and late counters)
--- KEYS[2] tickets by buyer (hash: '<ticket>@<joined at, ms>')
+-- A late ticket gets its admission moment here, from Redis' clock, so that the rate
+-- does not bank: `max(the previous place's moment + 1/rate, now)`. The previous
+-- places form a chain from `base` (the opening, or the join that found nobody
+-- waiting): its `count`-th place is admitted at `base + ceil(count × 1000 / rate)`,
+-- the same formula as the early places' from the opening, so the first late place
+-- follows the last early one.
+--
+-- KEYS[1] the room (hash: opens, rate, admission, seed; early and late counters; the
+--         chain's base (ms) and count)
+-- KEYS[2] tickets by buyer (hash: '<ticket>@<joined at, ms>', and for late tickets
+--         '@<admitted at, ms>')
 -- ARGV[1] the buyer
 -- Returns {} when the room is missing (recover the event first), else {ticket,
--- opens, rate, admission, seed, early, late, now (ms)}.
+-- opens, rate, admission, seed, early, late, now (ms), admitted at (ms, '' for an
+-- early ticket)}.
 
-local room = redis.call('HMGET', KEYS[1], 'opens', 'rate', 'admission', 'seed')
-if not room[1] or not room[4] then
+local room = redis.call('HMGET', KEYS[1], 'opens', 'rate', 'admission', 'seed', 'early', 'base', 'count')
+local opens, rate = tonumber(room[1]), tonumber(room[2])
+if not opens or not rate or rate < 1 or not room[4] then
   return {}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ticket = redis.call('HGET', KEYS[2], ARGV[1])
-if not ticket then
-  if now < tonumber(room[1]) then
-    ticket = 'p' .. redis.call('HINCRBY', KEYS[1], 'early', 1)
-  else
-    ticket = 'o' .. redis.call('HINCRBY', KEYS[1], 'late', 1)
-  end
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+local ticket, admitted_at
+if held then
+  ticket = string.match(held, '^[^@]+')
+  admitted_at = string.match(held, '^[^@]+@[^@]+@(%d+)$') or ''
+elseif now < opens then
+  ticket = 'p' .. redis.call('HINCRBY', KEYS[1], 'early', 1)
+  admitted_at = ''
   redis.call('HSET', KEYS[2], ARGV[1], ticket .. '@' .. string.format('%d', now))
 else
-  ticket = string.match(ticket, '^[^@]+')
+  local base = tonumber(room[6]) or opens
+  local count = tonumber(room[7]) or tonumber(room[5]) or 0
+  local at = base + math.ceil((count + 1) * 1000 / rate)
+  if at >= now then
+    count = count + 1
+  else
+    base, count, at = now, 0, now
+  end
+  ticket = 'o' .. redis.call('HINCRBY', KEYS[1], 'late', 1)
+  admitted_at = string.format('%d', at)
+  redis.call('HSET', KEYS[1], 'base', string.format('%d', base), 'count', count)
+  redis.call('HSET', KEYS[2], ARGV[1], ticket .. '@' .. string.format('%d', now) .. '@' .. admitted_at)
 end
-local counts = redis.call('HMGET', KEYS[1], 'early', 'late')
+local counts = redis.call('HMGET', KEYS[1], 'early', 'late', 'base', 'count')
 return {ticket, room[1], room[2], room[3], room[4], counts[1] or '0', counts[2] or '0',
-  string.format('%d', now)}
+  string.format('%d', now), admitted_at, counts[3] or '', counts[4] or ''}

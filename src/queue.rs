@@ -15,12 +15,23 @@
 //!
 //! # Admission
 //!
-//! At time `t` (Redis' clock), the first `⌊(t − opensAt) × rate⌋` places are admitted.
-//! A place is a number and admission a formula of Redis' time, so every replica
-//! admits the same buyers at the same moments, a poll is O(1) (two hash fields and
-//! `TIME`), and a position (place − admitted) only goes down. An admitted buyer gets
-//! an admission token ([`AdmissionTokens`]) that names the event and the buyer and
-//! expires `admissionSeconds` after the moment of admission.
+//! Early places are admitted from the opening at the rate: place `k` at `opensAt +
+//! ⌈k × 1000 / rate⌉` ms. A late ticket is given its moment when it joins, from
+//! Redis' clock (`lua/queue_join.lua`): one `1 / rate` after the place before it, but
+//! never before it joined. So the rate does not bank: after a quiet spell the next
+//! joiner is admitted at once and those right behind it one `1 / rate` apart, not
+//! all together. Every replica reads the same moments, a poll is O(1) (hash fields
+//! and `TIME`), and a position only goes down.
+//!
+//! An admitted buyer gets an admission token ([`AdmissionTokens`]) that names the
+//! event and the buyer and expires `admissionSeconds` after the later of its
+//! admission and the first time any replica told the buyer so (recorded once in
+//! Redis): a buyer who polls late still gets the whole window, and every later answer
+//! carries the same expiry.
+//!
+//! After Redis lost the room, recovery brings it back with its settings and no
+//! tickets: buyers join again and are admitted at the rate from then on (the chain
+//! starts again at the first re-joiner); tokens already issued stay valid.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use redis::aio::ConnectionManager;
@@ -38,6 +49,27 @@ pub struct QueueSettings {
     pub admission_seconds: u32,
     /// Keys the permutation of those who join before the opening.
     pub seed: u64,
+}
+
+/// How far in the past a waiting room may open: an event created a little after its
+/// announced opening still queues; one from decades ago is a mistake.
+pub const OPENS_AT_PAST_MAX_MS: i64 = 24 * 3600 * 1000;
+/// How far ahead a waiting room may open.
+pub const OPENS_AT_FUTURE_MAX_MS: i64 = 366 * 24 * 3600 * 1000;
+
+impl QueueSettings {
+    /// Whether the opening time is within the window above around `now_ms`; an
+    /// explanation if not.
+    pub fn check_opening(opens_at_ms: i64, now_ms: i64) -> std::result::Result<(), String> {
+        if opens_at_ms < now_ms - OPENS_AT_PAST_MAX_MS
+            || opens_at_ms > now_ms + OPENS_AT_FUTURE_MAX_MS
+        {
+            return Err(
+                "queue.opensAt must be within the last 24 hours or the next 366 days".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Fewest milliseconds a waiting buyer is told to wait before polling again (the
@@ -81,6 +113,9 @@ pub struct Room {
     /// Tickets issued before the opening, and after.
     pub early: u64,
     pub late: u64,
+    /// The chain of late admissions: where it (re)started (ms) and how many places
+    /// it has admitted or will admit from there; `None` before the first late join.
+    pub chain: Option<(i64, u64)>,
     /// Redis' clock, milliseconds.
     pub now_ms: i64,
 }
@@ -97,17 +132,32 @@ pub enum Standing {
 }
 
 impl Room {
-    /// Places admitted by now.
-    pub fn admitted(&self) -> u64 {
-        let since = self.now_ms - self.settings.opens_at_ms;
-        if since < 0 {
-            return 0;
-        }
-        (since as u128 * u128::from(self.settings.admit_per_second) / 1000) as u64
+    /// Milliseconds from a chain's start to its `count`-th place.
+    fn offset_ms(&self, count: u64) -> i64 {
+        let ms = (u128::from(count) * 1000).div_ceil(u128::from(self.settings.admit_per_second));
+        i64::try_from(ms).unwrap_or(i64::MAX)
     }
 
-    /// The place in line of `ticket`, once the event has opened; `None` for a
-    /// ticket Redis never issued.
+    /// Places of a chain started at `base` admitted by now.
+    fn admitted_since(&self, base: i64) -> u64 {
+        let since = u128::try_from(self.now_ms - base).unwrap_or(0);
+        u64::try_from(since * u128::from(self.settings.admit_per_second) / 1000).unwrap_or(u64::MAX)
+    }
+
+    /// Buyers admitted by now, of those who joined.
+    pub fn admitted(&self) -> u64 {
+        let early = self
+            .admitted_since(self.settings.opens_at_ms)
+            .min(self.early);
+        let late_waiting = match self.chain {
+            Some((base, count)) => count.saturating_sub(self.admitted_since(base)),
+            None => 0,
+        };
+        early + self.late.saturating_sub(late_waiting)
+    }
+
+    /// The place in line of an early ticket, once the event has opened; `None` for
+    /// a ticket Redis never issued.
     pub fn place(&self, ticket: Ticket) -> Option<u64> {
         match ticket {
             Ticket::Early(n) if n <= self.early => {
@@ -118,27 +168,33 @@ impl Room {
         }
     }
 
-    /// Where `ticket` stands now; `None` for a ticket Redis never issued.
-    pub fn standing(&self, ticket: Ticket) -> Option<Standing> {
+    /// Where `ticket` stands now; `admitted_at_ms` is the moment a late ticket was
+    /// given when it joined. `None` for a ticket Redis never issued.
+    pub fn standing(&self, ticket: Ticket, admitted_at_ms: Option<i64>) -> Option<Standing> {
         let opens_in = self.settings.opens_at_ms - self.now_ms;
+        let place = self.place(ticket)?;
         if opens_in > 0 {
-            self.place(ticket)?;
             return Some(Standing::BeforeOpening {
                 in_draw: self.early,
-                opens_in_ms: opens_in as u64,
+                opens_in_ms: opens_in.unsigned_abs(),
             });
         }
-        let place = self.place(ticket)?;
-        let admitted = self.admitted();
-        let rate = u64::from(self.settings.admit_per_second);
-        // The moment ⌊(t − opens) × rate / 1000⌋ reaches `place`.
-        let admitted_at_ms = self.settings.opens_at_ms + (place * 1000).div_ceil(rate) as i64;
-        if place <= admitted {
-            return Some(Standing::Admitted { admitted_at_ms });
+        let at = match (ticket, admitted_at_ms) {
+            (Ticket::Late(_), Some(at)) => at,
+            // Early places, and late tickets issued before they carried a moment.
+            _ => self.settings.opens_at_ms + self.offset_ms(place),
+        };
+        if at <= self.now_ms {
+            return Some(Standing::Admitted { admitted_at_ms: at });
         }
+        let wait_ms = (at - self.now_ms).unsigned_abs();
+        // The places between now and `at` are one `1 / rate` apart.
+        let position = (u128::from(wait_ms) * u128::from(self.settings.admit_per_second))
+            .div_ceil(1000)
+            .max(1);
         Some(Standing::Waiting {
-            position: place - admitted,
-            wait_ms: (admitted_at_ms - self.now_ms).max(0) as u64,
+            position: u64::try_from(position).unwrap_or(u64::MAX),
+            wait_ms,
         })
     }
 }
@@ -211,7 +267,7 @@ impl Queue {
 
     /// The ticket of `buyer` (a new one, or the one they have), and the room;
     /// `None` when Redis does not have the event's waiting room (recover it first).
-    pub async fn join(&self, event: Uuid, buyer: &Buyer) -> Result<Option<(Ticket, Room)>> {
+    pub async fn join(&self, event: Uuid, buyer: &Buyer) -> Result<Option<(Held, Room)>> {
         let reply: Vec<String> = self
             .join
             .key(self.keys.queue(event))
@@ -219,27 +275,37 @@ impl Queue {
             .arg(buyer.as_str())
             .invoke_async(&mut self.conn.clone())
             .await?;
-        let [ticket, fields @ ..] = &reply[..] else {
+        let [ticket, fields @ .., admitted_at, base, count] = &reply[..] else {
             return Ok(None);
         };
-        let ticket = Ticket::parse(ticket)
-            .ok_or_else(|| Error::UnexpectedReply(format!("queue ticket {ticket:?}")))?;
-        Ok(Some((ticket, room(fields)?)))
+        let bad = || Error::UnexpectedReply(format!("queue join {reply:?}"));
+        let held = Held {
+            ticket: Ticket::parse(ticket).ok_or_else(bad)?,
+            joined_ms: None,
+            admitted_at_ms: optional_number(admitted_at).map_err(|_| bad())?,
+        };
+        let mut fields = fields.to_vec();
+        fields.extend([base.clone(), count.clone()]);
+        Ok(Some((held, room(&fields)?)))
     }
 
-    /// The room now and the ticket `buyer` holds in it (with when they joined, Unix
-    /// ms), if any; `None` when Redis does not have the room. O(1): two hash reads
-    /// and `TIME`, pipelined.
-    pub async fn poll(
-        &self,
-        event: Uuid,
-        buyer: &Buyer,
-    ) -> Result<Option<(Option<(Ticket, i64)>, Room)>> {
+    /// The room now and the ticket `buyer` holds in it, if any; `None` when Redis
+    /// does not have the room. O(1): two hash reads and `TIME`, pipelined.
+    pub async fn poll(&self, event: Uuid, buyer: &Buyer) -> Result<Option<(Option<Held>, Room)>> {
         type Reply = (Vec<Option<String>>, Option<String>, (i64, i64));
         let (fields, ticket, (secs, micros)): Reply = redis::pipe()
             .cmd("HMGET")
             .arg(self.keys.queue(event))
-            .arg(&["opens", "rate", "admission", "seed", "early", "late"])
+            .arg(&[
+                "opens",
+                "rate",
+                "admission",
+                "seed",
+                "early",
+                "late",
+                "base",
+                "count",
+            ])
             .cmd("HGET")
             .arg(self.keys.queue_tickets(event))
             .arg(buyer.as_str())
@@ -250,28 +316,57 @@ impl Queue {
             return Ok(None);
         }
         let mut all: Vec<String> = fields.into_iter().map(Option::unwrap_or_default).collect();
-        all.push((secs * 1000 + micros / 1000).to_string());
-        let ticket = ticket.as_deref().and_then(|held| {
-            let (ticket, joined) = held.split_once('@')?;
-            Some((Ticket::parse(ticket)?, joined.parse().ok()?))
-        });
-        Ok(Some((ticket, room(&all)?)))
+        all.insert(6, (secs * 1000 + micros / 1000).to_string());
+        Ok(Some((ticket.as_deref().and_then(Held::parse), room(&all)?)))
     }
 
-    /// Whether this is the first time `buyer`'s admission is served, by any replica
-    /// (recorded once, for the metrics).
-    pub async fn first_admission(&self, event: Uuid, buyer: &Buyer, now_ms: i64) -> Result<bool> {
-        let first: bool = redis::cmd("HSETNX")
+    /// When `buyer` was first told they were admitted, by any replica: `now_ms` if
+    /// this is the first time (then also `true`).
+    pub async fn served(&self, event: Uuid, buyer: &Buyer, now_ms: i64) -> Result<(i64, bool)> {
+        let (first, at): (bool, i64) = redis::pipe()
+            .cmd("HSETNX")
             .arg(self.keys.queue_served(event))
             .arg(buyer.as_str())
             .arg(now_ms)
+            .cmd("HGET")
+            .arg(self.keys.queue_served(event))
+            .arg(buyer.as_str())
             .query_async(&mut self.conn.clone())
             .await?;
-        Ok(first)
+        Ok((at, first))
     }
 }
 
-/// A room from opens, rate, admission, seed, early, late and now (ms), as strings.
+/// A buyer's ticket as Redis keeps it (`'<ticket>@<joined>[@<admitted at>]'`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub ticket: Ticket,
+    /// When the buyer joined (Unix ms), where known.
+    pub joined_ms: Option<i64>,
+    /// A late ticket's admission moment (Unix ms), given when it joined.
+    pub admitted_at_ms: Option<i64>,
+}
+
+impl Held {
+    fn parse(held: &str) -> Option<Self> {
+        let mut parts = held.split('@');
+        let ticket = Ticket::parse(parts.next()?)?;
+        let joined_ms = Some(parts.next()?.parse().ok()?);
+        let admitted_at_ms = parts.next().map(str::parse).transpose().ok()?;
+        Some(Self {
+            ticket,
+            joined_ms,
+            admitted_at_ms,
+        })
+    }
+}
+
+fn optional_number(s: &str) -> std::result::Result<Option<i64>, std::num::ParseIntError> {
+    (!s.is_empty()).then(|| s.parse()).transpose()
+}
+
+/// A room from opens, rate, admission, seed, early, late, now (ms), and the late
+/// chain's base and count ('' before the first late join), as strings.
 fn room(fields: &[String]) -> Result<Room> {
     let bad = || Error::UnexpectedReply(format!("waiting room {fields:?}"));
     let n = |i: usize| -> Result<i64> {
@@ -281,6 +376,8 @@ fn room(fields: &[String]) -> Result<Room> {
             None => Err(bad()),
         }
     };
+    let count = |i: usize| u64::try_from(n(i)?).map_err(|_| bad());
+    let base = optional_number(fields.get(7).ok_or_else(bad)?).map_err(|_| bad())?;
     Ok(Room {
         settings: QueueSettings {
             opens_at_ms: n(0)?,
@@ -288,10 +385,22 @@ fn room(fields: &[String]) -> Result<Room> {
             admission_seconds: u32::try_from(n(2)?).map_err(|_| bad())?,
             seed: fields[3].parse().map_err(|_| bad())?,
         },
-        early: n(4)? as u64,
-        late: n(5)? as u64,
+        early: count(4)?,
+        late: count(5)?,
         now_ms: n(6)?,
+        chain: match base {
+            Some(base) => Some((base, count(8)?)),
+            None => None,
+        },
     })
+}
+
+/// When an admission token expires (Unix ms): `admission_seconds` after the later of
+/// the admission and the first time the buyer was told of it.
+pub fn admission_expires_ms(admitted_at_ms: i64, served_at_ms: i64, admission_seconds: u32) -> i64 {
+    admitted_at_ms
+        .max(served_at_ms)
+        .saturating_add(i64::from(admission_seconds) * 1000)
 }
 
 /// The claims of an admission token.
@@ -340,12 +449,18 @@ impl AdmissionTokens {
         })
     }
 
-    /// A token admitting `buyer` to `event` until `expires_at_s` (Unix seconds).
-    pub fn issue(&self, event: Uuid, buyer: &Buyer, expires_at_s: u64) -> Result<String> {
+    /// A token admitting `buyer` to `event` until `expires_at_ms` (Unix ms, rounded
+    /// down to the second, the resolution of `exp`).
+    pub fn issue(&self, event: Uuid, buyer: &Buyer, expires_at_ms: i64) -> Result<String> {
+        let exp = u64::try_from(expires_at_ms.div_euclid(1000)).map_err(|_| {
+            Error::UnexpectedReply(format!(
+                "admission expiring before 1970: {expires_at_ms} ms"
+            ))
+        })?;
         let claims = Admission {
             sub: buyer.as_str().to_owned(),
             evt: event,
-            exp: expires_at_s,
+            exp,
         };
         jsonwebtoken::encode(&Header::default(), &claims, &self.signing)
             .map_err(|e| Error::UnexpectedReply(format!("signing an admission token: {e}")))
@@ -395,6 +510,7 @@ mod tests {
             },
             early: 8,
             late: 3,
+            chain: None,
             now_ms,
         }
     }
@@ -402,19 +518,19 @@ mod tests {
     #[test]
     fn admission_follows_the_clock_and_positions_only_go_down() {
         assert!(matches!(
-            room(9_000).standing(Ticket::Early(3)),
+            room(9_000).standing(Ticket::Early(3), None),
             Some(Standing::BeforeOpening {
                 in_draw: 8,
                 opens_in_ms: 1_000
             })
         ));
-        assert_eq!(room(9_000).standing(Ticket::Late(4)), None);
+        assert_eq!(room(9_000).standing(Ticket::Late(4), None), None);
         // Late tickets come after every early one, in order: places 9, 10, 11.
         let late = Ticket::Late(2);
         assert_eq!(room(10_000).place(late), Some(10));
         let mut last = u64::MAX;
         for now in (10_000..13_000).step_by(50) {
-            match room(now).standing(late).unwrap() {
+            match room(now).standing(late, None).unwrap() {
                 Standing::Waiting { position, .. } => {
                     assert!(position <= last);
                     last = position;
@@ -432,6 +548,44 @@ mod tests {
     }
 
     #[test]
+    fn a_late_ticket_waits_for_its_own_moment_and_the_room_counts_what_is_left() {
+        // A chain restarted at 20 s by a join after a lull: 3 places at 4 per second.
+        let room = |now_ms| Room {
+            chain: Some((20_000, 2)),
+            ..room(now_ms)
+        };
+        let (ticket, at) = (Ticket::Late(3), Some(20_500));
+        let mut last = u64::MAX;
+        for now in (20_000..20_500).step_by(10) {
+            let Standing::Waiting { position, wait_ms } = room(now).standing(ticket, at).unwrap()
+            else {
+                panic!("admitted before its moment at {now}");
+            };
+            assert!(position <= last && position >= 1);
+            assert_eq!(wait_ms, (20_500 - now) as u64);
+            last = position;
+        }
+        assert_eq!(
+            room(20_500).standing(ticket, at),
+            Some(Standing::Admitted {
+                admitted_at_ms: 20_500
+            })
+        );
+        // All 8 early places are in by 12 s; of the chain, 2 places by 20.5 s.
+        assert_eq!(room(20_000).admitted(), 8 + 3 - 2);
+        assert_eq!(room(20_500).admitted(), 8 + 3);
+    }
+
+    #[test]
+    fn an_admission_lasts_from_when_the_buyer_could_learn_of_it() {
+        assert_eq!(admission_expires_ms(1_000, 900, 60), 61_000);
+        assert_eq!(admission_expires_ms(1_000, 50_000, 60), 110_000);
+        let tokens = AdmissionTokens::new("an-admission-key-of-at-least-32-bytes", None).unwrap();
+        let buyer = Buyer::try_from("ann".to_owned()).unwrap();
+        assert!(tokens.issue(Uuid::now_v7(), &buyer, -1_000).is_err());
+    }
+
+    #[test]
     fn admission_tokens_name_event_and_buyer_and_survive_a_key_rotation() {
         let old = AdmissionTokens::new("the-old-admission-key-of-32-bytes!!", None).unwrap();
         let new = AdmissionTokens::new(
@@ -440,7 +594,7 @@ mod tests {
         )
         .unwrap();
         let (event, buyer) = (Uuid::now_v7(), Buyer::try_from("ann".to_owned()).unwrap());
-        let later = jsonwebtoken::get_current_timestamp() + 60;
+        let later = (jsonwebtoken::get_current_timestamp() as i64 + 60) * 1000;
         let token = old.issue(event, &buyer, later).unwrap();
         assert!(
             new.admits(&token, event, &buyer),
@@ -449,7 +603,11 @@ mod tests {
         assert!(!new.admits(&token, Uuid::now_v7(), &buyer));
         assert!(!new.admits(&token, event, &Buyer::try_from("bo".to_owned()).unwrap()));
         let expired = new
-            .issue(event, &buyer, jsonwebtoken::get_current_timestamp() - 1)
+            .issue(
+                event,
+                &buyer,
+                (jsonwebtoken::get_current_timestamp() as i64 - 1) * 1000,
+            )
             .unwrap();
         assert!(!new.admits(&expired, event, &buyer));
         let rotated_out =

@@ -68,6 +68,10 @@ pub enum ErrorCode {
     EventNotQueued,
     /// No such ticket in the event's waiting room.
     TicketNotFound,
+    /// The event asks for something this server is not configured for: a limit per
+    /// buyer needs `BOXOFFICE_BUYER_JWT_KEY`, a waiting room also
+    /// `BOXOFFICE_ADMISSION_KEY`. Nothing was created.
+    FeatureNotConfigured,
     /// The admin API is disabled because no admin token is configured.
     AdminDisabled,
     /// Redis or PostgreSQL is unreachable; retry after `Retry-After` seconds.

@@ -19,6 +19,7 @@ use crate::db::{self, EventRow};
 use crate::domain::{
     DEFAULT_HOLD_SECONDS, HoldSeconds, MAX_HOLD_SECONDS, MAX_SEATS, SeatLimit, Seats,
 };
+use crate::queue::QueueSettings;
 use crate::recovery::Mode;
 
 pub struct EventsApi;
@@ -192,8 +193,8 @@ pub enum CreateEventResponse {
     #[oai(status = 201)]
     Created(Json<Event>, #[oai(header = "Location")] String),
     /// `INVALID_BODY` (name must be 1–200 characters, totalSeats 1–1,000,000,
-    /// holdSeconds 1 to the server's maximum, maxPerBuyer needs a server with
-    /// `BOXOFFICE_BUYER_JWT_KEY`).
+    /// holdSeconds 1 to the server's maximum, queue.opensAt within the last 24 hours
+    /// or the next 366 days).
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// `UNAUTHORIZED`: missing or wrong bearer token.
@@ -208,6 +209,10 @@ pub enum CreateEventResponse {
     /// `UNSUPPORTED_MEDIA_TYPE`.
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
+    /// `FEATURE_NOT_CONFIGURED`: `maxPerBuyer` needs a server with
+    /// `BOXOFFICE_BUYER_JWT_KEY`, `queue` one with `BOXOFFICE_ADMISSION_KEY` too.
+    #[oai(status = 422)]
+    NotConfigured(Json<ErrorBody>),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -222,6 +227,7 @@ api_errors!(CreateEventResponse {
     403 => Forbidden,
     413 => PayloadTooLarge,
     415 => UnsupportedMediaType,
+    422 => NotConfigured,
     unavailable => Unavailable,
     internal => Internal,
 });
@@ -313,26 +319,40 @@ async fn create_event(
             ),
         ));
     }
+    if let Some(queue) = &new.queue.0 {
+        QueueSettings::check_opening(
+            queue.opens_at.timestamp_millis(),
+            chrono::Utc::now().timestamp_millis(),
+        )
+        .map_err(|message| {
+            ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidBody, message)
+        })?;
+    }
+    let not_configured = |message: &str| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::FeatureNotConfigured,
+            message,
+        )
+    };
     if new.max_per_buyer.0.is_some() && state.buyer_tokens.is_none() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidBody,
-            "maxPerBuyer needs buyer tokens, and this server has no BOXOFFICE_BUYER_JWT_KEY",
+        return Err(not_configured(
+            "maxPerBuyer needs buyer tokens, and this server has no BOXOFFICE_BUYER_JWT_KEY: \
+             set it, or create the event without maxPerBuyer",
         ));
     }
     if new.queue.0.is_some() && (state.admissions.is_none() || state.buyer_tokens.is_none()) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidBody,
+        return Err(not_configured(
             "a queue needs admission and buyer tokens, and this server lacks \
-             BOXOFFICE_ADMISSION_KEY or BOXOFFICE_BUYER_JWT_KEY",
+             BOXOFFICE_ADMISSION_KEY or BOXOFFICE_BUYER_JWT_KEY: set both, or create the \
+             event without a queue",
         ));
     }
     let settings = db::EventSettings {
         seats: new.total_seats,
         hold_seconds,
         max_per_buyer: new.max_per_buyer.0.map(SeatLimit::get),
-        queue: new.queue.0.as_ref().map(|q| crate::queue::QueueSettings {
+        queue: new.queue.0.as_ref().map(|q| QueueSettings {
             opens_at_ms: q.opens_at.timestamp_millis(),
             admit_per_second: q.admit_per_second,
             admission_seconds: q.admission_seconds,

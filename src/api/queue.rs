@@ -16,7 +16,7 @@ use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, resp
 use super::{AppState, Tag};
 use crate::db;
 use crate::domain::Buyer;
-use crate::queue::{Room, Standing, Ticket};
+use crate::queue::{Held, Room, Standing, Ticket, admission_expires_ms};
 
 pub struct QueueApi;
 
@@ -190,9 +190,9 @@ async fn join(state: &AppState, event: Uuid, auth: &BuyerAuth) -> Result<JoinRes
             })?
         }
     };
-    let (ticket, room) = joined;
+    let (held, room) = joined;
     crate::metrics::queue_joined();
-    let (status, _) = answer(state, event, &buyer, ticket, &room)?;
+    let status = answer(state, event, &buyer, held, &room).await?;
     Ok(JoinResponse::Accepted(Json(status)))
 }
 
@@ -216,38 +216,29 @@ async fn status(
         .poll(event, &buyer)
         .await?
         .ok_or_else(not_found)?;
-    let Some((ticket, joined_ms)) = held.filter(|(ticket, _)| *ticket == asked) else {
-        return Err(not_found());
-    };
-    let (status, standing) = answer(state, event, &buyer, ticket, &room)?;
-    if let Standing::Admitted { admitted_at_ms } = standing
-        && state
-            .queue
-            .first_admission(event, &buyer, room.now_ms)
-            .await?
-    {
-        let ms = |from: i64, to: i64| Duration::from_millis((to - from).max(0) as u64);
-        crate::metrics::queue_admission(
-            ms(admitted_at_ms, room.now_ms),
-            ms(joined_ms, admitted_at_ms),
-        );
-    }
+    let held = held
+        .filter(|held| held.ticket == asked)
+        .ok_or_else(not_found)?;
+    let status = answer(state, event, &buyer, held, &room).await?;
     Ok(StatusResponse::Ok(Json(status)))
 }
 
-/// What a buyer is told about `ticket`, and where it stands.
-fn answer(
+/// What a buyer is told about their ticket, joining or polling: where it stands, or,
+/// once admitted, the admission token. The first answer that tells a buyer they are
+/// admitted, from any replica, starts the token's window (see `queue`).
+async fn answer(
     state: &AppState,
     event: Uuid,
     buyer: &Buyer,
-    ticket: Ticket,
+    held: Held,
     room: &Room,
-) -> Result<(QueueStatus, Standing), ApiError> {
+) -> Result<QueueStatus, ApiError> {
     let joined = room.early + room.late;
     let admitted = room.admitted().min(joined);
     crate::metrics::queue_room(event, joined - admitted, admitted);
+    let ticket = held.ticket;
     let standing = room
-        .standing(ticket)
+        .standing(ticket, held.admitted_at_ms)
         .ok_or_else(|| crate::Error::UnexpectedReply(format!("ticket {ticket} not in {room:?}")))?;
     let time = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
     let mut status = QueueStatus {
@@ -277,14 +268,23 @@ fn answer(
             let admissions = state.admissions.as_ref().ok_or_else(|| {
                 crate::Error::Startup("queued event, but no BOXOFFICE_ADMISSION_KEY".into())
             })?;
-            let expires_ms = admitted_at_ms + i64::from(room.settings.admission_seconds) * 1000;
-            let token = admissions.issue(event, buyer, (expires_ms / 1000) as u64)?;
+            let (served_ms, first) = state.queue.served(event, buyer, room.now_ms).await?;
+            if first {
+                let ms = |from: i64, to: i64| Duration::from_millis((to - from).max(0) as u64);
+                let joined_ms = held.joined_ms.unwrap_or(admitted_at_ms);
+                crate::metrics::queue_admission(
+                    ms(admitted_at_ms, room.now_ms),
+                    ms(joined_ms, admitted_at_ms),
+                );
+            }
+            let expires_ms =
+                admission_expires_ms(admitted_at_ms, served_ms, room.settings.admission_seconds);
             status.admitted = true;
             status.poll_after_ms = None;
-            status.admission_token = Some(token);
+            status.admission_token = Some(admissions.issue(event, buyer, expires_ms)?);
             status.admitted_at = Some(time(admitted_at_ms));
-            status.expires_at = Some(time(expires_ms / 1000 * 1000));
+            status.expires_at = Some(time(expires_ms.div_euclid(1000) * 1000));
         }
     }
-    Ok((status, standing))
+    Ok(status)
 }

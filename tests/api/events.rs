@@ -139,3 +139,50 @@ async fn every_replica_sells_the_same_default_event_whatever_else_exists() {
         second.get("/api/v1/event").await.body["id"]
     );
 }
+
+#[tokio::test]
+async fn settings_the_server_is_not_configured_for_get_a_documented_422() {
+    let env = TestEnv::new().await;
+    let app = env
+        .spawn_app_with(|c| {
+            c.serve.buyer_jwt_key = None;
+            c.serve.admission_key = None;
+        })
+        .await;
+    let opens_at = chrono::Utc::now().to_rfc3339();
+    for (body, setting) in [
+        (
+            json!({"name": "limited", "totalSeats": 5, "maxPerBuyer": 2}),
+            "BOXOFFICE_BUYER_JWT_KEY",
+        ),
+        (
+            json!({"name": "queued", "totalSeats": 5,
+                   "queue": {"opensAt": opens_at, "admitPerSecond": 1, "admissionSeconds": 5}}),
+            "BOXOFFICE_ADMISSION_KEY",
+        ),
+    ] {
+        let reply = app
+            .send(
+                app.client
+                    .post(app.url("/api/v1/events"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{:?}",
+            reply.body
+        );
+        assert_eq!(reply.code(), "FEATURE_NOT_CONFIGURED");
+        let message = reply.body["message"].as_str().unwrap();
+        assert!(message.contains(setting), "{message}");
+    }
+    let spec = app.get("/openapi.json").await.body;
+    let create = &spec["paths"]["/api/v1/events"]["post"]["responses"];
+    assert!(
+        create.get("422").is_some(),
+        "422 is not in the spec: {create}"
+    );
+}

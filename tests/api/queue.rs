@@ -318,3 +318,124 @@ async fn after_redis_loses_its_data_the_room_starts_empty_and_issued_admissions_
     let rejoined = join(&app, event, &ann).await;
     assert_eq!(rejoined.body["ticket"], "o2");
 }
+
+/// Buyers who join one by one after a quiet spell (`opensAt` long past, nobody in
+/// line): each must be admitted no earlier than it joined, one place per
+/// `1 / rate` after the one before, with a token that is still valid when it
+/// learns of it. Returns the admission moments (ms), in joining order.
+async fn late_joiners_after_a_lull(rate: u32, buyers: usize) -> Vec<i64> {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    // Opened ten seconds ago and nobody came: ten seconds of unused admissions.
+    let event = queued_event(&app, -10_000, rate, 5).await;
+    let tokens: Vec<String> = (0..buyers)
+        .map(|i| buyer_token(&format!("lull-{i}")))
+        .collect();
+    let mut joined_at = Vec::new();
+    let mut tickets = Vec::new();
+    for token in &tokens {
+        joined_at.push(Utc::now().timestamp_millis());
+        let joined = join(&app, event, token).await;
+        assert_eq!(joined.status, StatusCode::ACCEPTED, "{:?}", joined.body);
+        tickets.push(joined.body["ticket"].as_str().unwrap().to_owned());
+    }
+    let mut admitted_at = Vec::new();
+    for (i, (ticket, token)) in tickets.iter().zip(&tokens).enumerate() {
+        let admitted = wait_for_admission(&app, event, ticket, token).await;
+        let at = |field: &str| {
+            admitted.body[field]
+                .as_str()
+                .unwrap()
+                .parse::<DateTime<Utc>>()
+                .unwrap()
+                .timestamp_millis()
+        };
+        let (admitted_ms, expires_ms) = (at("admittedAt"), at("expiresAt"));
+        let now = Utc::now().timestamp_millis();
+        // Redis' clock and this one agree within a few ms on this machine.
+        assert!(
+            admitted_ms + 50 >= joined_at[i],
+            "{ticket} admitted before it joined"
+        );
+        assert!(
+            expires_ms > now,
+            "{ticket}: its token expired at {expires_ms}, now {now}"
+        );
+        let token_admission = admitted.body["admissionToken"].as_str().unwrap();
+        let sold = app
+            .send(
+                app.client
+                    .post(app.url(&format!("/api/v1/events/{event}/purchase")))
+                    .header("Idempotency-Key", format!("lull-buy-{i}"))
+                    .header("Admission-Token", token_admission)
+                    .bearer_auth(token)
+                    .json(&json!({"quantity": 1})),
+            )
+            .await;
+        assert_eq!(sold.status, StatusCode::OK, "{ticket}: {:?}", sold.body);
+        admitted_at.push(admitted_ms);
+    }
+    admitted_at
+}
+
+#[tokio::test]
+async fn late_joiners_after_a_lull_are_admitted_at_the_rate_one_per_second() {
+    let at = late_joiners_after_a_lull(1, 3).await;
+    for pair in at.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 1_000,
+            "admitted at {at:?}: faster than 1/s"
+        );
+    }
+    eprintln!(
+        "1/s after a 10 s lull: 3 joiners admitted {} ms apart in all",
+        at[2] - at[0]
+    );
+}
+
+#[tokio::test]
+async fn late_joiners_after_a_lull_are_admitted_at_the_rate_five_hundred_per_second() {
+    let buyers = 50;
+    let at = late_joiners_after_a_lull(500, buyers).await;
+    for pair in at.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 2,
+            "admitted at {at:?}: faster than 500/s"
+        );
+    }
+    let spread = at[buyers - 1] - at[0];
+    assert!(
+        spread >= 98,
+        "50 places at 500/s span at least 98 ms, not {spread}"
+    );
+    eprintln!("500/s after a 10 s lull: {buyers} joiners admitted over {spread} ms");
+}
+
+#[tokio::test]
+async fn waiting_room_times_are_checked() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    for opens_at in ["1960-01-01T00:00:00Z", "2999-01-01T00:00:00Z"] {
+        let reply = app
+            .send(
+                app.client
+                    .post(app.url("/api/v1/events"))
+                    .bearer_auth(crate::helpers::ADMIN_TOKEN)
+                    .json(&json!({
+                        "name": "bad-times",
+                        "totalSeats": 5,
+                        "queue": {"opensAt": opens_at, "admitPerSecond": 1, "admissionSeconds": 5},
+                    })),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{opens_at}: {:?}",
+            reply.body
+        );
+        assert_eq!(reply.code(), "INVALID_BODY");
+        let message = reply.body["message"].as_str().unwrap();
+        assert!(message.contains("opensAt"), "{message}");
+    }
+}
