@@ -12,6 +12,7 @@ mod holds;
 mod idempotency;
 mod limits;
 mod logs;
+mod model;
 mod openapi;
 mod ops;
 mod persist;

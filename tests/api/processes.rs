@@ -64,14 +64,14 @@ pub async fn on_private_servers(test: impl Future<Output = ()>) {
 }
 
 /// A port nothing listens on right now.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port()
 }
 
-fn scratch_dir(kind: &str) -> PathBuf {
+pub fn scratch_dir(kind: &str) -> PathBuf {
     std::env::temp_dir().join(format!("boxoffice-{kind}-{}", Uuid::new_v4().simple()))
 }
 
