@@ -113,6 +113,11 @@ local function check_type(key, expected)
 end
 check_type(KEYS[2], 'stream')
 check_type(KEYS[3], 'zset')
+for _, r in ipairs(requests) do
+  if r.op == 'H' then
+    check_type(r.hold_key, 'hash')
+  end
+end
 
 -- State, read once ------------------------------------------------------------------
 
@@ -153,9 +158,9 @@ end
 local holds = {}
 for _, r in ipairs(requests) do
   if (r.op == 'C' or r.op == 'D') and holds[r.key] == nil then
-    local f = redis.call('HMGET', r.key, 's', 'q', 'b', 'k', 'x', 'r')
+    local f = redis.call('HMGET', r.key, 's', 'q', 'b', 'k', 'x', 'r', 'l', 'c')
     holds[r.key] = f[1] and { s = f[1], q = tonumber(f[2]), b = f[3], k = f[4], x = tonumber(f[5]),
-      r = f[6] } or false
+      r = f[6], l = f[7], c = f[8] } or false
   elseif r.op == 'K' and stored[r.key] == nil then
     stored[r.key] = redis.call('GET', r.key) or nil
   end
@@ -264,12 +269,13 @@ local function purchase_or_hold(r)
     add_buyer_seats(r.buyer, r.quantity)
     local left = total - sold - held
     redis.call('HSET', r.hold_key, 's', 'held', 'q', r.quantity, 'b', r.buyer, 'k', r.client_key,
-      'x', expires, 'c', now_ms)
+      'x', expires, 'c', now_ms, 'l', left)
     redis.call('PEXPIREAT', r.hold_key, expires + ttl * 1000)
     redis.call('ZADD', KEYS[3], expires, member_of(r.id, r.quantity, r.buyer))
     append({ 'p', r.id, 'k', r.client_key, 'q', r.quantity, 'r', left, 'x', expires, 'm', micros },
       r.buyer)
-    holds[r.hold_key] = { s = 'held', q = r.quantity, b = r.buyer, k = r.client_key, x = expires }
+    holds[r.hold_key] = { s = 'held', q = r.quantity, b = r.buyer, k = r.client_key, x = expires,
+      l = left, c = now_ms }
     record = 'H' .. r.quantity .. ':' .. left .. ':' .. r.id .. ':' .. expires
   end
   redis.call('SET', r.key, record, 'EX', ttl)
@@ -319,7 +325,15 @@ local function confirm_or_release(r)
     add_buyer_seats(hold.b, -hold.q)
     hold.s = 'released'
     redis.call('HSET', r.key, 's', 'released', 'e', now_ms)
-    append({ 'p', r.id, 'q', hold.q, 'd', micros }, hold.b)
+    -- With what made the hold, so that PostgreSQL gets it whichever entry it writes
+    -- first (two consumers may write the two entries in either order).
+    local release = { 'p', r.id, 'q', hold.q, 'd', micros }
+    if hold.l and hold.c then
+      for _, field in ipairs({ 'k', hold.k, 'r', hold.l, 'x', hold.x, 'm', hold.c .. '000' }) do
+        release[#release + 1] = field
+      end
+    end
+    append(release, hold.b)
     return 'N'
   end
   sold, purchases = sold + hold.q, purchases + 1

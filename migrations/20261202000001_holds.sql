@@ -19,3 +19,5 @@ CREATE TABLE holds (
 );
 
 CREATE INDEX holds_event_expiry_idx ON holds (event_id, expires_at);
+-- Pruning finds expired holds of every event.
+CREATE INDEX holds_expiry_idx ON holds (expires_at);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{FromRow, Postgres};
+use sqlx::{FromRow, PgConnection, Postgres};
 use uuid::Uuid;
 
 use crate::domain::Seats;
@@ -248,7 +248,11 @@ pub async fn recent_sales<'c>(
 /// Writes a batch of sales of one event in one statement. Sales already written
 /// (a redelivered stream entry) are skipped, so the write can be retried freely.
 /// Returns how many rows were new.
-pub async fn insert_sales(pool: &PgPool, event: Uuid, sales: &[Entry]) -> Result<u64> {
+pub async fn insert_sales<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    event: Uuid,
+    sales: &[Entry],
+) -> Result<u64> {
     let ids: Vec<Uuid> = sales.iter().map(|s| s.id).collect();
     let keys: Vec<&str> = sales.iter().map(|s| s.idempotency_key.as_str()).collect();
     let quantities: Vec<i16> = sales.iter().map(|s| s.quantity).collect();
@@ -274,14 +278,18 @@ pub async fn insert_sales(pool: &PgPool, event: Uuid, sales: &[Entry]) -> Result
     .bind(&sold_at)
     .bind(&buyers)
     .bind(&via_hold)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(done.rows_affected())
 }
 
 /// Marks sales of `event` cancelled, each at its time; a row already marked keeps its
 /// first time, so the write can be retried freely. Returns how many rows changed.
-pub async fn cancel_sales(pool: &PgPool, event: Uuid, cancels: &[Cancellation]) -> Result<u64> {
+pub async fn cancel_sales<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    event: Uuid,
+    cancels: &[Cancellation],
+) -> Result<u64> {
     let ids: Vec<Uuid> = cancels.iter().map(|c| c.id).collect();
     let at: Vec<i64> = cancels.iter().map(|c| c.cancelled_at_micros).collect();
     let done = sqlx::query(
@@ -293,14 +301,18 @@ pub async fn cancel_sales(pool: &PgPool, event: Uuid, cancels: &[Cancellation]) 
     .bind(event)
     .bind(&ids)
     .bind(&at)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(done.rows_affected())
 }
 
 /// Writes holds of one event as the gate made them; holds already written are
 /// skipped. Returns how many rows were new.
-pub async fn insert_holds(pool: &PgPool, event: Uuid, holds: &[HoldMade]) -> Result<u64> {
+pub async fn insert_holds<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    event: Uuid,
+    holds: &[HoldMade],
+) -> Result<u64> {
     let ids: Vec<Uuid> = holds.iter().map(|h| h.id).collect();
     let keys: Vec<&str> = holds.iter().map(|h| h.idempotency_key.as_str()).collect();
     let quantities: Vec<i16> = holds.iter().map(|h| h.quantity).collect();
@@ -327,14 +339,24 @@ pub async fn insert_holds(pool: &PgPool, event: Uuid, holds: &[HoldMade]) -> Res
     .bind(&remaining)
     .bind(&held_at)
     .bind(&expires_at)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(done.rows_affected())
 }
 
 /// Marks holds of `event` released, each at its time; a hold already marked keeps
-/// its first time. Returns how many rows changed.
-pub async fn release_holds(pool: &PgPool, event: Uuid, releases: &[HoldReleased]) -> Result<u64> {
+/// its first time. A hold PostgreSQL does not have yet (its own entry is on its way,
+/// through another consumer) is written first from what the release carries, so the
+/// release is never lost to the order of writes. Returns how many rows changed.
+pub async fn release_holds(
+    conn: &mut PgConnection,
+    event: Uuid,
+    releases: &[HoldReleased],
+) -> Result<u64> {
+    let holds: Vec<HoldMade> = releases.iter().filter_map(|r| r.hold.clone()).collect();
+    if !holds.is_empty() {
+        insert_holds(&mut *conn, event, &holds).await?;
+    }
     let ids: Vec<Uuid> = releases.iter().map(|r| r.id).collect();
     let at: Vec<i64> = releases.iter().map(|r| r.released_at_micros).collect();
     let done = sqlx::query(
@@ -346,28 +368,55 @@ pub async fn release_holds(pool: &PgPool, event: Uuid, releases: &[HoldReleased]
     .bind(event)
     .bind(&ids)
     .bind(&at)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Most hold rows one prune statement deletes, so that it never holds locks for long.
+pub const PRUNE_BATCH: u64 = 10_000;
+
+/// Deletes up to [`PRUNE_BATCH`] holds that expired more than `retention` ago:
+/// nothing can ask for them any more (their idempotency record and hash lived that
+/// long in Redis; a confirmed one's sale is in `purchases`). Returns how many went.
+pub async fn prune_holds(pool: &PgPool, retention: Duration) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM holds WHERE id IN (
+             SELECT id FROM holds WHERE expires_at < now() - make_interval(secs => $1)
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(PRUNE_BATCH as i64)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
 }
 
-/// Most hold rows one prune deletes, so that it never holds locks for long.
-const PRUNE_BATCH: i64 = 10_000;
+/// The advisory lock that orders the writes of an event's log to PostgreSQL
+/// against its recoveries (`persist` takes it shared for each batch, `recovery`
+/// exclusively while it reads and rebuilds): a key derived from the event id.
+pub fn event_lock(event: Uuid) -> i64 {
+    let (high, low) = event.as_u64_pair();
+    (high ^ low) as i64
+}
 
-/// Deletes holds that expired more than `retention` ago: nothing can ask for them
-/// any more (their idempotency record and hash lived that long in Redis; a confirmed
-/// one's sale is in `purchases`). Returns how many rows went.
-pub async fn prune_holds(pool: &PgPool, retention: Duration) -> Result<u64> {
-    let done = sqlx::query(
-        "DELETE FROM holds WHERE id IN (
-             SELECT id FROM holds WHERE expires_at < now() - make_interval(secs => $1)
-             LIMIT $2)",
-    )
-    .bind(retention.as_secs_f64())
-    .bind(PRUNE_BATCH)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected())
+/// Takes the shared lock of [`event_lock`] in `tx`, until it ends.
+pub async fn lock_event_shared(tx: &mut PgConnection, event: Uuid) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(event_lock(event))
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Takes the exclusive lock of [`event_lock`] in `tx`, until it ends: it waits for
+/// every batch being written for the event, and holds off the next ones.
+pub async fn lock_event(tx: &mut PgConnection, event: Uuid) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(event_lock(event))
+        .execute(tx)
+        .await?;
+    Ok(())
 }
 
 /// What PostgreSQL holds of one event, read in one snapshot (see [`books`]).
@@ -387,6 +436,8 @@ pub struct Books {
     pub recent_sales: Vec<RecentSale>,
     /// Sales cancelled within the TTL: (purchase id, when, Unix µs, seconds left).
     pub recent_cancellations: Vec<(Uuid, i64, i64)>,
+    /// PostgreSQL's clock (Unix ms), a floor for Redis' when judging expiries.
+    pub now_ms: i64,
 }
 
 /// A hold as PostgreSQL has it.
@@ -425,11 +476,12 @@ pub async fn books(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let (sold, written, cancelled): (i64, Vec<Uuid>, Vec<Uuid>) = sqlx::query_as(
+    let (sold, written, cancelled, now_ms): (i64, Vec<Uuid>, Vec<Uuid>, i64) = sqlx::query_as(
         "SELECT COALESCE(SUM(quantity) FILTER (WHERE cancelled_at IS NULL), 0)::int8,
                 COALESCE(array_agg(id) FILTER (WHERE id = ANY($2)), '{}'),
                 COALESCE(array_agg(id) FILTER (WHERE id = ANY($3) AND cancelled_at IS NOT NULL),
-                         '{}')
+                         '{}'),
+                (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::int8
          FROM purchases WHERE event_id = $1",
     )
     .bind(event.id)
@@ -490,6 +542,7 @@ pub async fn books(
         holds: hold_rows,
         recent_sales,
         recent_cancellations,
+        now_ms,
     })
 }
 

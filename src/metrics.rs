@@ -20,6 +20,7 @@ const CONSUMER_BATCH: &str = "boxoffice_consumer_batch_size";
 const ROWS_WRITTEN: &str = "boxoffice_consumer_rows_written_total";
 const CONSUMER_ERRORS: &str = "boxoffice_consumer_errors_total";
 const PARKED: &str = "boxoffice_consumer_parked_total";
+const CONSUMER_BATCHES_NOT_PENDING: &str = "boxoffice_consumer_batches_not_pending_total";
 const HOLDS: &str = "boxoffice_holds_total";
 const HOLDS_EXPIRED_BY_SWEEP: &str = "boxoffice_holds_swept_total";
 const CANCELLATIONS: &str = "boxoffice_cancellations_total";
@@ -178,6 +179,11 @@ pub fn consumer_batch(read: usize, written: u64) {
 
 pub fn consumer_error() {
     ::metrics::counter!(CONSUMER_ERRORS).increment(1);
+}
+
+/// A batch not written because its entries were no longer pending for this consumer.
+pub fn consumer_batch_dropped() {
+    ::metrics::counter!(CONSUMER_BATCHES_NOT_PENDING).increment(1);
 }
 
 /// A sale set aside because PostgreSQL refused it for good.

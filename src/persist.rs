@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoConsumersReply,
-    StreamReadOptions, StreamReadReply,
+    StreamPendingCountReply, StreamReadOptions, StreamReadReply,
 };
 use deadpool_redis::redis::{self, AsyncCommands, Script};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -34,7 +34,7 @@ use crate::config::ConsumerConfig;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::records::{Cancellation, Entry, HoldMade, HoldReleased, Logged};
+use crate::records::Logged;
 
 /// Name of the consumer group that writes sales to PostgreSQL.
 pub const CONSUMER_GROUP: &str = "persist";
@@ -44,11 +44,10 @@ const REFRESH_STREAMS_EVERY: Duration = Duration::from_secs(1);
 /// How often each stream is trimmed of acknowledged entries.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
-/// How often holds nothing can ask for any more are deleted from PostgreSQL.
+/// How often holds nothing can ask for any more are deleted from PostgreSQL, and how
+/// many statements of [`db::PRUNE_BATCH`] rows one round may run.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
-
-/// Batches at least this long are written as two statements in parallel.
-const SPLIT_BATCH_AT: usize = 200;
+const PRUNE_STATEMENTS_PER_ROUND: usize = 20;
 
 /// Longest pause between retries while Redis or PostgreSQL is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -322,11 +321,19 @@ impl Consumer {
         {
             return Ok(());
         }
-        let pruned = db::prune_holds(&self.db, retention).await?;
-        if pruned > 0 {
-            tracing::debug!(pruned, "deleted holds past their retention");
-        }
         cursor.last_prune = Some(Instant::now());
+        // Until a statement finds fewer than a batch, within a bound per round: the
+        // rest waits for the next round rather than delaying the sales behind it.
+        for _ in 0..PRUNE_STATEMENTS_PER_ROUND {
+            match db::prune_holds(&self.db, retention).await {
+                Ok(pruned) if pruned < db::PRUNE_BATCH => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "deleting holds past their retention failed");
+                    break;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -420,24 +427,29 @@ impl Consumer {
             .keys
             .event_of_stream(stream)
             .ok_or_else(|| Error::UnexpectedReply(format!("stream key {stream}")))?;
-        let mut batch = Batch::default();
+        let mut batch = Vec::with_capacity(entries.len());
         for entry in &entries {
             match Logged::from_stream(entry) {
-                Some(logged) => batch.add(logged, &entry.id),
+                Some(logged) => batch.push((logged, entry.id.clone())),
                 None => {
                     let reason = "not a seat movement written by lua/purchase.lua";
                     self.park_entry(conn, event, &entry.id, reason).await?;
                 }
             }
         }
-        // In the order they depend on each other: a hold before its sale or release,
-        // a sale before its cancellation (one batch may carry both).
-        self.write_or_park(conn, event, &batch.holds).await?;
-        let written = self.write_or_park(conn, event, &batch.sales).await?;
-        self.write_or_park(conn, event, &batch.releases).await?;
-        self.write_or_park(conn, event, &batch.cancels).await?;
-        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let _: i64 = conn.xack(stream, CONSUMER_GROUP, &ids).await?;
+        let (written, done) = match self.write_batch(conn, stream, event, &batch).await {
+            Err(e) if db::refused_for_good(&e).is_some() => {
+                tracing::warn!(error = %e, %event, "PostgreSQL refused a batch; writing it entry by entry");
+                self.write_one_by_one(conn, stream, event, &batch).await?
+            }
+            // Not this consumer's any more: not acknowledged here either.
+            Ok(None) => return Ok(()),
+            Ok(Some(written)) => (written, batch.iter().map(|(_, id)| id.as_str()).collect()),
+            Err(e) => return Err(e),
+        };
+        if !done.is_empty() {
+            let _: i64 = conn.xack(stream, CONSUMER_GROUP, &done).await?;
+        }
         crate::metrics::consumer_batch(entries.len(), written);
         tracing::debug!(%event, read = entries.len(), written, "persisted sales");
         untrimmed
@@ -446,39 +458,94 @@ impl Consumer {
         Ok(())
     }
 
-    /// Writes `items` (each with the stream entry it came in); when PostgreSQL
-    /// refuses the lot for good, writes them one by one and parks those it refuses.
-    /// Returns how many rows changed.
-    async fn write_or_park<T: Written>(
+    /// Writes `batch` in one transaction that holds the event's lock shared
+    /// ([`db::lock_event_shared`]), provided its entries are still pending for this
+    /// consumer once the lock is held; returns how many sales were new rows, or `None`
+    /// when they were not.
+    ///
+    /// The check under the lock is what keeps a recovery exact: a recovery holds the
+    /// lock exclusively while it reads the stream and PostgreSQL, so a batch is
+    /// either in PostgreSQL before it reads, or written after it is done, and then
+    /// only if the entries were not lost with Redis' data meanwhile (the recovery did
+    /// not count them) nor taken over by another consumer (which writes them).
+    async fn write_batch(
         &self,
         conn: &mut Connection,
+        stream: &str,
         event: Uuid,
-        items: &[(T, String)],
-    ) -> Result<u64> {
-        if items.is_empty() {
-            return Ok(0);
+        batch: &[(Logged, String)],
+    ) -> Result<Option<u64>> {
+        if batch.is_empty() {
+            return Ok(Some(0));
         }
-        let all: Vec<T> = items.iter().map(|(item, _)| item.clone()).collect();
-        match T::write(&self.db, event, &all).await {
-            Err(e) if db::refused_for_good(&e).is_some() => {
-                tracing::warn!(error = %e, %event, "PostgreSQL refused a batch; writing it entry by entry");
-            }
-            written => return written,
+        let mut tx = self.db.begin().await?;
+        db::lock_event_shared(&mut tx, event).await?;
+        let ids: Vec<&str> = batch.iter().map(|(_, id)| id.as_str()).collect();
+        if !self.still_pending(conn, stream, &ids).await? {
+            crate::metrics::consumer_batch_dropped();
+            tracing::warn!(
+                %event, entries = ids.len(),
+                "entries no longer pending for this consumer when their batch was to be \
+                 written (taken over by another consumer, or lost with Redis' data)"
+            );
+            return Ok(None);
         }
-        let mut written = 0;
-        for (item, id) in items {
-            match T::write(&self.db, event, std::slice::from_ref(item)).await {
-                Ok(n) => written += n,
+        let written = write_logged(&mut tx, event, batch).await?;
+        tx.commit().await?;
+        Ok(Some(written))
+    }
+
+    /// After PostgreSQL refused a batch: each entry alone, parking those it refuses.
+    /// Returns how many sales were new rows, and the entries written (to acknowledge).
+    async fn write_one_by_one<'a>(
+        &self,
+        conn: &mut Connection,
+        stream: &str,
+        event: Uuid,
+        batch: &'a [(Logged, String)],
+    ) -> Result<(u64, Vec<&'a str>)> {
+        let (mut written, mut done) = (0, Vec::new());
+        for entry in batch {
+            match self
+                .write_batch(conn, stream, event, std::slice::from_ref(entry))
+                .await
+            {
+                Ok(Some(n)) => {
+                    written += n;
+                    done.push(entry.1.as_str());
+                }
+                Ok(None) => {}
                 Err(e) => match db::refused_for_good(&e) {
                     Some(code) => {
                         let reason = format!("SQLSTATE {code}: {e}");
-                        self.park_entry(conn, event, id, &reason).await?;
+                        self.park_entry(conn, event, &entry.1, &reason).await?;
                     }
                     None => return Err(e),
                 },
             }
         }
-        Ok(written)
+        Ok((written, done))
+    }
+
+    /// Whether every one of `ids` (in stream order) is pending for this consumer.
+    async fn still_pending(
+        &self,
+        conn: &mut Connection,
+        stream: &str,
+        ids: &[&str],
+    ) -> Result<bool> {
+        let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
+            return Ok(true);
+        };
+        let reply: redis::RedisResult<StreamPendingCountReply> = conn
+            .xpending_consumer_count(stream, CONSUMER_GROUP, *first, *last, ids.len(), &self.name)
+            .await;
+        let reply = match reply {
+            Err(e) if e.code() == Some("NOGROUP") => return Ok(false),
+            reply => reply?,
+        };
+        let pending: HashSet<&str> = reply.ids.iter().map(|p| p.id.as_str()).collect();
+        Ok(ids.iter().all(|id| pending.contains(id)))
     }
 
     async fn park_entry(
@@ -506,69 +573,64 @@ impl Consumer {
     }
 }
 
-/// A kind of stream entry, as the consumer writes it to PostgreSQL. Every write is
-/// idempotent: an entry delivered again changes nothing.
-trait Written: Clone + Send + Sync {
-    fn write<'a>(
-        db: &'a PgPool,
-        event: Uuid,
-        items: &'a [Self],
-    ) -> impl Future<Output = Result<u64>> + Send + 'a;
-}
-
-impl Written for Entry {
-    /// Sales in one statement, or two in parallel for long batches: PostgreSQL
-    /// inserts them on two cores. Nothing is acknowledged unless both succeed.
-    async fn write(db: &PgPool, event: Uuid, sales: &[Self]) -> Result<u64> {
-        if sales.len() < SPLIT_BATCH_AT {
-            return db::insert_sales(db, event, sales).await;
+/// Writes the entries of one batch of an event in `tx`, in the order they depend on
+/// each other: a hold before its sale or release, a sale before its cancellation
+/// (one batch may carry both). Every write is idempotent: an entry delivered again
+/// changes nothing. Returns how many sales were new rows.
+async fn write_logged(
+    tx: &mut PgConnection,
+    event: Uuid,
+    batch: &[(Logged, String)],
+) -> Result<u64> {
+    fn of<T: Clone>(batch: &[(Logged, String)], pick: impl Fn(&Logged) -> Option<&T>) -> Vec<T> {
+        batch
+            .iter()
+            .filter_map(|(logged, _)| pick(logged).cloned())
+            .collect()
+    }
+    let holds = of(batch, |l| {
+        if let Logged::Hold(h) = l {
+            Some(h)
+        } else {
+            None
         }
-        let (first, second) = sales.split_at(sales.len() / 2);
-        let (a, b) = tokio::try_join!(
-            db::insert_sales(db, event, first),
-            db::insert_sales(db, event, second),
-        )?;
-        Ok(a + b)
-    }
-}
-
-impl Written for Cancellation {
-    async fn write(db: &PgPool, event: Uuid, cancels: &[Self]) -> Result<u64> {
-        db::cancel_sales(db, event, cancels).await
-    }
-}
-
-impl Written for HoldMade {
-    async fn write(db: &PgPool, event: Uuid, holds: &[Self]) -> Result<u64> {
-        db::insert_holds(db, event, holds).await
-    }
-}
-
-impl Written for HoldReleased {
-    async fn write(db: &PgPool, event: Uuid, releases: &[Self]) -> Result<u64> {
-        db::release_holds(db, event, releases).await
-    }
-}
-
-/// The entries of one read, by kind, each with the id of its stream entry.
-#[derive(Default)]
-struct Batch {
-    sales: Vec<(Entry, String)>,
-    cancels: Vec<(Cancellation, String)>,
-    holds: Vec<(HoldMade, String)>,
-    releases: Vec<(HoldReleased, String)>,
-}
-
-impl Batch {
-    fn add(&mut self, logged: Logged, entry: &str) {
-        let entry = entry.to_owned();
-        match logged {
-            Logged::Sale(sale) => self.sales.push((sale, entry)),
-            Logged::Cancel(cancel) => self.cancels.push((cancel, entry)),
-            Logged::Hold(hold) => self.holds.push((hold, entry)),
-            Logged::Release(release) => self.releases.push((release, entry)),
+    });
+    let sales = of(batch, |l| {
+        if let Logged::Sale(s) = l {
+            Some(s)
+        } else {
+            None
         }
+    });
+    let releases = of(batch, |l| {
+        if let Logged::Release(r) = l {
+            Some(r)
+        } else {
+            None
+        }
+    });
+    let cancels = of(batch, |l| {
+        if let Logged::Cancel(c) = l {
+            Some(c)
+        } else {
+            None
+        }
+    });
+    if !holds.is_empty() {
+        db::insert_holds(&mut *tx, event, &holds).await?;
     }
+    let written = if sales.is_empty() {
+        0
+    } else {
+        db::insert_sales(&mut *tx, event, &sales).await?
+    };
+    if !releases.is_empty() {
+        db::release_holds(&mut *tx, event, &releases).await?;
+    }
+    if !cancels.is_empty() {
+        db::cancel_sales(&mut *tx, event, &cancels).await?;
+    }
+    Ok(written)
 }
 
 /// Sends the sales parked for `event` back to its stream for another try; returns

@@ -265,14 +265,22 @@ impl Queue {
         }
     }
 
-    /// The ticket of `buyer` (a new one, or the one they have), and the room;
-    /// `None` when Redis does not have the event's waiting room (recover it first).
-    pub async fn join(&self, event: Uuid, buyer: &Buyer) -> Result<Option<(Held, Room)>> {
+    /// The ticket of `buyer` (a new one, or the one they have; with `again`, a new
+    /// one at the back in place of the one they have), and the room; `None` when
+    /// Redis does not have the event's waiting room (recover it first).
+    pub async fn join(
+        &self,
+        event: Uuid,
+        buyer: &Buyer,
+        again: bool,
+    ) -> Result<Option<(Held, Room)>> {
         let reply: Vec<String> = self
             .join
             .key(self.keys.queue(event))
             .key(self.keys.queue_tickets(event))
+            .key(self.keys.queue_served(event))
             .arg(buyer.as_str())
+            .arg(if again { "1" } else { "" })
             .invoke_async(&mut self.conn.clone())
             .await?;
         let [ticket, fields @ .., admitted_at, base, count] = &reply[..] else {
@@ -396,10 +404,19 @@ fn room(fields: &[String]) -> Result<Room> {
 }
 
 /// When an admission token expires (Unix ms): `admission_seconds` after the later of
-/// the admission and the first time the buyer was told of it.
-pub fn admission_expires_ms(admitted_at_ms: i64, served_at_ms: i64, admission_seconds: u32) -> i64 {
+/// the admission and when the buyer could first learn of it: the first time they
+/// were told, but no later than `learn_within_ms` after the admission (a buyer who
+/// polls as told learns of it within the longest poll interval). So a window starts
+/// no later for a buyer who stays away: admissions do not bank.
+pub fn admission_expires_ms(
+    admitted_at_ms: i64,
+    served_at_ms: i64,
+    learn_within_ms: i64,
+    admission_seconds: u32,
+) -> i64 {
+    let learned = served_at_ms.min(admitted_at_ms.saturating_add(learn_within_ms));
     admitted_at_ms
-        .max(served_at_ms)
+        .max(learned)
         .saturating_add(i64::from(admission_seconds) * 1000)
 }
 
@@ -578,8 +595,10 @@ mod tests {
 
     #[test]
     fn an_admission_lasts_from_when_the_buyer_could_learn_of_it() {
-        assert_eq!(admission_expires_ms(1_000, 900, 60), 61_000);
-        assert_eq!(admission_expires_ms(1_000, 50_000, 60), 110_000);
+        assert_eq!(admission_expires_ms(1_000, 900, 30_000, 60), 61_000);
+        assert_eq!(admission_expires_ms(1_000, 20_000, 30_000, 60), 80_000);
+        // Staying away does not move the window past the longest poll interval.
+        assert_eq!(admission_expires_ms(1_000, 500_000, 30_000, 60), 91_000);
         let tokens = AdmissionTokens::new("an-admission-key-of-at-least-32-bytes", None).unwrap();
         let buyer = Buyer::try_from("ann".to_owned()).unwrap();
         assert!(tokens.issue(Uuid::now_v7(), &buyer, -1_000).is_err());

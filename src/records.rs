@@ -181,13 +181,16 @@ pub struct HoldMade {
     pub buyer: Option<String>,
 }
 
-/// The release of a hold (its seats back on sale before its expiry).
+/// The release of a hold (its seats back on sale before its expiry), with what made
+/// the hold: two consumers may write the hold and its release in either order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HoldReleased {
     pub id: Uuid,
     pub quantity: i16,
     pub released_at_micros: i64,
     pub buyer: Option<String>,
+    /// The hold itself (absent from releases of holds made before it was logged).
+    pub hold: Option<HoldMade>,
 }
 
 /// What an entry of an event's stream records. A hold's confirmation is the sale
@@ -202,8 +205,9 @@ pub enum Logged {
 }
 
 /// Field names of a stream entry, as `lua/purchase.lua` writes them. The kind of an
-/// entry is told by which of `c`, `x`, `d` it has (none: a sale). Hold entries have
-/// no `t`, so a consumer from before holds were logged does not take one for a sale.
+/// entry is told by which of `c`, `d`, `x` it has, in that order (none: a sale); a
+/// release carries its hold's fields too. Hold entries have no `t`, so a consumer
+/// from before holds were logged does not take one for a sale.
 pub mod field {
     pub const PURCHASE_ID: &str = "p";
     pub const KEY: &str = "k";
@@ -214,7 +218,7 @@ pub mod field {
     pub const VIA_HOLD: &str = "h";
     /// Present on cancellations only: when the sale was cancelled.
     pub const CANCELLED_AT: &str = "c";
-    /// Present on holds made only: when the hold expires (Unix ms).
+    /// On holds (made, and released): when the hold expires (Unix ms).
     pub const EXPIRES_AT: &str = "x";
     /// When the hold was made (Unix µs), on holds made.
     pub const HELD_AT: &str = "m";
@@ -237,24 +241,28 @@ impl Logged {
                 buyer,
             }));
         }
-        if let Some(expires_at_ms) = entry.get(field::EXPIRES_AT) {
-            return Some(Logged::Hold(HoldMade {
+        let hold = || -> Option<HoldMade> {
+            Some(HoldMade {
                 id,
                 idempotency_key: entry.get(field::KEY)?,
                 quantity,
                 seats_remaining: entry.get(field::SEATS_REMAINING)?,
                 held_at_micros: entry.get(field::HELD_AT)?,
-                expires_at_ms,
-                buyer,
-            }));
-        }
+                expires_at_ms: entry.get(field::EXPIRES_AT)?,
+                buyer: buyer.clone(),
+            })
+        };
         if let Some(released_at_micros) = entry.get(field::RELEASED_AT) {
             return Some(Logged::Release(HoldReleased {
                 id,
                 quantity,
                 released_at_micros,
+                hold: hold(),
                 buyer,
             }));
+        }
+        if entry.contains_key(field::EXPIRES_AT) {
+            return Some(Logged::Hold(hold()?));
         }
         Some(Logged::Sale(Entry {
             id,

@@ -17,6 +17,7 @@ use super::{AppState, Tag};
 use crate::db;
 use crate::domain::Buyer;
 use crate::queue::{Held, Room, Standing, Ticket, admission_expires_ms};
+use crate::recovery::Mode;
 
 pub struct QueueApi;
 
@@ -48,9 +49,13 @@ pub struct QueueStatus {
     /// When the buyer was admitted.
     #[oai(skip_serializing_if_is_none)]
     pub admitted_at: Option<DateTime<Utc>>,
-    /// When the admission token expires.
+    /// When the admission token expires (or expired).
     #[oai(skip_serializing_if_is_none)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// `true` when the admission's window passed unused: the ticket is spent. Join
+    /// again (`POST …/queue`) for a new place at the back.
+    #[oai(skip_serializing_if_is_none)]
+    pub admission_expired: Option<bool>,
 }
 
 #[derive(ApiResponse)]
@@ -170,30 +175,54 @@ fn buyer(state: &AppState, auth: &BuyerAuth) -> Result<Buyer, ApiError> {
 
 async fn join(state: &AppState, event: Uuid, auth: &BuyerAuth) -> Result<JoinResponse, ApiError> {
     let buyer = buyer(state, auth)?;
-    let joined = match state.queue.join(event, &buyer).await? {
-        Some(joined) => joined,
-        None => {
-            // Not in Redis: no such event, not queued, or to be brought back.
-            let row = db::event(&state.db, event)
-                .await?
-                .ok_or(crate::Error::EventNotFound(event))?;
-            if row.queue().is_none() {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    ErrorCode::EventNotQueued,
-                    "this event has no waiting room: hold or buy at once",
-                ));
-            }
-            state.gate.recovery().ensure(event).await?;
-            state.queue.join(event, &buyer).await?.ok_or_else(|| {
-                crate::Error::RecoveryPending("the waiting room is being restored".into())
-            })?
-        }
-    };
-    let (held, room) = joined;
+    let (mut held, mut room) = joined(state, event, &buyer, false).await?;
+    let mut stands = standing(state, event, &buyer, held, &room).await?;
+    if let Answer::Expired { .. } = stands {
+        // A spent ticket: joining again is joining at the back.
+        (held, room) = joined(state, event, &buyer, true).await?;
+        stands = standing(state, event, &buyer, held, &room).await?;
+    }
     crate::metrics::queue_joined();
-    let status = answer(state, event, &buyer, held, &room).await?;
+    let status = render(state, event, &buyer, held, &room, stands)?;
     Ok(JoinResponse::Accepted(Json(status)))
+}
+
+/// The buyer's ticket (`again`: a new one at the back) and the room, bringing the
+/// room back first when Redis lacks it.
+async fn joined(
+    state: &AppState,
+    event: Uuid,
+    buyer: &Buyer,
+    again: bool,
+) -> Result<(Held, Room), ApiError> {
+    if let Some(joined) = state.queue.join(event, buyer, again).await? {
+        return Ok(joined);
+    }
+    // Not in Redis: no such event, not queued, or to be brought back.
+    let row = db::event(&state.db, event)
+        .await?
+        .ok_or(crate::Error::EventNotFound(event))?;
+    if row.queue().is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::EventNotQueued,
+            "this event has no waiting room: hold or buy at once",
+        ));
+    }
+    let recovery = state.gate.recovery();
+    recovery.ensure(event).await?;
+    if let Some(joined) = state.queue.join(event, buyer, again).await? {
+        return Ok(joined);
+    }
+    // The event was on sale without its room (its keys deleted by hand): rebuilt.
+    recovery.ensure_event(&row, Mode::Force).await?;
+    Ok(state
+        .queue
+        .join(event, buyer, again)
+        .await?
+        .ok_or_else(|| {
+            crate::Error::RecoveryPending("the waiting room is being restored".into())
+        })?)
 }
 
 async fn status(
@@ -203,13 +232,7 @@ async fn status(
     auth: &BuyerAuth,
 ) -> Result<StatusResponse, ApiError> {
     let buyer = buyer(state, auth)?;
-    let not_found = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::TicketNotFound,
-            "no such ticket of this buyer in this event's waiting room",
-        )
-    };
+    let not_found = ticket_not_found;
     let asked = Ticket::parse(ticket).ok_or_else(not_found)?;
     let (held, room) = state
         .queue
@@ -219,56 +242,123 @@ async fn status(
     let held = held
         .filter(|held| held.ticket == asked)
         .ok_or_else(not_found)?;
-    let status = answer(state, event, &buyer, held, &room).await?;
+    let stands = standing(state, event, &buyer, held, &room).await?;
+    let status = render(state, event, &buyer, held, &room, stands)?;
     Ok(StatusResponse::Ok(Json(status)))
 }
 
-/// What a buyer is told about their ticket, joining or polling: where it stands, or,
-/// once admitted, the admission token. The first answer that tells a buyer they are
-/// admitted, from any replica, starts the token's window (see `queue`).
-async fn answer(
+/// Where a buyer stands, for the answer.
+enum Answer {
+    Standing(Standing),
+    /// Admitted, with a window until `expires_ms`; `first` when this answer is the
+    /// first to tell the buyer.
+    Admitted {
+        admitted_at_ms: i64,
+        expires_ms: i64,
+        first: bool,
+    },
+    /// Admitted, and the window passed unused.
+    Expired {
+        admitted_at_ms: i64,
+        expires_ms: i64,
+    },
+}
+
+/// Beyond the longest poll interval, how late a buyer who polls as told may learn
+/// of their admission (a poll's own round trip, a busy client).
+const LEARN_SLACK_MS: i64 = 2_000;
+
+/// Where `held` stands in `room`; once admitted, the admission's window, which the
+/// first answer that tells the buyer of it (from any replica) starts (see `queue`).
+async fn standing(
     state: &AppState,
     event: Uuid,
     buyer: &Buyer,
     held: Held,
     room: &Room,
+) -> Result<Answer, ApiError> {
+    let standing = room
+        .standing(held.ticket, held.admitted_at_ms)
+        .ok_or_else(ticket_not_found)?;
+    let Standing::Admitted { admitted_at_ms } = standing else {
+        return Ok(Answer::Standing(standing));
+    };
+    let (served_ms, first) = state.queue.served(event, buyer, room.now_ms).await?;
+    let learn_within_ms = i64::try_from(state.queue_poll_max_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_add(LEARN_SLACK_MS);
+    let expires_ms = admission_expires_ms(
+        admitted_at_ms,
+        served_ms,
+        learn_within_ms,
+        room.settings.admission_seconds,
+    );
+    if expires_ms <= room.now_ms {
+        return Ok(Answer::Expired {
+            admitted_at_ms,
+            expires_ms,
+        });
+    }
+    Ok(Answer::Admitted {
+        admitted_at_ms,
+        expires_ms,
+        first,
+    })
+}
+
+fn ticket_not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::TicketNotFound,
+        "no such ticket of this buyer in this event's waiting room",
+    )
+}
+
+/// What a buyer is told about their ticket, joining or polling: where it stands, or,
+/// once admitted, the admission token.
+fn render(
+    state: &AppState,
+    event: Uuid,
+    buyer: &Buyer,
+    held: Held,
+    room: &Room,
+    stands: Answer,
 ) -> Result<QueueStatus, ApiError> {
     let joined = room.early + room.late;
     let admitted = room.admitted().min(joined);
     crate::metrics::queue_room(event, joined - admitted, admitted);
-    let ticket = held.ticket;
-    let standing = room
-        .standing(ticket, held.admitted_at_ms)
-        .ok_or_else(|| crate::Error::UnexpectedReply(format!("ticket {ticket} not in {room:?}")))?;
     let time = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
     let mut status = QueueStatus {
-        ticket: ticket.to_string(),
+        ticket: held.ticket.to_string(),
         admitted: false,
         position: None,
         estimated_wait_seconds: None,
-        poll_after_ms: Some(standing.poll_after_ms(state.queue_poll_max_ms)),
+        poll_after_ms: None,
         opens_at: time(room.settings.opens_at_ms),
         admission_token: None,
         admitted_at: None,
         expires_at: None,
+        admission_expired: None,
     };
-    match standing {
-        Standing::BeforeOpening {
-            in_draw,
-            opens_in_ms,
-        } => {
-            status.position = Some(in_draw);
-            status.estimated_wait_seconds = Some(opens_in_ms.div_ceil(1000));
-        }
-        Standing::Waiting { position, wait_ms } => {
+    match stands {
+        Answer::Standing(standing) => {
+            status.poll_after_ms = Some(standing.poll_after_ms(state.queue_poll_max_ms));
+            let (position, wait_ms) = match standing {
+                Standing::BeforeOpening {
+                    in_draw,
+                    opens_in_ms,
+                } => (in_draw, opens_in_ms),
+                Standing::Waiting { position, wait_ms } => (position, wait_ms),
+                Standing::Admitted { .. } => unreachable!("admissions are answered below"),
+            };
             status.position = Some(position);
             status.estimated_wait_seconds = Some(wait_ms.div_ceil(1000));
         }
-        Standing::Admitted { admitted_at_ms } => {
-            let admissions = state.admissions.as_ref().ok_or_else(|| {
-                crate::Error::Startup("queued event, but no BOXOFFICE_ADMISSION_KEY".into())
-            })?;
-            let (served_ms, first) = state.queue.served(event, buyer, room.now_ms).await?;
+        Answer::Admitted {
+            admitted_at_ms,
+            expires_ms,
+            first,
+        } => {
             if first {
                 let ms = |from: i64, to: i64| Duration::from_millis((to - from).max(0) as u64);
                 let joined_ms = held.joined_ms.unwrap_or(admitted_at_ms);
@@ -277,13 +367,21 @@ async fn answer(
                     ms(joined_ms, admitted_at_ms),
                 );
             }
-            let expires_ms =
-                admission_expires_ms(admitted_at_ms, served_ms, room.settings.admission_seconds);
+            let admissions = state.admissions.as_ref().ok_or_else(|| {
+                crate::Error::Startup("queued event, but no BOXOFFICE_ADMISSION_KEY".into())
+            })?;
             status.admitted = true;
-            status.poll_after_ms = None;
             status.admission_token = Some(admissions.issue(event, buyer, expires_ms)?);
             status.admitted_at = Some(time(admitted_at_ms));
             status.expires_at = Some(time(expires_ms.div_euclid(1000) * 1000));
+        }
+        Answer::Expired {
+            admitted_at_ms,
+            expires_ms,
+        } => {
+            status.admitted_at = Some(time(admitted_at_ms));
+            status.expires_at = Some(time(expires_ms.div_euclid(1000) * 1000));
+            status.admission_expired = Some(true);
         }
     }
     Ok(status)

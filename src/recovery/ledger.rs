@@ -125,6 +125,11 @@ pub enum HoldEnd {
     },
     /// Neither confirmed nor released by its expiry.
     Expired,
+    /// Live by the books, but its seats are not there (sales fill the event): ended
+    /// by the recovery at `at_ms` so that `sold + held <= total` holds.
+    Voided {
+        at_ms: i64,
+    },
 }
 
 /// A hold as recovery writes it back.
@@ -196,9 +201,17 @@ impl Rebuilt {
     }
 }
 
-/// Merges `books` and `log` into the state of the event; `now_ms` is Redis' clock,
-/// `ttl` the idempotency TTL in seconds.
-pub fn rebuild(log: &Log, books: &Books, now_ms: i64, ttl: u32) -> Rebuilt {
+/// Merges `books` and `log` into the state of `event` (of `total` seats, with a
+/// limit per buyer or not); `now_ms` is the clock expiries are judged by, `ttl` the
+/// idempotency TTL in seconds.
+pub fn rebuild(
+    log: &Log,
+    books: &Books,
+    event: (i64, Option<i32>),
+    now_ms: i64,
+    ttl: u32,
+) -> Rebuilt {
+    let (total, limit) = event;
     let ttl_ms = i64::from(ttl) * 1000;
     let ttl_left = |since_ms: i64| (ttl_ms - (now_ms - since_ms)).div_euclid(1000);
     let mut rebuilt = Rebuilt {
@@ -215,6 +228,7 @@ pub fn rebuild(log: &Log, books: &Books, now_ms: i64, ttl: u32) -> Rebuilt {
     }
 
     rebuilt.holds = holds(log, books, now_ms);
+    void_holds_beyond(&mut rebuilt.holds, total - rebuilt.durable.seats(), now_ms);
     for hold in &rebuilt.holds {
         if hold.end == HoldEnd::Live {
             rebuilt.held += i64::from(hold.quantity);
@@ -230,7 +244,9 @@ pub fn rebuild(log: &Log, books: &Books, now_ms: i64, ttl: u32) -> Rebuilt {
             });
         }
     }
-    rebuilt.buyers.retain(|_, seats| *seats > 0);
+    rebuilt
+        .buyers
+        .retain(|_, seats| *seats > 0 && limit.is_some());
 
     for sale in &books.recent_sales {
         rebuilt.records.push(Restored {
@@ -286,6 +302,35 @@ pub fn rebuild(log: &Log, books: &Books, now_ms: i64, ttl: u32) -> Rebuilt {
     rebuilt
 }
 
+/// Ends live holds, the latest made first, until those left fit in `room` seats.
+/// Never needed while every movement is logged in order and clocks agree; when it
+/// is (a failover to a server whose clock is behind, say), the seats of a sale
+/// outrank a hold's, and `sold + held <= total` holds after every recovery.
+fn void_holds_beyond(holds: &mut [RebuiltHold], room: i64, now_ms: i64) {
+    let held: i64 = holds
+        .iter()
+        .filter(|h| h.end == HoldEnd::Live)
+        .map(|h| i64::from(h.quantity))
+        .sum();
+    let mut over = held - room.max(0);
+    if over <= 0 {
+        return;
+    }
+    let mut live: Vec<&mut RebuiltHold> = holds
+        .iter_mut()
+        .filter(|h| h.end == HoldEnd::Live)
+        .collect();
+    live.sort_by_key(|h| std::cmp::Reverse(h.held_at_ms));
+    for hold in live {
+        if over <= 0 {
+            break;
+        }
+        tracing::error!(hold = %hold.id, seats = hold.quantity, "a live hold whose seats are sold: ended by the recovery");
+        over -= i64::from(hold.quantity);
+        hold.end = HoldEnd::Voided { at_ms: now_ms };
+    }
+}
+
 /// Every hold PostgreSQL or the log knows of, with how it stands at `now_ms`.
 fn holds(log: &Log, books: &Books, now_ms: i64) -> Vec<RebuiltHold> {
     let mut holds: HashMap<Uuid, RebuiltHold> = HashMap::new();
@@ -299,16 +344,7 @@ fn holds(log: &Log, books: &Books, now_ms: i64) -> Vec<RebuiltHold> {
     for (entry, _) in log.unique() {
         match entry {
             Logged::Hold(made) => {
-                holds.entry(made.id).or_insert_with(|| RebuiltHold {
-                    id: made.id,
-                    idempotency_key: made.idempotency_key.clone(),
-                    quantity: u8::try_from(made.quantity).unwrap_or(u8::MAX),
-                    buyer: made.buyer.clone(),
-                    seats_remaining: i64::from(made.seats_remaining),
-                    held_at_ms: made.held_at_micros / 1000,
-                    expires_at_ms: made.expires_at_ms,
-                    end: HoldEnd::Live,
-                });
+                holds.entry(made.id).or_insert_with(|| made_hold(made));
             }
             // A confirmation ends a hold for good, whatever else was read of it.
             Logged::Sale(sale) if sale.via_hold => {
@@ -321,6 +357,9 @@ fn holds(log: &Log, books: &Books, now_ms: i64) -> Vec<RebuiltHold> {
                 );
             }
             Logged::Release(release) => {
+                if let Some(made) = &release.hold {
+                    holds.entry(made.id).or_insert_with(|| made_hold(made));
+                }
                 ends.entry(release.id).or_insert(HoldEnd::Released {
                     at_micros: release.released_at_micros,
                 });
@@ -341,6 +380,19 @@ fn holds(log: &Log, books: &Books, now_ms: i64) -> Vec<RebuiltHold> {
         .collect();
     holds.sort_by_key(|h| h.id);
     holds
+}
+
+fn made_hold(made: &crate::records::HoldMade) -> RebuiltHold {
+    RebuiltHold {
+        id: made.id,
+        idempotency_key: made.idempotency_key.clone(),
+        quantity: u8::try_from(made.quantity).unwrap_or(u8::MAX),
+        buyer: made.buyer.clone(),
+        seats_remaining: i64::from(made.seats_remaining),
+        held_at_ms: made.held_at_micros / 1000,
+        expires_at_ms: made.expires_at_ms,
+        end: HoldEnd::Live,
+    }
 }
 
 fn from_row(row: &HoldRow) -> RebuiltHold {
@@ -414,6 +466,7 @@ mod tests {
             quantity,
             released_at_micros: (NOW - 100) * 1000,
             buyer: None,
+            hold: None,
         })
     }
 
@@ -436,7 +489,7 @@ mod tests {
             (durable.persisted, durable.in_stream, durable.parked),
             (10, 0, 4)
         );
-        let rebuilt = rebuild(&log, &books, NOW, TTL);
+        let rebuilt = rebuild(&log, &books, (100, Some(5)), NOW, TTL);
         assert_eq!(rebuilt.sold(), 14);
         assert_eq!(rebuilt.buyers["ann"], 5, "ann: 4 written + c, not a twice");
     }
@@ -455,13 +508,16 @@ mod tests {
             stream: vec![sale(id, 2, None, false), cancel(id, 2, None)],
             ..Log::default()
         };
-        assert_eq!(rebuild(&log, &books, NOW, TTL).sold(), 0);
+        assert_eq!(rebuild(&log, &books, (100, Some(5)), NOW, TTL).sold(), 0);
         // Not yet written: the cancellation in the log takes the seats off.
         let log = Log {
             stream: vec![sale(id, 2, None, false), cancel(id, 2, None)],
             ..Log::default()
         };
-        assert_eq!(rebuild(&log, &Books::default(), NOW, TTL).sold(), 0);
+        assert_eq!(
+            rebuild(&log, &Books::default(), (100, Some(5)), NOW, TTL).sold(),
+            0
+        );
     }
 
     #[test]
@@ -483,7 +539,7 @@ mod tests {
             ],
             ..Log::default()
         };
-        let rebuilt = rebuild(&log, &Books::default(), NOW, TTL);
+        let rebuilt = rebuild(&log, &Books::default(), (100, Some(5)), NOW, TTL);
         let end = |id| rebuilt.holds.iter().find(|h| h.id == id).unwrap().end;
         assert_eq!(end(live), HoldEnd::Live);
         assert!(matches!(end(released), HoldEnd::Released { .. }));
@@ -503,6 +559,52 @@ mod tests {
             4,
             "one record per hold request (the confirmed sale's key is its hold's)"
         );
+    }
+
+    #[test]
+    fn a_release_written_before_its_hold_still_ends_it() {
+        let id = Uuid::now_v7();
+        let Logged::Hold(made) = hold(id, 2, None, 60_000) else {
+            unreachable!()
+        };
+        // The release reached PostgreSQL first and its hold row came after: the row
+        // carries the release because the release wrote the hold.
+        let log = Log {
+            stream: vec![Logged::Release(HoldReleased {
+                id,
+                quantity: 2,
+                released_at_micros: (NOW - 100) * 1000,
+                buyer: None,
+                hold: Some(made),
+            })],
+            ..Log::default()
+        };
+        let rebuilt = rebuild(&log, &Books::default(), (100, None), NOW, TTL);
+        assert!(matches!(rebuilt.holds[0].end, HoldEnd::Released { .. }));
+        assert_eq!(rebuilt.records.len(), 1, "its key's record comes back too");
+    }
+
+    #[test]
+    fn holds_never_push_sold_plus_held_over_the_total() {
+        let (older, newer) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut newer_hold = hold(newer, 2, Some("bo"), 60_000);
+        if let Logged::Hold(h) = &mut newer_hold {
+            h.held_at_micros += 1_000;
+        }
+        let log = Log {
+            stream: vec![hold(older, 2, None, 60_000), newer_hold],
+            ..Log::default()
+        };
+        let books = Books {
+            sold: 8,
+            ..Books::default()
+        };
+        let rebuilt = rebuild(&log, &books, (10, Some(4)), NOW, TTL);
+        assert_eq!(rebuilt.sold() + rebuilt.held, 10);
+        let end = |id| rebuilt.holds.iter().find(|h| h.id == id).unwrap().end;
+        assert_eq!(end(older), HoldEnd::Live);
+        assert!(matches!(end(newer), HoldEnd::Voided { .. }));
+        assert!(!rebuilt.buyers.contains_key("bo"));
     }
 
     #[test]
@@ -529,7 +631,7 @@ mod tests {
             stream: vec![hold(id, 2, None, 60_000)],
             ..Log::default()
         };
-        let rebuilt = rebuild(&log, &books, NOW, TTL);
+        let rebuilt = rebuild(&log, &books, (100, Some(5)), NOW, TTL);
         assert!(matches!(rebuilt.holds[0].end, HoldEnd::Released { .. }));
         assert_eq!(rebuilt.held, 0);
     }

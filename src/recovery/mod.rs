@@ -13,10 +13,12 @@
 //! 1. `lua/recover_begin.lua` took the event off sale (deleting `run`) and left a
 //!    token in the hash: from here on nothing moves a seat of the event, so what
 //!    PostgreSQL and the event's log (stream and dead letters) say of it is fixed;
-//! 2. that was read ([`ledger`]) and worked out into the state the event must have:
-//!    idempotency records, cancellation markers and hold hashes were written back
-//!    where Redis lacks them, the live holds and the buyers' counts into keys of
-//!    this attempt ([`restore`]);
+//! 2. holding the event's lock in PostgreSQL ([`db::lock_event`]), so that no batch
+//!    of its log is being written meanwhile, that was read ([`ledger`]) and worked
+//!    out into the state the event must have: idempotency records and cancellation
+//!    markers were written back where Redis lacks them, hold hashes over what Redis
+//!    had, the live holds and the buyers' counts into sets of this attempt
+//!    ([`restore`]), each only while the attempt still owned the event;
 //! 3. the event was added to the set the stream consumer reads streams from;
 //! 4. `lua/recover_end.lua`, if the token is still there, swapped those keys in,
 //!    set `sold` and `held`, and wrote `run`, in one step.
@@ -63,17 +65,27 @@
 //!   cache, which is, says nothing about any deployment's data).
 //! * **Several replicas at once, or an attempt cut at any point** (timeout, error,
 //!   crash): step 1 reuses the token of an attempt already under way, so attempts
-//!   that overlap share one and whichever finishes first puts the event on sale; the
-//!   others' last step then changes nothing. Each attempt builds its sets under keys
-//!   of its own (they expire if it dies), and everything else it writes is the same
-//!   whoever writes it. An attempt cut short leaves the event off sale with its
-//!   token, and the next one, in any process, does the job again. The last step
-//!   refuses when the server changed meanwhile: then the attempt begins again.
-//! * **While the event is off sale** the stream consumer goes on writing entries to
-//!   PostgreSQL and trimming them, which moves entries between the two sources but
-//!   changes neither what they say together nor, since entries leave the stream only
-//!   after PostgreSQL has them, lets one fall between the reads: the log is read
+//!   that overlap share one and whichever finishes first puts the event on sale.
+//!   Every write of step 2 but the idempotent `SET NX`s checks that the attempt still
+//!   owns the event (its server, its token), so an overtaken attempt writes nothing
+//!   over holds confirmed or released since; each builds its sets under keys of its
+//!   own, which expire if it dies, and the last step takes them only whole. An
+//!   attempt cut short leaves the event off sale with its token, and the next one,
+//!   in any process, does the job again. The last step refuses when the server
+//!   changed meanwhile: then the attempt begins again.
+//! * **The stream consumer** writes each batch in a transaction that holds the
+//!   event's lock shared and first checks that the entries are still pending for it
+//!   (`persist`). So a batch is in PostgreSQL before a recovery reads, or is written
+//!   after it, and then only if Redis did not lose those entries meanwhile (the
+//!   recovery did not count them) — a write in flight across a FLUSHALL or a
+//!   failover cannot add rows the recovery did not see. Entries leave the stream only
+//!   after PostgreSQL has them, so none falls between the reads: the log is read
 //!   first, then PostgreSQL in one snapshot ([`db::books`]).
+//! * **Clocks**: expiries are judged by the later of Redis' and PostgreSQL's clock, so
+//!   a failover to a server whose clock is behind does not bring an expired hold
+//!   back; should the books ever hold more live holds than seats left, the latest
+//!   ones are ended ([`ledger::rebuild`]): `sold + held <= total` after every
+//!   recovery.
 //!
 //! # What it costs and what it cannot do
 //!
@@ -152,6 +164,7 @@ pub struct Recovery {
     begin: Script,
     end: Script,
     seats: Script,
+    restore: restore::Scripts,
     /// One lock per event being recovered in this process: concurrent requests wait
     /// for one recovery instead of each running one.
     running: Arc<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<LastFailure>>>>>,
@@ -167,6 +180,7 @@ impl Recovery {
             begin: crate::lua_script!("recover_begin.lua"),
             end: crate::lua_script!("recover_end.lua"),
             seats: crate::lua_script!("seats.lua"),
+            restore: restore::Scripts::new(),
             running: Arc::default(),
         }
     }
@@ -233,36 +247,71 @@ impl Recovery {
                     ..Report::default()
                 });
             };
+            // No batch of the event's log is written to PostgreSQL while this attempt
+            // reads and rebuilds (see `persist`): released when `lock` ends.
+            let mut lock = self.db.begin().await?;
+            db::lock_event(&mut lock, event.id).await?;
             let (log, books) = self.read_books(event).await?;
-            let now_ms = redis_now_ms(&mut self.conn.clone()).await?;
-            let rebuilt = ledger::rebuild(&log, &books, now_ms, self.idempotency_ttl);
-            let attempt = Uuid::new_v4().simple().to_string();
-            let records = restore::write(
+            let redis_now = redis_now_ms(&mut self.conn.clone()).await?;
+            let rebuilt = ledger::rebuild(
+                &log,
+                &books,
+                (i64::from(event.total_seats), event.max_per_buyer),
+                redis_now.max(books.now_ms),
+                self.idempotency_ttl,
+            );
+            let attempt_id = Uuid::new_v4().simple().to_string();
+            let attempt = restore::Attempt {
+                id: &attempt_id,
+                token: &begun.token,
+                run: &begun.run,
+            };
+            let written = restore::write(
                 &mut self.conn.clone(),
                 &self.keys,
+                &self.restore,
                 event.id,
                 &rebuilt,
                 &attempt,
                 self.idempotency_ttl,
             )
             .await?;
-            let _: () = self
-                .conn
-                .clone()
-                .sadd(self.keys.events(), event.id.to_string())
-                .await?;
-            if let Some((sold_before, _)) = self.end(event.id, &begun, &rebuilt, &attempt).await? {
-                let report = Report {
-                    was_on_sale: false,
-                    created: begun.created,
-                    sold_moved_by: rebuilt.sold() - sold_before,
-                    held: rebuilt.held,
-                    records,
-                    live_holds: rebuilt.live_holds().count(),
-                };
-                log_recovery(event, &rebuilt, &report, started.elapsed());
-                crate::metrics::recovery(records);
-                return Ok(report);
+            let ended = match written {
+                Some(records) => {
+                    let _: () = self
+                        .conn
+                        .clone()
+                        .sadd(self.keys.events(), event.id.to_string())
+                        .await?;
+                    self.end(event.id, &begun, &rebuilt, &attempt_id)
+                        .await?
+                        .map(|before| (records, before))
+                }
+                None => None,
+            };
+            lock.commit().await?;
+            match ended {
+                Some((records, (sold_before, _))) => {
+                    let report = Report {
+                        was_on_sale: false,
+                        created: begun.created,
+                        sold_moved_by: rebuilt.sold() - sold_before,
+                        held: rebuilt.held,
+                        records,
+                        live_holds: rebuilt.live_holds().count(),
+                    };
+                    log_recovery(event, &rebuilt, &report, started.elapsed());
+                    crate::metrics::recovery(records);
+                    return Ok(report);
+                }
+                // Overtaken by an attempt that finished first, or the server changed.
+                None if self.counters(event.id).await?.is_some() => {
+                    return Ok(Report {
+                        was_on_sale: true,
+                        ..Report::default()
+                    });
+                }
+                None => {}
             }
         }
         Err(Error::RecoveryPending(
@@ -325,6 +374,8 @@ impl Recovery {
             .arg(&begun.run)
             .arg(rebuilt.sold())
             .arg(rebuilt.held)
+            .arg(rebuilt.live_holds().count())
+            .arg(rebuilt.buyers.len())
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok((state == "checked").then_some((sold, held)))

@@ -1,10 +1,13 @@
 //! Step 2 of a recovery (see the module docs): writes a [`Rebuilt`] state into
-//! Redis, in pipelines of [`CHUNK`] commands. Records and markers are written only
-//! where Redis lacks them (`SET NX`: one Redis has is the same or the only one);
-//! hold hashes are written over (PostgreSQL and the log are never behind them); the
-//! live holds and the buyers' counts go to keys of this attempt, which the last step
-//! swaps in.
+//! Redis. Records and cancellation markers are written only where Redis lacks them
+//! (`SET NX`: a record Redis has is the same one, or the only one). Hold hashes are
+//! written over (PostgreSQL and the log are never behind them), and the live holds
+//! and the buyers' counts go to sets of the attempt's own, which the last step swaps
+//! in: both through scripts that write only while the attempt still owns the event
+//! (`lua/restore_holds.lua`, `lua/restore_set.lua`), so that an attempt overtaken by
+//! another never writes over what was sold since.
 
+use redis::Script;
 use redis::aio::ConnectionManager;
 use uuid::Uuid;
 
@@ -12,21 +15,47 @@ use super::ledger::{HoldEnd, Rebuilt, RebuiltHold};
 use crate::error::Result;
 use crate::keys::Keys;
 
-/// Commands per pipeline.
-const CHUNK: usize = 1_000;
+/// Commands per pipeline, and holds or set members per script call.
+const CHUNK: usize = 500;
 
-/// How long the keys of an attempt live if it never reaches its last step.
+/// How long the sets of an attempt live if it never reaches its last step.
 const ATTEMPT_KEYS_TTL_SECS: i64 = 3_600;
 
-/// Writes everything but the counters; returns how many records it wrote back.
+/// An attempt under way: its token and the server it began on.
+pub struct Attempt<'a> {
+    pub id: &'a str,
+    pub token: &'a str,
+    pub run: &'a str,
+}
+
+/// The scripts that write only while an attempt owns the event.
+#[derive(Clone)]
+pub struct Scripts {
+    holds: Script,
+    set: Script,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        Self {
+            holds: crate::lua_script!("restore_holds.lua"),
+            set: crate::lua_script!("restore_set.lua"),
+        }
+    }
+}
+
+/// Writes everything but the counters; returns how many records it wrote back, or
+/// `None` when the attempt no longer owns the event (another finished it, or the
+/// server changed).
 pub async fn write(
     conn: &mut ConnectionManager,
     keys: &Keys,
+    scripts: &Scripts,
     event: Uuid,
     rebuilt: &Rebuilt,
-    attempt: &str,
+    attempt: &Attempt<'_>,
     ttl: u32,
-) -> Result<usize> {
+) -> Result<Option<usize>> {
     let mut commands: Vec<redis::Cmd> = Vec::new();
     for restored in &rebuilt.records {
         let (key, record) = &restored.value;
@@ -44,35 +73,6 @@ pub async fn write(
             restored.ttl_secs,
         ));
     }
-    for hold in &rebuilt.holds {
-        commands.extend(hold_hash(keys, event, hold, ttl));
-    }
-
-    let live = keys.rebuild(event, attempt, "holds");
-    commands.push(redis::Cmd::del(&live));
-    for chunk in rebuilt.live_holds().collect::<Vec<_>>().chunks(CHUNK) {
-        let mut zadd = redis::cmd("ZADD");
-        zadd.arg(&live);
-        for hold in chunk {
-            zadd.arg(hold.expires_at_ms).arg(hold.member());
-        }
-        commands.push(zadd);
-    }
-    commands.push(redis::Cmd::expire(&live, ATTEMPT_KEYS_TTL_SECS));
-
-    let buyers = keys.rebuild(event, attempt, "buyers");
-    commands.push(redis::Cmd::del(&buyers));
-    let counts: Vec<(&String, &i64)> = rebuilt.buyers.iter().collect();
-    for chunk in counts.chunks(CHUNK) {
-        let mut hset = redis::cmd("HSET");
-        hset.arg(&buyers);
-        for (buyer, seats) in chunk {
-            hset.arg(*buyer).arg(**seats);
-        }
-        commands.push(hset);
-    }
-    commands.push(redis::Cmd::expire(&buyers, ATTEMPT_KEYS_TTL_SECS));
-
     for chunk in commands.chunks(CHUNK) {
         let mut pipe = redis::pipe();
         for command in chunk {
@@ -80,7 +80,70 @@ pub async fn write(
         }
         let _: () = pipe.query_async(conn).await?;
     }
-    Ok(rebuilt.records.len())
+
+    let inventory = keys.inventory(event);
+    for chunk in rebuilt.holds.chunks(CHUNK) {
+        let mut call = scripts.holds.key(&inventory);
+        call.arg(attempt.token).arg(attempt.run);
+        for hold in chunk {
+            call.key(keys.hold(event, hold.id));
+            hold_fields(&mut call, hold, ttl);
+        }
+        let written: i64 = call.invoke_async(conn).await?;
+        if written == 0 {
+            return Ok(None);
+        }
+    }
+
+    let live: Vec<(i64, String)> = rebuilt
+        .live_holds()
+        .map(|h| (h.expires_at_ms, h.member()))
+        .collect();
+    let counts: Vec<(&String, &i64)> = rebuilt.buyers.iter().collect();
+    let sets = [
+        (
+            keys.rebuild(event, attempt.id, "holds"),
+            "zset",
+            pairs(&live),
+        ),
+        (
+            keys.rebuild(event, attempt.id, "buyers"),
+            "hash",
+            pairs(&counts),
+        ),
+    ];
+    for (key, kind, members) in &sets {
+        // At least one call, which sets the TTL even of a set left empty.
+        let mut chunks: Vec<&[String]> = members.chunks(2 * CHUNK).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for chunk in chunks {
+            let written: i64 = scripts
+                .set
+                .key(&inventory)
+                .key(key)
+                .arg(attempt.token)
+                .arg(attempt.run)
+                .arg(*kind)
+                .arg(ATTEMPT_KEYS_TTL_SECS)
+                .arg(chunk)
+                .invoke_async(conn)
+                .await?;
+            if written == 0 {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(rebuilt.records.len()))
+}
+
+/// Pairs as a flat list of arguments.
+fn pairs<A: ToString, B: ToString>(pairs: &[(A, B)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(a, b)| [a.to_string(), b.to_string()])
+        .collect()
 }
 
 fn set_nx(key: String, value: String, ttl_secs: i64) -> redis::Cmd {
@@ -93,12 +156,12 @@ fn set_nx(key: String, value: String, ttl_secs: i64) -> redis::Cmd {
     cmd
 }
 
-/// The commands that write one hold's hash as `lua/purchase.lua` keeps it (fields
-/// `s`, `q`, `b`, `k`, `x`, `c`, and `r`, `e` once ended), expiring the idempotency
-/// TTL after the hold does, like the script's.
-fn hold_hash(keys: &Keys, event: Uuid, hold: &RebuiltHold, ttl: u32) -> Vec<redis::Cmd> {
-    let key = keys.hold(event, hold.id);
+/// One hold's fields as `lua/restore_holds.lua` takes them: the hash as
+/// `lua/purchase.lua` keeps it, expiring the idempotency TTL after the hold does,
+/// like the script's.
+fn hold_fields(call: &mut redis::ScriptInvocation<'_>, hold: &RebuiltHold, ttl: u32) {
     let (state, ended_ms, sale_remaining) = match hold.end {
+        // A hold read as expired from its time carries no end of its own.
         HoldEnd::Live | HoldEnd::Expired => ("held", None, None),
         HoldEnd::Confirmed {
             seats_remaining,
@@ -109,40 +172,19 @@ fn hold_hash(keys: &Keys, event: Uuid, hold: &RebuiltHold, ttl: u32) -> Vec<redi
             Some(seats_remaining),
         ),
         HoldEnd::Released { at_micros } => ("released", Some(at_micros / 1000), None),
+        HoldEnd::Voided { at_ms } => ("expired", Some(at_ms), None),
     };
-    let mut hset = redis::cmd("HSET");
-    hset.arg(&key)
-        .arg("s")
-        .arg(state)
-        .arg("q")
+    let text = |n: Option<i64>| n.map(|n| n.to_string()).unwrap_or_default();
+    call.arg(state)
         .arg(hold.quantity)
-        .arg("b")
         .arg(hold.buyer.as_deref().unwrap_or(""))
-        .arg("k")
         .arg(&hold.idempotency_key)
-        .arg("x")
         .arg(hold.expires_at_ms)
-        .arg("c")
-        .arg(hold.held_at_ms);
-    if let Some(ended) = ended_ms {
-        hset.arg("e").arg(ended);
-    }
-    if let Some(remaining) = sale_remaining {
-        hset.arg("r").arg(remaining);
-    }
-    let mut commands = vec![hset];
-    if ended_ms.is_none() {
-        // A hold read as expired from its time carries no end of its own.
-        let mut hdel = redis::cmd("HDEL");
-        hdel.arg(&key).arg("e").arg("r");
-        commands.push(hdel);
-    }
-    let mut expire = redis::cmd("PEXPIREAT");
-    expire
-        .arg(&key)
+        .arg(hold.held_at_ms)
+        .arg(hold.seats_remaining)
+        .arg(text(ended_ms))
+        .arg(text(sale_remaining))
         .arg(hold.expires_at_ms + i64::from(ttl) * 1000);
-    commands.push(expire);
-    commands
 }
 
 /// How many of `keys` Redis lacks.

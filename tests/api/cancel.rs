@@ -156,3 +156,54 @@ async fn a_sale_on_its_way_to_postgresql_can_be_read_and_is_cancelled_once_recor
     assert_eq!(worker.cancel(event, &id).await.status, StatusCode::OK);
     assert_eq!(worker.event(event).await["seatsRemaining"], 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_after_the_snapshot_stays_counted_out_when_redis_returns_to_it() {
+    use crate::processes::{Persistence, PrivateRedis, on_private_servers};
+    on_private_servers(async {
+        let mut redis = PrivateRedis::start(Persistence::Snapshot).await;
+        let env = TestEnv::with_redis(&redis.url()).await;
+        let app = env.spawn_app_with(|c| c.serve.redis_watch_ms = 0).await;
+        let event = app.create_event("cancel-after-snapshot", 4).await;
+        let sale = app.purchase_event(event, "cancelled-later", 3).await;
+        let id = sale.body["purchaseId"].as_str().unwrap().to_owned();
+        env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+        let _: () = redis::cmd("SAVE")
+            .query_async(&mut env.redis_now().await)
+            .await
+            .unwrap();
+        let snapshot = redis.dir().join("older.rdb");
+        std::fs::copy(redis.dir().join("dump.rdb"), &snapshot).unwrap();
+
+        let cancelled = app.cancel(event, &id).await;
+        assert_eq!(cancelled.status, StatusCode::OK, "{:?}", cancelled.body);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cancelled_at(&env, &id).await.is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cancellation was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        redis.kill();
+        std::fs::copy(&snapshot, redis.dir().join("dump.rdb")).unwrap();
+        redis.restart().await;
+
+        // The snapshot counts the sale; PostgreSQL knows it was cancelled: the seats
+        // stay back on sale, and the cancellation reads as it was answered.
+        let mut seats = app.get(&format!("/api/v1/events/{event}")).await;
+        while seats.status == StatusCode::SERVICE_UNAVAILABLE {
+            seats = app.get(&format!("/api/v1/events/{event}")).await;
+        }
+        assert_eq!(seats.body["seatsSold"], 0, "{:?}", seats.body);
+        assert_eq!(seats.body["seatsRemaining"], 4);
+        let again = app.cancel(event, &id).await;
+        assert_eq!(again.body["cancelledAt"], cancelled.body["cancelledAt"]);
+        assert_eq!(
+            app.purchase_event(event, "after", 4).await.status,
+            StatusCode::OK
+        );
+    })
+    .await;
+}

@@ -331,3 +331,123 @@ async fn trimming_removes_only_what_the_group_acknowledged() {
     let ids: Vec<&str> = left.ids.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, ["5-0", "6-0"]);
 }
+
+#[tokio::test]
+async fn a_release_written_before_its_hold_still_ends_the_hold_in_postgresql() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("release-first", 10).await;
+    // Two consumers may write a hold's entries in either order: here the release
+    // reaches PostgreSQL first (it is first in the stream), then the hold itself.
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let (made, expires) = ((now_ms * 1000).to_string(), (now_ms + 60_000).to_string());
+    let hold = [
+        ("p", id.as_str()),
+        ("k", "release-first"),
+        ("q", "2"),
+        ("r", "8"),
+        ("x", &expires),
+        ("m", &made),
+    ];
+    let released_at = ((now_ms + 1) * 1000).to_string();
+    let mut release = hold.to_vec();
+    release.push(("d", &released_at));
+    let mut redis = env.redis_now().await;
+    for fields in [&release[..], &hold[..]] {
+        let _: String = redis
+            .xadd(env.stream_key(event), "*", fields)
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let row: Option<(Option<chrono::DateTime<chrono::Utc>>,)> =
+            sqlx::query_as("SELECT released_at FROM holds WHERE id = $1")
+                .bind(id.parse::<uuid::Uuid>().unwrap())
+                .fetch_optional(&env.db)
+                .await
+                .unwrap();
+        match row {
+            Some((Some(_),)) => return,
+            Some((None,)) => panic!("the hold was written without its release"),
+            None => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hold never reached PostgreSQL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_flight_when_redis_loses_its_data_is_counted_by_the_recovery() {
+    let env = TestEnv::new().await;
+    let app = env
+        .spawn_app_with(|c| {
+            c.serve.redis_watch_ms = 0;
+            c.serve.consumer = false;
+        })
+        .await;
+    let event = app.create_event("in-flight", 10).await;
+    for i in 0..5 {
+        let sold = app.purchase_event(event, &format!("flight-{i}"), 2).await;
+        assert_eq!(sold.status, StatusCode::OK, "{:?}", sold.body);
+    }
+    // A consumer reads the five sales in one batch; its write is held up in
+    // PostgreSQL (the table locked)...
+    let mut blocker = env.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE purchases IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(env.consumer("in-flight", 60_000).await.run(stop.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO purchases%'",
+        )
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the consumer never wrote"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...when Redis loses the event, stream and all; a buyer's request brings it back.
+    env.lose_redis_data().await;
+    let late = {
+        let client = app.client.clone();
+        let url = app.url(&format!("/api/v1/events/{event}/purchase"));
+        tokio::spawn(async move {
+            crate::helpers::buy_until_answered(
+                &client,
+                &url,
+                "after-the-loss",
+                1,
+                Duration::from_secs(30),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocker.commit().await.unwrap();
+
+    // The write lands, and the recovery counts it: the event is sold out, not sold again.
+    let (answer, _) = late.await.unwrap();
+    let answer = answer.expect("an answer");
+    assert_eq!(answer.code(), "SOLD_OUT", "{:?}", answer.body);
+    env.wait_for_rows(event, 5, Duration::from_secs(10)).await;
+    let body = app.event(event).await;
+    assert_eq!(body["seatsSold"], 10, "{body}");
+    stop.cancel();
+    consumer.await.unwrap();
+}

@@ -439,3 +439,67 @@ async fn waiting_room_times_are_checked() {
         assert!(message.contains("opensAt"), "{message}");
     }
 }
+
+#[tokio::test]
+async fn a_spent_admission_says_so_and_joining_again_queues_at_the_back() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = queued_event(&app, -1_000, 1_000, 1).await;
+    let ann = buyer_token("ann");
+    let first = join(&app, event, &ann).await;
+    assert_eq!(first.body["admitted"], true, "{:?}", first.body);
+    let ticket = first.body["ticket"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+
+    let spent = poll(&app, event, &ticket, &ann).await;
+    assert_eq!(spent.status, StatusCode::OK, "{:?}", spent.body);
+    assert_eq!(spent.body["admitted"], false);
+    assert_eq!(spent.body["admissionExpired"], true);
+    assert!(
+        spent.body.get("admissionToken").is_none(),
+        "{:?}",
+        spent.body
+    );
+
+    let again = join(&app, event, &ann).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{:?}", again.body);
+    assert_ne!(
+        again.body["ticket"],
+        ticket.as_str(),
+        "a new place at the back"
+    );
+    assert_eq!(again.body["admitted"], true, "{:?}", again.body);
+    let sold = app
+        .send(
+            app.client
+                .post(app.url(&format!("/api/v1/events/{event}/purchase")))
+                .header("Idempotency-Key", "spent-then-again")
+                .header(
+                    "Admission-Token",
+                    again.body["admissionToken"].as_str().unwrap(),
+                )
+                .bearer_auth(&ann)
+                .json(&json!({"quantity": 1})),
+        )
+        .await;
+    assert_eq!(sold.status, StatusCode::OK, "{:?}", sold.body);
+}
+
+#[tokio::test]
+async fn an_admission_window_starts_no_later_than_the_longest_poll_interval() {
+    let env = TestEnv::new().await;
+    // A buyer who polls as told learns of an admission within 1 s (+ 2 s of slack).
+    let app = env
+        .spawn_app_with(|c| c.serve.queue_poll_max_ms = 1_000)
+        .await;
+    let event = queued_event(&app, 500, 1_000, 2).await;
+    let ann = buyer_token("ann");
+    let ticket = join(&app, event, &ann).await.body["ticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Staying away for 6 s after the opening does not bank the admission.
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    let late = poll(&app, event, &ticket, &ann).await;
+    assert_eq!(late.body["admissionExpired"], true, "{:?}", late.body);
+}

@@ -112,3 +112,52 @@ fn an_idempotency_ttl_out_of_range_is_refused_at_startup() {
         assert!(Cli::try_parse_from(["boxoffice", &format!("--idempotency-ttl={ttl}")]).is_ok());
     }
 }
+
+#[tokio::test]
+async fn a_recovery_attempt_another_one_overtook_writes_no_hold() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("overtaken", 5).await;
+    let held = app.hold(event, "overtaken-hold", 2, None).await;
+    let id = held.body["holdId"].as_str().unwrap().replace('-', "");
+    let confirmed = app.confirm(event, &id).await;
+    assert_eq!(confirmed.status, StatusCode::OK);
+    let script = redis::Script::new(concat!(
+        include_str!("../../lua/prelude.lua"),
+        include_str!("../../lua/restore_holds.lua")
+    ));
+    let mut redis = env.redis_now().await;
+    let inventory = format!("{}:{{{event}}}:inv", env.prefix);
+    let hold = format!("{}:{{{event}}}:hold:{id}", env.prefix);
+    let run_id = boxoffice::recovery::server_run_id(&mut redis)
+        .await
+        .unwrap();
+    // The event is on sale (no token): an attempt that began earlier writes nothing,
+    // although it would mark the confirmed hold held again.
+    let written: i64 = script
+        .key(&inventory)
+        .key(&hold)
+        .arg("a-token-of-an-attempt-overtaken")
+        .arg(&run_id)
+        .arg(
+            &[
+                "held",
+                "2",
+                "",
+                "overtaken-hold",
+                "1",
+                "1",
+                "3",
+                "",
+                "",
+                "9999999999999",
+            ][..],
+        )
+        .invoke_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(written, 0);
+    let state: String = redis.hget(&hold, "s").await.unwrap();
+    assert_eq!(state, "confirmed");
+    assert_eq!(app.confirm(event, &id).await.body, confirmed.body);
+}

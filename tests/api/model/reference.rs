@@ -482,7 +482,14 @@ impl Reference {
                 admission: None,
                 ..t
             },
-            Some(t) if t.epoch == self.epoch => {
+            // A spent admission: joining again is joining at the back.
+            Some(t)
+                if t.epoch == self.epoch
+                    && !(joining
+                        && t.admission
+                            .as_ref()
+                            .is_some_and(|(_, exp)| *exp <= answer.sent_ms)) =>
+            {
                 return self.violate(format!(
                     "buyer {buyer}: ticket {} became {ticket} without a fault",
                     t.ticket
@@ -499,6 +506,18 @@ impl Reference {
             },
             _ => return self.violate(format!("poll of an unknown ticket: {}", answer.body)),
         };
+        if answer.json["admissionExpired"] == true {
+            let spent = model
+                .admission
+                .as_ref()
+                .is_some_and(|(_, exp)| *exp <= answer.received_ms + CLOCK_MARGIN_MS);
+            if !spent && model.epoch == self.epoch && model.admission.is_some() {
+                self.violate(format!(
+                    "{ticket}: its admission expired early: {}",
+                    answer.body
+                ));
+            }
+        }
         if answer.json["admitted"] == true {
             let (Some(token), Some(expires_ms), Some(admitted_ms)) = (
                 answer.json["admissionToken"].as_str(),

@@ -187,10 +187,23 @@ impl World {
         self.snapshots.len()
     }
 
+    /// A connection for the faults themselves, patient with a busy machine (a `SAVE`
+    /// may take a while).
+    async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(60)))
+            .set_connection_timeout(Some(Duration::from_secs(10)));
+        redis::Client::open(self.env.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap()
+    }
+
     /// `SAVE`, kept aside as a point in time a later fault may go back to.
     pub async fn take_snapshot(&mut self) {
         let _: () = redis::cmd("SAVE")
-            .query_async(&mut self.env.redis_now().await)
+            .query_async(&mut self.redis().await)
             .await
             .unwrap();
         let kept = self
@@ -203,7 +216,7 @@ impl World {
 
     pub async fn flushall(&self) {
         let _: () = redis::cmd("FLUSHALL")
-            .query_async(&mut self.env.redis_now().await)
+            .query_async(&mut self.redis().await)
             .await
             .unwrap();
     }
@@ -222,7 +235,7 @@ impl World {
     }
 
     pub async fn delete_event_keys(&self, event: Uuid) {
-        let mut redis = self.env.redis_now().await;
+        let mut redis = self.redis().await;
         let pattern = format!("{}:{{{event}}}:*", self.env.prefix);
         let keys: Vec<String> = redis.keys(pattern).await.unwrap();
         if !keys.is_empty() {
@@ -267,7 +280,7 @@ impl World {
     }
 
     async fn stream_drained(&self, event: Uuid) -> bool {
-        let mut redis = self.env.redis_now().await;
+        let mut redis = self.redis().await;
         let stream = self.env.stream_key(event);
         let last: redis::RedisResult<redis::streams::StreamInfoStreamReply> =
             redis.xinfo_stream(&stream).await;
