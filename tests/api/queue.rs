@@ -486,20 +486,27 @@ async fn a_spent_admission_says_so_and_joining_again_queues_at_the_back() {
 }
 
 #[tokio::test]
-async fn an_admission_window_starts_no_later_than_the_longest_poll_interval() {
+async fn an_admission_window_starts_when_the_buyer_learns_of_it_but_does_not_bank() {
     let env = TestEnv::new().await;
     // A buyer who polls as told learns of an admission within 1 s (+ 2 s of slack).
     let app = env
         .spawn_app_with(|c| c.serve.queue_poll_max_ms = 1_000)
         .await;
     let event = queued_event(&app, 500, 1_000, 2).await;
-    let ann = buyer_token("ann");
-    let ticket = join(&app, event, &ann).await.body["ticket"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    // Staying away for 6 s after the opening does not bank the admission.
-    tokio::time::sleep(Duration::from_millis(6_500)).await;
-    let late = poll(&app, event, &ticket, &ann).await;
+    let (ann, bob) = (buyer_token("ann"), buyer_token("bob"));
+    let ticket = |reply: Reply| reply.body["ticket"].as_str().unwrap().to_owned();
+    let ann_ticket = ticket(join(&app, event, &ann).await);
+    let bob_ticket = ticket(join(&app, event, &bob).await);
+    // Both are admitted a moment after the opening. Ann learns of it 2.5 s later,
+    // past the 2 s window counted from the admission: hers starts when she learns.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let learned = poll(&app, event, &ann_ticket, &ann).await;
+    assert_eq!(learned.body["admitted"], true, "{:?}", learned.body);
+    let expires: DateTime<Utc> = learned.body["expiresAt"].as_str().unwrap().parse().unwrap();
+    assert!(expires > Utc::now(), "{:?}", learned.body);
+    // Bob stays away for 6 s: a window cannot start later than 3 s after the
+    // admission, so his has passed.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let late = poll(&app, event, &bob_ticket, &bob).await;
     assert_eq!(late.body["admissionExpired"], true, "{:?}", late.body);
 }

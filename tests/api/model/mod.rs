@@ -288,7 +288,7 @@ impl Run {
         if let Some(buyer) = k.buyer {
             request = request.bearer_auth(&self.tokens[buyer]);
         }
-        if let Some(admission) = &k.admission {
+        if let Some((admission, _)) = &k.admission {
             request = request.header("Admission-Token", admission);
         }
         request
@@ -540,7 +540,7 @@ impl Run {
         if let Some(buyer) = k.buyer {
             request = request.bearer_auth(&self.tokens[buyer]);
         }
-        if let Some(admission) = &k.admission {
+        if let Some((admission, _)) = &k.admission {
             request = request.header("Admission-Token", admission);
         }
         let in_flight = tokio::spawn(send(request));

@@ -68,7 +68,8 @@ pub struct KeyModel {
     pub hold: bool,
     pub quantity: u8,
     pub buyer: Option<usize>,
-    pub admission: Option<String>,
+    /// The admission token sent with it, and when that token expires (Unix ms).
+    pub admission: Option<(String, i64)>,
     /// What the key's first decision answered (status, body), and in which epoch.
     pub decided: Option<(u16, String, u32)>,
     pub pending: bool,
@@ -152,10 +153,17 @@ impl Reference {
             s if s == ok || s == 409 => {}
             403 if answer.code() == "ADMISSION_REQUIRED" => {
                 let queued = self.events[k.event].rate.is_some();
-                let valid = k.admission.as_ref().is_some_and(|_| {
-                    self.admission_valid_until(k.event, k.buyer) > answer.sent_ms + 1_000
-                });
-                if !queued || valid || k.decided.is_some() {
+                let valid = k
+                    .admission
+                    .as_ref()
+                    .is_some_and(|(_, expires)| *expires > answer.sent_ms + 1_000);
+                // A recorded decision replays before admission is looked at, except a
+                // refusal forgotten with Redis' data: that key is decided anew.
+                let replays = k
+                    .decided
+                    .as_ref()
+                    .is_some_and(|(status, _, epoch)| *status != 409 || *epoch == self.epoch);
+                if !queued || valid || replays {
                     self.violate(format!(
                         "{key}: ADMISSION_REQUIRED (queued {queued}, valid admission {valid}, \
                          decided {:?})",
@@ -555,17 +563,8 @@ impl Reference {
         self.tickets.insert((event, buyer), model);
     }
 
-    /// Until when the buyer's admission to a queued event is valid (0: none).
-    pub fn admission_valid_until(&self, event: usize, buyer: Option<usize>) -> i64 {
-        buyer
-            .and_then(|b| self.tickets.get(&(event, b)))
-            .and_then(|t| t.admission.as_ref())
-            .map_or(0, |(_, expires)| *expires)
-    }
-
-    pub fn admission_token(&self, event: usize, buyer: usize) -> Option<String> {
-        let t = self.tickets.get(&(event, buyer))?;
-        t.admission.as_ref().map(|(token, _)| token.clone())
+    pub fn admission_token(&self, event: usize, buyer: usize) -> Option<(String, i64)> {
+        self.tickets.get(&(event, buyer))?.admission.clone()
     }
 
     /// An event's seats as `GET` answered them, against what is known.
