@@ -244,7 +244,10 @@ end
 
 local function purchase_or_hold(r)
   local record = stored[r.key]
-  if record then
+  -- A sale or hold recorded is final. A refusal ('X', 'L', 'HX', 'HL') is replayed
+  -- only once the event is checked: an older snapshot may hold one for a key that
+  -- sold since, and recovery writes the sale over it.
+  if record and (not string.find(record, '^H?[XL]') or is_on_sale()) then
     return 'R' .. record
   elseif not is_on_sale() then
     return 'C'

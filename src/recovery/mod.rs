@@ -15,9 +15,8 @@
 //!    PostgreSQL and the event's log (stream and dead letters) say of it is fixed;
 //! 2. holding the event's lock in PostgreSQL ([`db::lock_event`]), so that no batch
 //!    of its log is being written meanwhile, that was read ([`ledger`]) and worked
-//!    out into the state the event must have: idempotency records and cancellation
-//!    markers were written back where Redis lacks them, hold hashes over what Redis
-//!    had, the live holds and the buyers' counts into sets of this attempt
+//!    out into the state the event must have: idempotency records, cancellation
+//!    markers and hold hashes were written over what Redis had, the live holds and the buyers' counts into sets of this attempt
 //!    ([`restore`]), each only while the attempt still owned the event;
 //! 3. the event was added to the set the stream consumer reads streams from;
 //! 4. `lua/recover_end.lua`, if the token is still there, swapped those keys in,
@@ -44,8 +43,8 @@
 //! | hold: expired | none of the above by its expiry | hash read as expired, seats not held |
 //! | `held` | live holds | their seats |
 //! | buyers' counts | sales and live holds per buyer | exactly that |
-//! | purchase records | sales of the last TTL, with their answer | written back where missing |
-//! | cancellation markers | `cancelled_at` or an entry, of the last TTL | written back where missing |
+//! | purchase records | sales of the last TTL, with their answer | written back, over a refusal an older snapshot holds for the same key |
+//! | cancellation markers | `cancelled_at` or an entry, of the last TTL | written back |
 //! | refusals (`SOLD_OUT`, over the limit) | nothing | gone: a retry is decided again (a refusal sold nothing) |
 //! | waiting room | its settings (`events`) | the room back, empty: tickets are gone, admissions already issued (signed tokens) still admit, and re-joiners are admitted at the rate from now (`src/queue.rs`) |
 //!
@@ -66,8 +65,8 @@
 //! * **Several replicas at once, or an attempt cut at any point** (timeout, error,
 //!   crash): step 1 reuses the token of an attempt already under way, so attempts
 //!   that overlap share one and whichever finishes first puts the event on sale.
-//!   Every write of step 2 but the idempotent `SET NX`s checks that the attempt still
-//!   owns the event (its server, its token), so an overtaken attempt writes nothing
+//!   Every write of step 2 but records and markers (the same values whoever writes
+//!   them) checks that the attempt still owns the event (its server, its token), so an overtaken attempt writes nothing
 //!   over holds confirmed or released since; each builds its sets under keys of its
 //!   own, which expire if it dies, and the last step takes them only whole. An
 //!   attempt cut short leaves the event off sale with its token, and the next one,

@@ -1,7 +1,9 @@
 //! Step 2 of a recovery (see the module docs): writes a [`Rebuilt`] state into
-//! Redis. Records and cancellation markers are written only where Redis lacks them
-//! (`SET NX`: a record Redis has is the same one, or the only one). Hold hashes are
-//! written over (PostgreSQL and the log are never behind them), and the live holds
+//! Redis. Records and cancellation markers are written over what Redis has: a sale
+//! or hold PostgreSQL has outranks a refusal an older snapshot brought back under
+//! the same key (the key was refused, the refusal forgotten with Redis' data, the
+//! key sold on a retry), and every writer writes the same value. Hold hashes are
+//! written over too (PostgreSQL and the log are never behind them), and the live holds
 //! and the buyers' counts go to sets of the attempt's own, which the last step swaps
 //! in: both through scripts that write only while the attempt still owns the event
 //! (`lua/restore_holds.lua`, `lua/restore_set.lua`), so that an attempt overtaken by
@@ -59,7 +61,7 @@ pub async fn write(
     let mut commands: Vec<redis::Cmd> = Vec::new();
     for restored in &rebuilt.records {
         let (key, record) = &restored.value;
-        commands.push(set_nx(
+        commands.push(set(
             keys.idempotency(event, key),
             record.to_string(),
             restored.ttl_secs,
@@ -67,7 +69,7 @@ pub async fn write(
     }
     for restored in &rebuilt.cancellations {
         let (id, at) = restored.value;
-        commands.push(set_nx(
+        commands.push(set(
             keys.cancellation(event, id),
             at.to_string(),
             restored.ttl_secs,
@@ -146,13 +148,9 @@ fn pairs<A: ToString, B: ToString>(pairs: &[(A, B)]) -> Vec<String> {
         .collect()
 }
 
-fn set_nx(key: String, value: String, ttl_secs: i64) -> redis::Cmd {
+fn set(key: String, value: String, ttl_secs: i64) -> redis::Cmd {
     let mut cmd = redis::cmd("SET");
-    cmd.arg(key)
-        .arg(value)
-        .arg("EX")
-        .arg(ttl_secs.max(1))
-        .arg("NX");
+    cmd.arg(key).arg(value).arg("EX").arg(ttl_secs.max(1));
     cmd
 }
 

@@ -586,3 +586,67 @@ async fn a_redis_restarted_while_postgres_is_down_sells_nothing_until_it_returns
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_an_older_snapshot_brings_back_does_not_outrank_the_sale_its_key_made() {
+    on_private_servers(async {
+        let mut redis = PrivateRedis::start(Persistence::Snapshot).await;
+        let env = TestEnv::with_redis(&redis.url()).await;
+        let app = env.spawn_app_with(|c| c.serve.redis_watch_ms = 0).await;
+        let event = app.create_event("refused-then-sold", 2).await;
+        let first = app.purchase_event(event, "first", 2).await;
+        assert_eq!(first.status, StatusCode::OK);
+        assert_eq!(
+            app.purchase_event(event, "late", 1).await.code(),
+            "SOLD_OUT"
+        );
+        env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+        // A snapshot holds the refusal of `late`.
+        let _: () = redis::cmd("SAVE")
+            .query_async(&mut env.redis_now().await)
+            .await
+            .unwrap();
+        let snapshot = redis.dir().join("older.rdb");
+        std::fs::copy(redis.dir().join("dump.rdb"), &snapshot).unwrap();
+        // Seats come back, Redis forgets the refusal, and a retry of `late` buys.
+        let id = first.body["purchaseId"].as_str().unwrap();
+        assert_eq!(app.cancel(event, id).await.status, StatusCode::OK);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (cancelled,): (bool,) =
+                sqlx::query_as("SELECT cancelled_at IS NOT NULL FROM purchases WHERE id = $1")
+                    .bind(id.parse::<Uuid>().unwrap())
+                    .fetch_one(&env.db)
+                    .await
+                    .unwrap();
+            if cancelled {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cancellation was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut env.redis_now().await)
+            .await
+            .unwrap();
+        let sold = app.purchase_event(event, "late", 1).await;
+        assert_eq!(sold.status, StatusCode::OK, "{:?}", sold.body);
+        env.wait_for_rows(event, 2, Duration::from_secs(10)).await;
+
+        // Redis comes back from the snapshot, refusal and all: the sale replays.
+        redis.kill();
+        std::fs::copy(&snapshot, redis.dir().join("dump.rdb")).unwrap();
+        redis.restart().await;
+        let url = app.url(&format!("/api/v1/events/{event}/purchase"));
+        let (again, _) =
+            buy_until_answered(&app.client, &url, "late", 1, Duration::from_secs(20)).await;
+        let again = again.expect("an answer");
+        assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+        assert_eq!(again.body, sold.body);
+        assert!(again.replayed);
+    })
+    .await;
+}
