@@ -355,10 +355,28 @@ async fn a_release_written_before_its_hold_still_ends_the_hold_in_postgresql() {
     release.push(("d", &released_at));
     let mut redis = env.redis_now().await;
     for fields in [&release[..], &hold[..]] {
-        let _: String = redis
+        let entry: String = redis
             .xadd(env.stream_key(event), "*", fields)
             .await
             .unwrap();
+        // Each in a batch of its own: written and acknowledged before the next.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let groups: redis::streams::StreamInfoGroupsReply =
+                redis.xinfo_groups(env.stream_key(event)).await.unwrap();
+            if groups
+                .groups
+                .iter()
+                .any(|g| g.last_delivered_id == entry && g.pending == 0)
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{entry} was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
