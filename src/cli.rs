@@ -44,9 +44,10 @@ enum Command {
     Reconcile {
         #[command(flatten)]
         common: CommonConfig,
-        /// Repair what drifted: check the event against PostgreSQL again (raise a
-        /// counter that is behind, never lower one; restore missing records) and send
-        /// parked sales back to the stream.
+        /// Repair what drifted: send parked sales back to the stream, and bring an
+        /// event that is behind or lacks records back through the recovery, which sets
+        /// its state to what PostgreSQL and the streams hold. An event whose Redis
+        /// counts more than they hold (rows missing) is reported, not changed.
         #[arg(long)]
         fix: bool,
     },

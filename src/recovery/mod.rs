@@ -93,6 +93,16 @@
 //! event answers 503; see README "Durability". Records deleted behind the service's
 //! back on a running server (by eviction, or by hand) are found by `boxoffice
 //! reconcile`.
+//!
+//! Setting `sold` down as well as up departs from the first rule of the design
+//! ("never lower a counter Redis still has"), which guarded against a loader racing
+//! live sales with a stale count: here nothing sells while the counts are read, so
+//! the count is exact, and keeping a higher one would keep cancelled seats off sale
+//! and ended holds alive after a restore. The one case it costs: stream entries
+//! removed behind the service's back (by hand, or by a `MAXLEN` trim of another
+//! tool) before they reached PostgreSQL. Their sales then exist in no record, and a
+//! recovery puts their seats back on sale; `boxoffice reconcile` reports such an
+//! event as "rows missing" while Redis still counts them.
 
 pub mod ledger;
 mod restore;
