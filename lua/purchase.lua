@@ -205,13 +205,26 @@ local function append(fields, buyer)
   changed = true
 end
 
-local function append_sale(id, client_key, quantity, left, buyer, via_hold)
+-- Adds to `fields` what made `hold` (seats left after it, expiry, when), under
+-- names of their own: a release or confirmation carries its hold, so that PostgreSQL
+-- gets the hold whichever entry a consumer writes first (two consumers may write
+-- them in either order, and one may be lost with Redis' data after the other).
+local function with_hold(fields, hold)
+  if hold and hold.l and hold.c then
+    for _, field in ipairs({ 'hl', hold.l, 'hx', hold.x, 'hm', hold.c .. '000' }) do
+      fields[#fields + 1] = field
+    end
+  end
+  return fields
+end
+
+local function append_sale(id, client_key, quantity, left, buyer, hold)
   local fields = { 'p', id, 'k', client_key, 'q', quantity, 'r', left, 't', micros }
-  if via_hold then
+  if hold then
     fields[#fields + 1] = 'h'
     fields[#fields + 1] = '1'
   end
-  append(fields, buyer)
+  append(with_hold(fields, hold), buyer)
 end
 
 local function member_of(id, quantity, buyer)
@@ -264,7 +277,7 @@ local function purchase_or_hold(r)
     sold, purchases = sold + r.quantity, purchases + 1
     add_buyer_seats(r.buyer, r.quantity)
     local left = total - sold - held
-    append_sale(r.id, r.client_key, r.quantity, left, r.buyer, false)
+    append_sale(r.id, r.client_key, r.quantity, left, r.buyer, nil)
     record = 'S' .. r.quantity .. ':' .. left .. ':' .. r.id
   else
     local expires = now() + hold_ms
@@ -328,20 +341,12 @@ local function confirm_or_release(r)
     add_buyer_seats(hold.b, -hold.q)
     hold.s = 'released'
     redis.call('HSET', r.key, 's', 'released', 'e', now_ms)
-    -- With what made the hold, so that PostgreSQL gets it whichever entry it writes
-    -- first (two consumers may write the two entries in either order).
-    local release = { 'p', r.id, 'q', hold.q, 'd', micros }
-    if hold.l and hold.c then
-      for _, field in ipairs({ 'k', hold.k, 'r', hold.l, 'x', hold.x, 'm', hold.c .. '000' }) do
-        release[#release + 1] = field
-      end
-    end
-    append(release, hold.b)
+    append(with_hold({ 'p', r.id, 'q', hold.q, 'd', micros, 'k', hold.k }, hold), hold.b)
     return 'N'
   end
   sold, purchases = sold + hold.q, purchases + 1
   local left = total - sold - held
-  append_sale(r.id, hold.k, hold.q, left, hold.b, true)
+  append_sale(r.id, hold.k, hold.q, left, hold.b, hold)
   hold.s, hold.r = 'confirmed', left
   redis.call('HSET', r.key, 's', 'confirmed', 'r', left, 'e', now_ms)
   return 'NS' .. hold.q .. ':' .. left .. ':' .. r.id

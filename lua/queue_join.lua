@@ -14,8 +14,9 @@
 -- KEYS[2] tickets by buyer (hash: '<ticket>@<joined at, ms>', and for late tickets
 --         '@<admitted at, ms>')
 -- KEYS[3] when each buyer was first told of their admission (hash)
--- ARGV[1] the buyer, ARGV[2] '1' to give up the ticket the buyer holds (its admission
--- expired unused) and join again, at the back
+-- ARGV[1] the buyer, ARGV[2] a spent ticket (its admission expired unused) to give
+-- up and join again, at the back, if the buyer still holds it ('' for none: two
+-- such joins at once give up the one ticket once)
 -- Returns {} when the room is missing (recover the event first), else {ticket,
 -- opens, rate, admission, seed, early, late, now (ms), admitted at (ms, '' for an
 -- early ticket)}.
@@ -27,11 +28,12 @@ if not opens or not rate or rate < 1 or not room[4] then
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[2] == '1' then
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if held and ARGV[2] ~= '' and string.match(held, '^[^@]+') == ARGV[2] then
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+  held = false
 end
-local held = redis.call('HGET', KEYS[2], ARGV[1])
 local ticket, admitted_at
 if held then
   ticket = string.match(held, '^[^@]+')

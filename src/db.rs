@@ -345,18 +345,13 @@ pub async fn insert_holds<'c>(
 }
 
 /// Marks holds of `event` released, each at its time; a hold already marked keeps
-/// its first time. A hold PostgreSQL does not have yet (its own entry is on its way,
-/// through another consumer) is written first from what the release carries, so the
-/// release is never lost to the order of writes. Returns how many rows changed.
-pub async fn release_holds(
-    conn: &mut PgConnection,
+/// its first time. Returns how many rows changed. (Write the holds a release carries
+/// first: its hold's own entry may come later, through another consumer.)
+pub async fn release_holds<'c>(
+    db: impl sqlx::PgExecutor<'c>,
     event: Uuid,
     releases: &[HoldReleased],
 ) -> Result<u64> {
-    let holds: Vec<HoldMade> = releases.iter().filter_map(|r| r.hold.clone()).collect();
-    if !holds.is_empty() {
-        insert_holds(&mut *conn, event, &holds).await?;
-    }
     let ids: Vec<Uuid> = releases.iter().map(|r| r.id).collect();
     let at: Vec<i64> = releases.iter().map(|r| r.released_at_micros).collect();
     let done = sqlx::query(
@@ -368,7 +363,7 @@ pub async fn release_holds(
     .bind(event)
     .bind(&ids)
     .bind(&at)
-    .execute(conn)
+    .execute(db)
     .await?;
     Ok(done.rows_affected())
 }
@@ -392,6 +387,30 @@ pub async fn prune_holds(pool: &PgPool, retention: Duration) -> Result<u64> {
     Ok(done.rows_affected())
 }
 
+/// Marks holds of `event` released at `at_micros` (writing them first if PostgreSQL
+/// lacks them): holds a recovery ended because their seats are sold (see
+/// `recovery::ledger`), so that no later recovery brings them back.
+pub async fn end_holds(
+    tx: &mut PgConnection,
+    event: Uuid,
+    holds: &[HoldMade],
+    at_micros: i64,
+) -> Result<()> {
+    insert_holds(&mut *tx, event, holds).await?;
+    let releases: Vec<HoldReleased> = holds
+        .iter()
+        .map(|h| HoldReleased {
+            id: h.id,
+            quantity: h.quantity,
+            released_at_micros: at_micros,
+            buyer: h.buyer.clone(),
+            hold: None,
+        })
+        .collect();
+    release_holds(&mut *tx, event, &releases).await?;
+    Ok(())
+}
+
 /// The advisory lock that orders the writes of an event's log to PostgreSQL
 /// against its recoveries (`persist` takes it shared for each batch, `recovery`
 /// exclusively while it reads and rebuilds): a key derived from the event id.
@@ -407,6 +426,11 @@ pub async fn lock_event_shared(tx: &mut PgConnection, event: Uuid) -> Result<()>
         .execute(tx)
         .await?;
     Ok(())
+}
+
+/// Whether `e` is PostgreSQL giving up on a lock after `lock_timeout` (SQLSTATE 55P03).
+pub fn lock_not_available(e: &Error) -> bool {
+    matches!(e, Error::Db(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03"))
 }
 
 /// Takes the exclusive lock of [`event_lock`] in `tx`, until it ends: it waits for
@@ -458,24 +482,20 @@ pub struct HoldRow {
     pub sold_at_micros: Option<i64>,
 }
 
-/// Everything recovery needs of `event` from PostgreSQL, in one REPEATABLE READ
-/// snapshot, so that a row the consumer writes meanwhile is in every answer or in
-/// none: sales and per-buyer seats, which of the log's `sales` and `cancellations`
+/// Everything recovery needs of `event` from PostgreSQL, read on `tx` while it holds
+/// the event's lock ([`lock_event`]): no batch of the event's log is written
+/// meanwhile, so the statements agree with one another: sales and per-buyer seats, which of the log's `sales` and `cancellations`
 /// are written already, the holds whose record or hash Redis keeps (expired less
 /// than `ttl` ago, or named in `holds`), and the sales and cancellations of the last
 /// `ttl`.
 pub async fn books(
-    pool: &PgPool,
+    tx: &mut PgConnection,
     event: &EventRow,
     ttl: u32,
     sales: &[Uuid],
     cancellations: &[Uuid],
     holds: &[Uuid],
 ) -> Result<Books> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await?;
     let (sold, written, cancelled, now_ms): (i64, Vec<Uuid>, Vec<Uuid>, i64) = sqlx::query_as(
         "SELECT COALESCE(SUM(quantity) FILTER (WHERE cancelled_at IS NULL), 0)::int8,
                 COALESCE(array_agg(id) FILTER (WHERE id = ANY($2)), '{}'),
@@ -533,7 +553,6 @@ pub async fn books(
     .bind(f64::from(ttl))
     .fetch_all(&mut *tx)
     .await?;
-    tx.commit().await?;
     Ok(Books {
         sold,
         buyers,

@@ -44,6 +44,20 @@ const REFRESH_STREAMS_EVERY: Duration = Duration::from_secs(1);
 /// How often each stream is trimmed of acknowledged entries.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a batch waits for its event's lock while a recovery holds it, before the
+/// consumer leaves it pending and goes on with other events.
+const LOCK_WAIT: &str = "SET LOCAL lock_timeout = '500ms'";
+
+/// What became of a batch.
+enum Written {
+    /// Written: how many sales were new rows.
+    Rows(u64),
+    /// Its entries were no longer pending for this consumer.
+    NotPending,
+    /// A recovery of the event held its lock: left pending for a later round.
+    Busy,
+}
+
 /// How often holds nothing can ask for any more are deleted from PostgreSQL, and how
 /// many statements of [`db::PRUNE_BATCH`] rows one round may run.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -254,8 +268,12 @@ impl Consumer {
     /// Takes over what dead consumers left pending, and removes departed ones.
     async fn look_after_group(&self, conn: &mut Connection, cursor: &mut Cursor) -> Result<()> {
         for stream in &cursor.streams {
-            self.claim_stale(conn, stream, &mut cursor.untrimmed)
-                .await?;
+            if self
+                .claim_stale(conn, stream, &mut cursor.untrimmed)
+                .await?
+            {
+                cursor.backlog = true;
+            }
             self.forget_departed(conn, stream).await?;
         }
         cursor.last_claim = Some(Instant::now());
@@ -285,10 +303,17 @@ impl Consumer {
                 }
             })?;
         let mut longest = 0;
+        let mut deferred = false;
         for stream in reply.map(|r| r.keys).unwrap_or_default() {
             longest = longest.max(stream.ids.len());
-            self.persist(conn, &stream.key, stream.ids, &mut cursor.untrimmed)
+            deferred |= self
+                .persist(conn, &stream.key, stream.ids, &mut cursor.untrimmed)
                 .await?;
+        }
+        if deferred {
+            // Left pending for this consumer: read again from its pending entries.
+            cursor.backlog = true;
+            return Ok(longest);
         }
         if cursor.backlog && longest == 0 {
             cursor.backlog = false;
@@ -376,13 +401,15 @@ impl Consumer {
         Ok(())
     }
 
-    /// Takes over entries another consumer left unacknowledged for too long.
+    /// Takes over entries another consumer left unacknowledged for too long; `true`
+    /// when some were left pending for a later round (see [`Consumer::persist`]).
     async fn claim_stale(
         &self,
         conn: &mut Connection,
         stream: &str,
         untrimmed: &mut HashMap<String, Instant>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let mut deferred = false;
         let mut start = "0-0".to_owned();
         loop {
             let reply: StreamAutoClaimReply = conn
@@ -401,10 +428,10 @@ impl Consumer {
                     entries = reply.claimed.len(),
                     "took over sales left pending by another consumer"
                 );
-                self.persist(conn, stream, reply.claimed, untrimmed).await?;
+                deferred |= self.persist(conn, stream, reply.claimed, untrimmed).await?;
             }
             if reply.next_stream_id == "0-0" {
-                return Ok(());
+                return Ok(deferred);
             }
             start = reply.next_stream_id;
         }
@@ -412,16 +439,17 @@ impl Consumer {
 
     /// Writes one batch of a stream to PostgreSQL, then acknowledges it. Entries that
     /// are none of the kinds the gate writes, or that PostgreSQL refuses for good, are
-    /// parked instead.
+    /// parked instead. Returns `true` when the batch was left pending for a later
+    /// round (a recovery of the event held its lock).
     async fn persist(
         &self,
         conn: &mut Connection,
         stream: &str,
         entries: Vec<StreamId>,
         untrimmed: &mut HashMap<String, Instant>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let event = self
             .keys
@@ -433,18 +461,25 @@ impl Consumer {
                 Some(logged) => batch.push((logged, entry.id.clone())),
                 None => {
                     let reason = "not a seat movement written by lua/purchase.lua";
-                    self.park_entry(conn, event, &entry.id, reason).await?;
+                    self.park_entry(conn, stream, event, &entry.id, reason)
+                        .await?;
                 }
             }
         }
         let (written, done) = match self.write_batch(conn, stream, event, &batch).await {
             Err(e) if db::refused_for_good(&e).is_some() => {
                 tracing::warn!(error = %e, %event, "PostgreSQL refused a batch; writing it entry by entry");
-                self.write_one_by_one(conn, stream, event, &batch).await?
+                match self.write_one_by_one(conn, stream, event, &batch).await? {
+                    Some(written) => written,
+                    None => return Ok(true),
+                }
             }
             // Not this consumer's any more: not acknowledged here either.
-            Ok(None) => return Ok(()),
-            Ok(Some(written)) => (written, batch.iter().map(|(_, id)| id.as_str()).collect()),
+            Ok(Written::NotPending) => return Ok(false),
+            Ok(Written::Busy) => return Ok(true),
+            Ok(Written::Rows(written)) => {
+                (written, batch.iter().map(|(_, id)| id.as_str()).collect())
+            }
             Err(e) => return Err(e),
         };
         if !done.is_empty() {
@@ -455,31 +490,39 @@ impl Consumer {
         untrimmed
             .entry(stream.to_owned())
             .or_insert_with(Instant::now);
-        Ok(())
+        Ok(false)
     }
 
     /// Writes `batch` in one transaction that holds the event's lock shared
     /// ([`db::lock_event_shared`]), provided its entries are still pending for this
-    /// consumer once the lock is held; returns how many sales were new rows, or `None`
-    /// when they were not.
+    /// consumer once the lock is held.
     ///
     /// The check under the lock is what keeps a recovery exact: a recovery holds the
     /// lock exclusively while it reads the stream and PostgreSQL, so a batch is
     /// either in PostgreSQL before it reads, or written after it is done, and then
     /// only if the entries were not lost with Redis' data meanwhile (the recovery did
-    /// not count them) nor taken over by another consumer (which writes them).
+    /// not count them) nor taken over by another consumer (which writes them). The
+    /// lock is waited for at most [`LOCK_WAIT`]: a long recovery of one event does
+    /// not hold up the others' sales.
     async fn write_batch(
         &self,
         conn: &mut Connection,
         stream: &str,
         event: Uuid,
         batch: &[(Logged, String)],
-    ) -> Result<Option<u64>> {
+    ) -> Result<Written> {
         if batch.is_empty() {
-            return Ok(Some(0));
+            return Ok(Written::Rows(0));
         }
         let mut tx = self.db.begin().await?;
-        db::lock_event_shared(&mut tx, event).await?;
+        sqlx::query(LOCK_WAIT).execute(&mut *tx).await?;
+        match db::lock_event_shared(&mut tx, event).await {
+            Err(e) if db::lock_not_available(&e) => {
+                tracing::debug!(%event, "a recovery holds the event; its batch waits");
+                return Ok(Written::Busy);
+            }
+            locked => locked?,
+        }
         let ids: Vec<&str> = batch.iter().map(|(_, id)| id.as_str()).collect();
         if !self.still_pending(conn, stream, &ids).await? {
             crate::metrics::consumer_batch_dropped();
@@ -488,82 +531,104 @@ impl Consumer {
                 "entries no longer pending for this consumer when their batch was to be \
                  written (taken over by another consumer, or lost with Redis' data)"
             );
-            return Ok(None);
+            return Ok(Written::NotPending);
         }
         let written = write_logged(&mut tx, event, batch).await?;
         tx.commit().await?;
-        Ok(Some(written))
+        Ok(Written::Rows(written))
     }
 
     /// After PostgreSQL refused a batch: each entry alone, parking those it refuses.
-    /// Returns how many sales were new rows, and the entries written (to acknowledge).
+    /// Returns how many sales were new rows, and the entries written or parked (to
+    /// acknowledge); `None` when a recovery held the event meanwhile (the rest waits).
     async fn write_one_by_one<'a>(
         &self,
         conn: &mut Connection,
         stream: &str,
         event: Uuid,
         batch: &'a [(Logged, String)],
-    ) -> Result<(u64, Vec<&'a str>)> {
+    ) -> Result<Option<(u64, Vec<&'a str>)>> {
         let (mut written, mut done) = (0, Vec::new());
         for entry in batch {
             match self
                 .write_batch(conn, stream, event, std::slice::from_ref(entry))
                 .await
             {
-                Ok(Some(n)) => {
+                Ok(Written::Rows(n)) => {
                     written += n;
                     done.push(entry.1.as_str());
                 }
-                Ok(None) => {}
+                Ok(Written::NotPending) => {}
+                Ok(Written::Busy) => return Ok(None),
                 Err(e) => match db::refused_for_good(&e) {
                     Some(code) => {
                         let reason = format!("SQLSTATE {code}: {e}");
-                        self.park_entry(conn, event, &entry.1, &reason).await?;
+                        self.park_entry(conn, stream, event, &entry.1, &reason)
+                            .await?;
                     }
                     None => return Err(e),
                 },
             }
         }
-        Ok((written, done))
+        Ok(Some((written, done)))
     }
 
-    /// Whether every one of `ids` (in stream order) is pending for this consumer.
+    /// Whether every one of `ids` is pending for this consumer (one `XPENDING` of each,
+    /// pipelined: a range would count entries of this consumer's between them too).
     async fn still_pending(
         &self,
         conn: &mut Connection,
         stream: &str,
         ids: &[&str],
     ) -> Result<bool> {
-        let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
-            return Ok(true);
-        };
-        let reply: redis::RedisResult<StreamPendingCountReply> = conn
-            .xpending_consumer_count(stream, CONSUMER_GROUP, *first, *last, ids.len(), &self.name)
-            .await;
-        let reply = match reply {
-            Err(e) if e.code() == Some("NOGROUP") => return Ok(false),
-            reply => reply?,
-        };
-        let pending: HashSet<&str> = reply.ids.iter().map(|p| p.id.as_str()).collect();
-        Ok(ids.iter().all(|id| pending.contains(id)))
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XPENDING")
+                .arg(stream)
+                .arg(CONSUMER_GROUP)
+                .arg(*id)
+                .arg(*id)
+                .arg(1)
+                .arg(&self.name);
+        }
+        let replies: redis::RedisResult<Vec<StreamPendingCountReply>> =
+            pipe.query_async(&mut **conn).await;
+        match replies {
+            Err(e) if e.code() == Some("NOGROUP") => Ok(false),
+            replies => Ok(replies?.iter().all(|reply| reply.ids.len() == 1)),
+        }
     }
 
+    /// Sets an entry aside in the event's dead letters (`lua/park.lua`, which also
+    /// acknowledges it). One gone from the stream meanwhile (removed behind the
+    /// service's back) cannot be parked: it is acknowledged so that it stops coming
+    /// back, and reported as lost.
     async fn park_entry(
         &self,
         conn: &mut Connection,
+        stream: &str,
         event: Uuid,
         entry: &str,
         reason: &str,
     ) -> Result<()> {
-        let _: i64 = self
+        let parked: i64 = self
             .park
-            .key(self.keys.stream(event))
+            .key(stream)
             .key(self.keys.dead_letters(event))
             .arg(CONSUMER_GROUP)
             .arg(entry)
             .arg(reason)
             .invoke_async(&mut **conn)
             .await?;
+        if parked == 0 {
+            let _: i64 = conn.xack(stream, CONSUMER_GROUP, &[entry]).await?;
+            tracing::error!(
+                %event, entry, reason,
+                "an entry PostgreSQL cannot take was gone from the stream before it could be \
+                 parked: what it recorded is lost; see `boxoffice reconcile`"
+            );
+            return Ok(());
+        }
         crate::metrics::parked();
         tracing::error!(
             %event, entry, reason,
@@ -582,40 +647,20 @@ async fn write_logged(
     event: Uuid,
     batch: &[(Logged, String)],
 ) -> Result<u64> {
-    fn of<T: Clone>(batch: &[(Logged, String)], pick: impl Fn(&Logged) -> Option<&T>) -> Vec<T> {
-        batch
-            .iter()
-            .filter_map(|(logged, _)| pick(logged).cloned())
-            .collect()
+    let (mut holds, mut sales, mut releases, mut cancels) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (logged, _) in batch {
+        match logged {
+            Logged::Hold(hold) => holds.push(hold.clone()),
+            Logged::Sale(sale) => sales.push(sale.clone()),
+            Logged::Release(release) => releases.push(release.clone()),
+            Logged::Cancel(cancel) => cancels.push(cancel.clone()),
+        }
     }
-    let holds = of(batch, |l| {
-        if let Logged::Hold(h) = l {
-            Some(h)
-        } else {
-            None
-        }
-    });
-    let sales = of(batch, |l| {
-        if let Logged::Sale(s) = l {
-            Some(s)
-        } else {
-            None
-        }
-    });
-    let releases = of(batch, |l| {
-        if let Logged::Release(r) = l {
-            Some(r)
-        } else {
-            None
-        }
-    });
-    let cancels = of(batch, |l| {
-        if let Logged::Cancel(c) = l {
-            Some(c)
-        } else {
-            None
-        }
-    });
+    // The holds that releases and confirmations carry too: a hold's own entry may
+    // come later, through another consumer, or be lost with Redis' data.
+    let carried = releases.iter().filter_map(|r| r.hold.clone());
+    holds.extend(carried.chain(sales.iter().filter_map(|s| s.hold.clone())));
     if !holds.is_empty() {
         db::insert_holds(&mut *tx, event, &holds).await?;
     }

@@ -200,13 +200,18 @@ impl Room {
 }
 
 impl Standing {
+    /// The longest a buyer is told to wait between polls, with `max_ms` configured.
+    pub fn longest_poll_ms(max_ms: u64) -> u64 {
+        max_ms.max(MIN_POLL_MS)
+    }
+
     /// When to poll again: half the expected wait, between 1 s and `max_ms`, so
     /// polls thin out with the distance to the front. With N waiting and admission
     /// at r per second, about 2r buyers poll every second, the next ones less and
     /// less often, and none less often than every `max_ms`: the poll rate stays
     /// near 2r·(1 + ln(N / 2r)) + N / max, whatever N.
     pub fn poll_after_ms(&self, max_ms: u64) -> u64 {
-        let max_ms = max_ms.max(MIN_POLL_MS);
+        let max_ms = Self::longest_poll_ms(max_ms);
         match *self {
             Standing::BeforeOpening { opens_in_ms, .. } => opens_in_ms.clamp(MIN_POLL_MS, max_ms),
             Standing::Waiting { wait_ms, .. } => (wait_ms / 2).clamp(MIN_POLL_MS, max_ms),
@@ -265,14 +270,14 @@ impl Queue {
         }
     }
 
-    /// The ticket of `buyer` (a new one, or the one they have; with `again`, a new
-    /// one at the back in place of the one they have), and the room; `None` when
-    /// Redis does not have the event's waiting room (recover it first).
+    /// The ticket of `buyer` (a new one, or the one they have; with `spent`, a new
+    /// one at the back in place of that one, if they still hold it), and the room;
+    /// `None` when Redis does not have the event's waiting room (recover it first).
     pub async fn join(
         &self,
         event: Uuid,
         buyer: &Buyer,
-        again: bool,
+        spent: Option<Ticket>,
     ) -> Result<Option<(Held, Room)>> {
         let reply: Vec<String> = self
             .join
@@ -280,7 +285,7 @@ impl Queue {
             .key(self.keys.queue_tickets(event))
             .key(self.keys.queue_served(event))
             .arg(buyer.as_str())
-            .arg(if again { "1" } else { "" })
+            .arg(spent.map(|t| t.to_string()).unwrap_or_default())
             .invoke_async(&mut self.conn.clone())
             .await?;
         let [ticket, fields @ .., admitted_at, base, count] = &reply[..] else {

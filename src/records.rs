@@ -151,6 +151,8 @@ pub struct Entry {
     pub buyer: Option<String>,
     /// Made by confirming a hold (its idempotency key belongs to the hold request).
     pub via_hold: bool,
+    /// That hold, as the confirmation carries it (absent for holds made before it did).
+    pub hold: Option<HoldMade>,
 }
 
 /// The cancellation of a sale, as the event's stream carries it to PostgreSQL.
@@ -205,9 +207,11 @@ pub enum Logged {
 }
 
 /// Field names of a stream entry, as `lua/purchase.lua` writes them. The kind of an
-/// entry is told by which of `c`, `d`, `x` it has, in that order (none: a sale); a
-/// release carries its hold's fields too. Hold entries have no `t`, so a consumer
-/// from before holds were logged does not take one for a sale.
+/// entry is told by which of `c`, `d`, `x` it has, in that order (none: a sale). A
+/// release and a hold's confirmation carry the hold too, under names of their own
+/// (`hl`, `hx`, `hm`, with `k` its request's key), so that a consumer from before
+/// they did reads them as before. Hold entries have no `t`, so a consumer from before
+/// holds were logged does not take one for a sale.
 pub mod field {
     pub const PURCHASE_ID: &str = "p";
     pub const KEY: &str = "k";
@@ -218,12 +222,16 @@ pub mod field {
     pub const VIA_HOLD: &str = "h";
     /// Present on cancellations only: when the sale was cancelled.
     pub const CANCELLED_AT: &str = "c";
-    /// On holds (made, and released): when the hold expires (Unix ms).
+    /// Present on holds made only: when the hold expires (Unix ms).
     pub const EXPIRES_AT: &str = "x";
     /// When the hold was made (Unix µs), on holds made.
     pub const HELD_AT: &str = "m";
     /// Present on releases only: when the hold was released (Unix µs).
     pub const RELEASED_AT: &str = "d";
+    /// On releases and confirmations, the hold's own seats left, expiry and making.
+    pub const HOLD_SEATS_REMAINING: &str = "hl";
+    pub const HOLD_EXPIRES_AT: &str = "hx";
+    pub const HOLD_HELD_AT: &str = "hm";
 }
 
 impl Logged {
@@ -241,37 +249,50 @@ impl Logged {
                 buyer,
             }));
         }
-        let hold = || -> Option<HoldMade> {
+        // A hold from the fields `names` gives: its seats left, when it was made and
+        // when it expires.
+        let hold = |[left, made, expires]: [&str; 3]| -> Option<HoldMade> {
             Some(HoldMade {
                 id,
                 idempotency_key: entry.get(field::KEY)?,
                 quantity,
-                seats_remaining: entry.get(field::SEATS_REMAINING)?,
-                held_at_micros: entry.get(field::HELD_AT)?,
-                expires_at_ms: entry.get(field::EXPIRES_AT)?,
+                seats_remaining: entry.get(left)?,
+                held_at_micros: entry.get(made)?,
+                expires_at_ms: entry.get(expires)?,
                 buyer: buyer.clone(),
             })
         };
+        let carried = [
+            field::HOLD_SEATS_REMAINING,
+            field::HOLD_HELD_AT,
+            field::HOLD_EXPIRES_AT,
+        ];
         if let Some(released_at_micros) = entry.get(field::RELEASED_AT) {
             return Some(Logged::Release(HoldReleased {
                 id,
                 quantity,
                 released_at_micros,
-                hold: hold(),
+                hold: hold(carried),
                 buyer,
             }));
         }
         if entry.contains_key(field::EXPIRES_AT) {
-            return Some(Logged::Hold(hold()?));
+            return Some(Logged::Hold(hold([
+                field::SEATS_REMAINING,
+                field::HELD_AT,
+                field::EXPIRES_AT,
+            ])?));
         }
+        let via_hold = entry.contains_key(field::VIA_HOLD);
         Some(Logged::Sale(Entry {
             id,
             idempotency_key: entry.get(field::KEY)?,
             quantity,
             seats_remaining: entry.get(field::SEATS_REMAINING),
             sold_at_micros: entry.get(field::SOLD_AT)?,
+            hold: via_hold.then(|| hold(carried)).flatten(),
             buyer,
-            via_hold: entry.contains_key(field::VIA_HOLD),
+            via_hold,
         }))
     }
 

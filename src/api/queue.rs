@@ -175,27 +175,33 @@ fn buyer(state: &AppState, auth: &BuyerAuth) -> Result<Buyer, ApiError> {
 
 async fn join(state: &AppState, event: Uuid, auth: &BuyerAuth) -> Result<JoinResponse, ApiError> {
     let buyer = buyer(state, auth)?;
-    let (mut held, mut room) = joined(state, event, &buyer, false).await?;
-    let mut stands = standing(state, event, &buyer, held, &room).await?;
+    // The ticket just issued is missing only if the room was lost meanwhile.
+    let lost = || {
+        ApiError::from(crate::Error::RecoveryPending(
+            "the waiting room is being restored".into(),
+        ))
+    };
+    let (mut held, mut room) = joined(state, event, &buyer, None).await?;
+    let mut stands = standing(state, event, &buyer, held, &room, lost).await?;
     if let Answer::Expired { .. } = stands {
         // A spent ticket: joining again is joining at the back.
-        (held, room) = joined(state, event, &buyer, true).await?;
-        stands = standing(state, event, &buyer, held, &room).await?;
+        (held, room) = joined(state, event, &buyer, Some(held.ticket)).await?;
+        stands = standing(state, event, &buyer, held, &room, lost).await?;
     }
     crate::metrics::queue_joined();
     let status = render(state, event, &buyer, held, &room, stands)?;
     Ok(JoinResponse::Accepted(Json(status)))
 }
 
-/// The buyer's ticket (`again`: a new one at the back) and the room, bringing the
-/// room back first when Redis lacks it.
+/// The buyer's ticket (`spent`: a new one at the back in place of that one) and the
+/// room, bringing the room back first when Redis lacks it.
 async fn joined(
     state: &AppState,
     event: Uuid,
     buyer: &Buyer,
-    again: bool,
+    spent: Option<Ticket>,
 ) -> Result<(Held, Room), ApiError> {
-    if let Some(joined) = state.queue.join(event, buyer, again).await? {
+    if let Some(joined) = state.queue.join(event, buyer, spent).await? {
         return Ok(joined);
     }
     // Not in Redis: no such event, not queued, or to be brought back.
@@ -211,14 +217,14 @@ async fn joined(
     }
     let recovery = state.gate.recovery();
     recovery.ensure(event).await?;
-    if let Some(joined) = state.queue.join(event, buyer, again).await? {
+    if let Some(joined) = state.queue.join(event, buyer, spent).await? {
         return Ok(joined);
     }
     // The event was on sale without its room (its keys deleted by hand): rebuilt.
     recovery.ensure_event(&row, Mode::Force).await?;
     Ok(state
         .queue
-        .join(event, buyer, again)
+        .join(event, buyer, spent)
         .await?
         .ok_or_else(|| {
             crate::Error::RecoveryPending("the waiting room is being restored".into())
@@ -242,7 +248,7 @@ async fn status(
     let held = held
         .filter(|held| held.ticket == asked)
         .ok_or_else(not_found)?;
-    let stands = standing(state, event, &buyer, held, &room).await?;
+    let stands = standing(state, event, &buyer, held, &room, ticket_not_found).await?;
     let status = render(state, event, &buyer, held, &room, stands)?;
     Ok(StatusResponse::Ok(Json(status)))
 }
@@ -268,23 +274,25 @@ enum Answer {
 /// of their admission (a poll's own round trip, a busy client).
 const LEARN_SLACK_MS: i64 = 2_000;
 
-/// Where `held` stands in `room`; once admitted, the admission's window, which the
-/// first answer that tells the buyer of it (from any replica) starts (see `queue`).
+/// Where `held` stands in `room` (`missing`: the error when the room does not know
+/// the ticket); once admitted, the admission's window, which the first answer that
+/// tells the buyer of it (from any replica) starts (see `queue`).
 async fn standing(
     state: &AppState,
     event: Uuid,
     buyer: &Buyer,
     held: Held,
     room: &Room,
+    missing: impl FnOnce() -> ApiError,
 ) -> Result<Answer, ApiError> {
     let standing = room
         .standing(held.ticket, held.admitted_at_ms)
-        .ok_or_else(ticket_not_found)?;
+        .ok_or_else(missing)?;
     let Standing::Admitted { admitted_at_ms } = standing else {
         return Ok(Answer::Standing(standing));
     };
     let (served_ms, first) = state.queue.served(event, buyer, room.now_ms).await?;
-    let learn_within_ms = i64::try_from(state.queue_poll_max_ms)
+    let learn_within_ms = i64::try_from(Standing::longest_poll_ms(state.queue_poll_max_ms))
         .unwrap_or(i64::MAX)
         .saturating_add(LEARN_SLACK_MS);
     let expires_ms = admission_expires_ms(

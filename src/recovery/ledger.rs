@@ -199,6 +199,23 @@ impl Rebuilt {
     pub fn live_holds(&self) -> impl Iterator<Item = &RebuiltHold> {
         self.holds.iter().filter(|h| h.end == HoldEnd::Live)
     }
+
+    /// The holds this recovery ended (see [`HoldEnd::Voided`]), as made.
+    pub fn voided_holds(&self) -> Vec<crate::records::HoldMade> {
+        self.holds
+            .iter()
+            .filter(|h| matches!(h.end, HoldEnd::Voided { .. }))
+            .map(|h| crate::records::HoldMade {
+                id: h.id,
+                idempotency_key: h.idempotency_key.clone(),
+                quantity: i16::from(h.quantity),
+                seats_remaining: i32::try_from(h.seats_remaining).unwrap_or(i32::MAX),
+                held_at_micros: h.held_at_ms * 1000,
+                expires_at_ms: h.expires_at_ms,
+                buyer: h.buyer.clone(),
+            })
+            .collect()
+    }
 }
 
 /// Merges `books` and `log` into the state of `event` (of `total` seats, with a
@@ -348,6 +365,9 @@ fn holds(log: &Log, books: &Books, now_ms: i64) -> Vec<RebuiltHold> {
             }
             // A confirmation ends a hold for good, whatever else was read of it.
             Logged::Sale(sale) if sale.via_hold => {
+                if let Some(made) = &sale.hold {
+                    holds.entry(made.id).or_insert_with(|| made_hold(made));
+                }
                 ends.insert(
                     sale.id,
                     HoldEnd::Confirmed {
@@ -436,6 +456,7 @@ mod tests {
             sold_at_micros: (NOW - 1_000) * 1000,
             buyer: buyer.map(str::to_owned),
             via_hold,
+            hold: None,
         })
     }
 

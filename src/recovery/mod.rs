@@ -77,9 +77,10 @@
 //!   (`persist`). So a batch is in PostgreSQL before a recovery reads, or is written
 //!   after it, and then only if Redis did not lose those entries meanwhile (the
 //!   recovery did not count them) — a write in flight across a FLUSHALL or a
-//!   failover cannot add rows the recovery did not see. Entries leave the stream only
-//!   after PostgreSQL has them, so none falls between the reads: the log is read
-//!   first, then PostgreSQL in one snapshot ([`db::books`]).
+//!   failover cannot add rows the recovery did not see. With the lock held nothing
+//!   writes the event's rows, so the log and then PostgreSQL are read at leisure, on
+//!   the lock's own connection ([`db::books`]). Attempts queue for the lock, and one
+//!   that finds another finished the job writes nothing.
 //! * **Clocks**: expiries are judged by the later of Redis' and PostgreSQL's clock, so
 //!   a failover to a server whose clock is behind does not bring an expired hold
 //!   back; should the books ever hold more live holds than seats left, the latest
@@ -260,7 +261,18 @@ impl Recovery {
             // reads and rebuilds (see `persist`): released when `lock` ends.
             let mut lock = self.db.begin().await?;
             db::lock_event(&mut lock, event.id).await?;
-            let (log, books) = self.read_books(event).await?;
+            // Attempts queue for the lock: one that finds the job done writes nothing.
+            if !self.still_owns(event.id, &begun).await? {
+                lock.rollback().await?;
+                if self.counters(event.id).await?.is_some() {
+                    return Ok(Report {
+                        was_on_sale: true,
+                        ..Report::default()
+                    });
+                }
+                continue;
+            }
+            let (log, books) = self.read_books(event, &mut lock).await?;
             let redis_now = redis_now_ms(&mut self.conn.clone()).await?;
             let rebuilt = ledger::rebuild(
                 &log,
@@ -292,13 +304,23 @@ impl Recovery {
                         .clone()
                         .sadd(self.keys.events(), event.id.to_string())
                         .await?;
+                    // Holds this recovery ended stay ended: recorded with the event
+                    // back on sale, or not at all.
+                    let voided = rebuilt.voided_holds();
+                    if !voided.is_empty() {
+                        db::end_holds(&mut lock, event.id, &voided, redis_now * 1000).await?;
+                    }
                     self.end(event.id, &begun, &rebuilt, &attempt_id)
                         .await?
                         .map(|before| (records, before))
                 }
                 None => None,
             };
-            lock.commit().await?;
+            if ended.is_some() {
+                lock.commit().await?;
+            } else {
+                lock.rollback().await?;
+            }
             match ended {
                 Some((records, (sold_before, _))) => {
                     let report = Report {
@@ -390,13 +412,26 @@ impl Recovery {
         Ok((state == "checked").then_some((sold, held)))
     }
 
-    /// The event's log, then what PostgreSQL holds of it (see the module docs for
-    /// the order).
-    async fn read_books(&self, event: &EventRow) -> Result<(Log, db::Books)> {
+    /// Whether the attempt `begun` still owns the event: its token in place, on the
+    /// same server.
+    async fn still_owns(&self, event: Uuid, begun: &Begun) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let fence: Option<String> = conn.hget(self.keys.inventory(event), "fence").await?;
+        Ok(fence.as_deref() == Some(begun.token.as_str())
+            && server_run_id(&mut conn).await? == begun.run)
+    }
+
+    /// The event's log, then what PostgreSQL holds of it, on `lock`, which holds the
+    /// event's lock (see the module docs for the order).
+    async fn read_books(
+        &self,
+        event: &EventRow,
+        lock: &mut sqlx::PgConnection,
+    ) -> Result<(Log, db::Books)> {
         let log = self.read_log(event.id).await?;
         let ids = log.ids();
         let books = db::books(
-            &self.db,
+            lock,
             event,
             self.idempotency_ttl,
             &ids.sales,
@@ -484,7 +519,10 @@ impl Recovery {
     /// and entries of its log that are not rows yet (a cancellation not yet written
     /// takes its seats off).
     pub async fn durable(&self, event: &EventRow) -> Result<Durable> {
-        let (log, books) = self.read_books(event).await?;
+        let mut lock = self.db.begin().await?;
+        db::lock_event(&mut lock, event.id).await?;
+        let (log, books) = self.read_books(event, &mut lock).await?;
+        lock.rollback().await?;
         Ok(ledger::durable(&log, &books))
     }
 

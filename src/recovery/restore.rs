@@ -159,8 +159,10 @@ fn set(key: String, value: String, ttl_secs: i64) -> redis::Cmd {
 /// like the script's.
 fn hold_fields(call: &mut redis::ScriptInvocation<'_>, hold: &RebuiltHold, ttl: u32) {
     let (state, ended_ms, sale_remaining) = match hold.end {
-        // A hold read as expired from its time carries no end of its own.
-        HoldEnd::Live | HoldEnd::Expired => ("held", None, None),
+        HoldEnd::Live => ("held", None, None),
+        // Judged by the later of two clocks: written as such, so that reading it
+        // agrees with confirming it whichever clock is behind.
+        HoldEnd::Expired => ("expired", Some(hold.expires_at_ms), None),
         HoldEnd::Confirmed {
             seats_remaining,
             sold_at_micros,
@@ -170,7 +172,8 @@ fn hold_fields(call: &mut redis::ScriptInvocation<'_>, hold: &RebuiltHold, ttl: 
             Some(seats_remaining),
         ),
         HoldEnd::Released { at_micros } => ("released", Some(at_micros / 1000), None),
-        HoldEnd::Voided { at_ms } => ("expired", Some(at_ms), None),
+        // Recorded as released in PostgreSQL (`db::end_holds`).
+        HoldEnd::Voided { at_ms } => ("released", Some(at_ms), None),
     };
     let text = |n: Option<i64>| n.map(|n| n.to_string()).unwrap_or_default();
     call.arg(state)

@@ -351,8 +351,16 @@ async fn a_release_written_before_its_hold_still_ends_the_hold_in_postgresql() {
         ("m", &made),
     ];
     let released_at = ((now_ms + 1) * 1000).to_string();
-    let mut release = hold.to_vec();
-    release.push(("d", &released_at));
+    // The release carries its hold under names of its own (`src/records.rs`).
+    let release = [
+        ("p", id.as_str()),
+        ("q", "2"),
+        ("d", &released_at),
+        ("k", "release-first"),
+        ("hl", "8"),
+        ("hx", &expires),
+        ("hm", &made),
+    ];
     let mut redis = env.redis_now().await;
     for fields in [&release[..], &hold[..]] {
         let entry: String = redis
@@ -468,4 +476,46 @@ async fn a_batch_in_flight_when_redis_loses_its_data_is_counted_by_the_recovery(
     assert_eq!(body["seatsSold"], 10, "{body}");
     stop.cancel();
     consumer.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_confirmation_alone_brings_its_hold_to_postgresql() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("confirmation-alone", 10).await;
+    // The hold's own entry went to another consumer, and was lost with Redis' data:
+    // the confirmation that reached PostgreSQL still records the hold it sold.
+    let id = uuid::Uuid::now_v7();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let (made, expires, sold) = (
+        (now_ms * 1000).to_string(),
+        (now_ms + 60_000).to_string(),
+        ((now_ms + 5) * 1000).to_string(),
+    );
+    let simple = id.simple().to_string();
+    let sale = [
+        ("p", simple.as_str()),
+        ("k", "confirmation-alone"),
+        ("q", "2"),
+        ("r", "6"),
+        ("t", &sold),
+        ("h", "1"),
+        ("hl", "8"),
+        ("hx", &expires),
+        ("hm", &made),
+    ];
+    let _: String = env
+        .redis_now()
+        .await
+        .xadd(env.stream_key(event), "*", &sale)
+        .await
+        .unwrap();
+    env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
+    let (key, remaining): (String, i32) =
+        sqlx::query_as("SELECT idempotency_key, seats_remaining FROM holds WHERE id = $1")
+            .bind(id)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    assert_eq!((key.as_str(), remaining), ("confirmation-alone", 8));
 }

@@ -197,6 +197,7 @@ impl Deployment {
                 sold_at_micros: now,
                 buyer: None,
                 via_hold: false,
+                hold: None,
             })
             .collect();
         for chunk in bulk.chunks(5_000) {
