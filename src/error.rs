@@ -84,22 +84,41 @@ impl Error {
     }
 }
 
-/// Hides the password of a connection URL so it can be logged or printed.
+/// Hides the passwords of a connection URL so it can be logged or printed: the one
+/// in the userinfo (`user:pw@`) and query parameters that carry one (PostgreSQL's
+/// `password` and `sslpassword`, redis-rs' `pass` and `password` of unix sockets).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}")
-            } else {
-                format!("{scheme}://{user}@{host}")
-            }
-        }
-        None => url.to_owned(),
+    let (address, query) = match rest.split_once('?') {
+        Some((address, query)) => (address, Some(query)),
+        None => (rest, None),
+    };
+    let mut out = format!("{scheme}://");
+    match address.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => out.push_str(&format!("{user}:***@{host}")),
+            None => out.push_str(address),
+        },
+        None => out.push_str(address),
     }
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _))
+                    if name.to_ascii_lowercase().contains("pass") && name != "passfile" =>
+                {
+                    format!("{name}=***")
+                }
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -107,16 +126,65 @@ mod tests {
     use super::redact_url;
 
     #[test]
-    fn redacts_passwords_only() {
+    fn a_password_in_the_userinfo_is_hidden() {
         assert_eq!(redact_url("redis://:s3cret@r:6379"), "redis://:***@r:6379");
+        assert_eq!(
+            redact_url("rediss://default:s3cret@r:6380/2"),
+            "rediss://default:***@r:6380/2"
+        );
         assert_eq!(
             redact_url("postgres://app:pw@db/boxoffice"),
             "postgres://app:***@db/boxoffice"
         );
+        // An `@` in the password, unencoded: everything before the last one is hidden.
+        assert_eq!(
+            redact_url("postgresql://app:p@ss@db:5432/x?sslmode=require"),
+            "postgresql://app:***@db:5432/x?sslmode=require"
+        );
+    }
+
+    #[test]
+    fn a_password_in_the_query_is_hidden() {
+        assert_eq!(
+            redact_url("postgres://app@db/boxoffice?password=s3cret"),
+            "postgres://app@db/boxoffice?password=***"
+        );
+        assert_eq!(
+            redact_url(
+                "postgres:///boxoffice?host=/run/pg&user=app&password=s3cret&sslmode=disable"
+            ),
+            "postgres:///boxoffice?host=/run/pg&user=app&password=***&sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?sslcert=c.pem&sslpassword=k3y"),
+            "postgres://db/x?sslcert=c.pem&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&user=app&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&user=app&pass=***"
+        );
+        assert_eq!(
+            redact_url("unix:///run/redis.sock?PASSWORD=s3cret"),
+            "unix:///run/redis.sock?PASSWORD=***"
+        );
+        // Both forms at once.
+        assert_eq!(
+            redact_url("postgres://app:a@db/x?password=b"),
+            "postgres://app:***@db/x?password=***"
+        );
+    }
+
+    #[test]
+    fn urls_without_a_password_are_kept() {
         assert_eq!(
             redact_url("postgres://postgres@db/x"),
             "postgres://postgres@db/x"
         );
         assert_eq!(redact_url("redis://127.0.0.1"), "redis://127.0.0.1");
+        assert_eq!(
+            redact_url("postgres://db/x?passfile=/etc/pgpass&sslmode=verify-full"),
+            "postgres://db/x?passfile=/etc/pgpass&sslmode=verify-full"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 }
