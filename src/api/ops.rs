@@ -1,6 +1,7 @@
 //! Operations endpoints: health probes and `/api/v1/stats`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use poem::http::StatusCode;
@@ -27,11 +28,13 @@ pub struct Health {
     pub uptime_seconds: u64,
 }
 
-/// Both backing stores answer.
+/// This replica can sell: Redis answers and it is not shutting down.
 #[derive(Debug, Object)]
 #[oai(rename_all = "camelCase")]
 pub struct Ready {
-    /// `ready`.
+    /// `ready`, or `degraded` while PostgreSQL does not answer: purchases go on
+    /// (sales wait in the stream and are written when it is back), but creating
+    /// events and recovering an event after a loss of Redis data wait for it.
     pub status: String,
     pub redis: bool,
     pub postgres: bool,
@@ -40,13 +43,13 @@ pub struct Ready {
 #[derive(ApiResponse)]
 #[oai(bad_request_handler = "bad_request")]
 pub enum ReadyResponse {
-    /// Redis and PostgreSQL answer; send traffic here.
+    /// Redis answers; send traffic here. `status` says whether PostgreSQL does too.
     #[oai(status = 200)]
     Ok(Json<Ready>),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// `SERVICE_UNAVAILABLE`: the message names what does not answer.
+    /// `SERVICE_UNAVAILABLE`: Redis does not answer, or the replica is shutting down.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
@@ -116,7 +119,11 @@ impl OpsApi {
         health(&state)
     }
 
-    /// Readiness: Redis and PostgreSQL answer
+    /// Readiness: this replica can sell (Redis answers)
+    ///
+    /// PostgreSQL down does not take a replica out of rotation: purchases keep
+    /// succeeding and wait in the stream. It is reported as `degraded` here, by
+    /// `boxoffice_postgres_up` and in the log.
     #[oai(
         path = "/health/ready",
         method = "get",
@@ -132,38 +139,20 @@ impl OpsApi {
             )
             .into();
         }
-        let redis = async {
-            let mut conn = state.redis.get().await.ok()?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut *conn)
-                .await
-                .ok()
-        };
-        let postgres = sqlx::query("SELECT 1").execute(&state.db);
-        let (redis, postgres) = tokio::join!(
-            tokio::time::timeout(READY_TIMEOUT, redis),
-            tokio::time::timeout(READY_TIMEOUT, postgres),
-        );
-        let redis = matches!(redis, Ok(Some(_)));
-        let postgres = matches!(postgres, Ok(Ok(_)));
-        if redis && postgres {
-            return ReadyResponse::Ok(Json(Ready {
-                status: "ready".into(),
-                redis,
-                postgres,
-            }));
+        let (redis, postgres) = readiness(&state.redis, &state.db).await;
+        if !redis {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::ServiceUnavailable,
+                "not ready: redis unreachable",
+            )
+            .into();
         }
-        let down: Vec<&str> = [("redis", redis), ("postgres", postgres)]
-            .into_iter()
-            .filter(|(_, up)| !up)
-            .map(|(name, _)| name)
-            .collect();
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ServiceUnavailable,
-            format!("not ready: {} unreachable", down.join(" and ")),
-        )
-        .into()
+        ReadyResponse::Ok(Json(Ready {
+            status: if postgres { "ready" } else { "degraded" }.into(),
+            redis,
+            postgres,
+        }))
     }
 
     /// Prometheus metrics
@@ -230,6 +219,40 @@ async fn global(state: &AppState) -> crate::Result<GlobalSales> {
         global.persistence_lag += persist::backlog(&mut conn, &keys.stream(id)).await?;
     }
     Ok(global)
+}
+
+/// Whether Redis and PostgreSQL answer within [`READY_TIMEOUT`], asked together.
+/// PostgreSQL's answer is exported as `boxoffice_postgres_up` and logged when it
+/// changes.
+pub(super) async fn readiness(redis: &deadpool_redis::Pool, db: &sqlx::PgPool) -> (bool, bool) {
+    static POSTGRES_WAS_UP: AtomicU8 = AtomicU8::new(UNKNOWN);
+    const UNKNOWN: u8 = 2;
+
+    let ping = async {
+        let mut conn = redis.get().await.ok()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut *conn)
+            .await
+            .ok()
+    };
+    let (redis, postgres) = tokio::join!(
+        tokio::time::timeout(READY_TIMEOUT, ping),
+        tokio::time::timeout(READY_TIMEOUT, sqlx::query("SELECT 1").execute(db)),
+    );
+    let postgres = matches!(postgres, Ok(Ok(_)));
+    crate::metrics::postgres_up(postgres);
+    let before = POSTGRES_WAS_UP.swap(u8::from(postgres), Ordering::Relaxed);
+    if before != u8::from(postgres) {
+        if postgres {
+            tracing::info!("PostgreSQL answers again");
+        } else {
+            tracing::warn!(
+                "PostgreSQL does not answer: selling goes on, sales wait in the stream \
+                 until it is back"
+            );
+        }
+    }
+    (matches!(redis, Ok(Some(_))), postgres)
 }
 
 fn health(state: &AppState) -> Json<Health> {
