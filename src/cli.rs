@@ -76,6 +76,9 @@ pub struct ServeArgs {
 struct WorkerArgs {
     #[command(flatten)]
     common: CommonConfig,
+    /// Address of the worker's `/metrics` and `/health/*` endpoints.
+    #[arg(long, env = "BOXOFFICE_WORKER_LISTEN", default_value = "0.0.0.0:3001")]
+    listen: std::net::SocketAddr,
     #[command(flatten)]
     consumer: ConsumerConfig,
 }
@@ -122,10 +125,39 @@ impl Cli {
                 let block = std::time::Duration::from_millis(args.consumer.consumer_block_ms);
                 let stores = Stores::connect(&args.common.store, block).await?;
                 let shutdown = CancellationToken::new();
-                let consumer = stores.consumer(args.common.instance_id(), &args.consumer);
+                let instance_id = args.common.instance_id();
+                let listener = tokio::net::TcpListener::bind(args.listen)
+                    .await
+                    .map_err(|e| {
+                        Error::Startup(format!(
+                            "cannot listen on {} (BOXOFFICE_WORKER_LISTEN): {e}",
+                            args.listen
+                        ))
+                    })?;
+                tracing::info!(listen = %args.listen, "worker metrics and health probes");
+                let probes = crate::api::worker::routes(crate::api::worker::WorkerState {
+                    redis: stores.redis.clone(),
+                    db: stores.db.clone(),
+                    instance_id: instance_id.clone(),
+                    started: std::time::Instant::now(),
+                    metrics: crate::metrics::install(),
+                });
+                let serving = tokio::spawn(crate::server::serve(
+                    listener,
+                    probes,
+                    crate::server::Limits {
+                        max_connections: 64,
+                        header_timeout: std::time::Duration::from_secs(5),
+                        max_header_bytes: crate::server::MIN_HEADER_BYTES,
+                    },
+                    shutdown.clone(),
+                    std::time::Duration::from_secs(1),
+                ));
+                let consumer = stores.consumer(instance_id, &args.consumer);
                 let running = tokio::spawn(consumer.run(shutdown.clone()));
                 shutdown_signal().await;
                 shutdown.cancel();
+                let _ = serving.await;
                 running
                     .await
                     .map_err(|e| Error::Startup(format!("consumer task failed: {e}")))

@@ -20,6 +20,8 @@ const CONSUMER_BATCH: &str = "boxoffice_consumer_batch_size";
 const ROWS_WRITTEN: &str = "boxoffice_consumer_rows_written_total";
 const CONSUMER_ERRORS: &str = "boxoffice_consumer_errors_total";
 const PARKED: &str = "boxoffice_consumer_parked_total";
+const ENTRIES_LOST: &str = "boxoffice_consumer_entries_lost_total";
+const POSTGRES_UP: &str = "boxoffice_postgres_up";
 const CONSUMER_BATCHES_NOT_PENDING: &str = "boxoffice_consumer_batches_not_pending_total";
 const HOLDS: &str = "boxoffice_holds_total";
 const HOLDS_EXPIRED_BY_SWEEP: &str = "boxoffice_holds_swept_total";
@@ -46,6 +48,11 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 25
 const SCRIPT_BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
+
+/// Gauges not set for this long are dropped from `/metrics`: the waiting-room gauges
+/// of an event nobody joins or polls any more (its sale is over) would otherwise be
+/// exported for the life of the process.
+const GAUGE_IDLE: Duration = Duration::from_secs(600);
 
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -76,6 +83,7 @@ pub fn install() -> PrometheusHandle {
                     b.set_buckets_for_metric(Matcher::Full(QUEUE_WAIT.into()), WAIT_BUCKETS)
                 })
                 .expect("bucket lists are not empty")
+                .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE))
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             let upkeep = handle.clone();
@@ -189,6 +197,18 @@ pub fn consumer_batch_dropped() {
 /// A sale set aside because PostgreSQL refused it for good.
 pub fn parked() {
     ::metrics::counter!(PARKED).increment(1);
+}
+
+/// Stream entries gone before their rows were written (removed from the stream
+/// behind the service's back while pending): `how` is `claimed` (XAUTOCLAIM found
+/// them deleted) or `parking` (gone when it was to be parked).
+pub fn entries_lost(how: &'static str, entries: usize) {
+    ::metrics::counter!(ENTRIES_LOST, "how" => how).increment(entries as u64);
+}
+
+/// Whether PostgreSQL answered this process' last readiness check (1) or not (0).
+pub fn postgres_up(up: bool) {
+    ::metrics::gauge!(POSTGRES_UP).set(if up { 1.0 } else { 0.0 });
 }
 
 fn status_label(status: u16) -> &'static str {

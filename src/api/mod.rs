@@ -158,6 +158,7 @@ mod purchase;
 mod queue;
 mod sales;
 mod stats;
+pub mod worker;
 
 use std::sync::Arc;
 use std::time::Instant;
