@@ -570,6 +570,10 @@ pub async fn books(
 /// e.g. a value out of range) or 23 (integrity constraint violation, e.g. a sale of
 /// an event it does not have). `None` for anything else (connection lost, server
 /// shutting down), which may pass next time.
+/// SQLSTATE of a row that references one that is not there (a sale of an event
+/// PostgreSQL has no row for).
+pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+
 pub fn refused_for_good(e: &Error) -> Option<String> {
     match e {
         Error::Db(sqlx::Error::Database(e)) => e

@@ -109,6 +109,20 @@ impl Keys {
     }
 
     /// The event a stream key belongs to.
+    /// A `SCAN` pattern matching every event's dead-letter stream.
+    pub fn dead_letters_pattern(&self) -> String {
+        format!("{}:{{*}}:dead", glob_escape(&self.prefix))
+    }
+
+    /// The event a dead-letter stream key belongs to.
+    pub fn event_of_dead_letters(&self, key: &str) -> Option<Uuid> {
+        key.strip_prefix(&self.prefix)?
+            .strip_prefix(":{")?
+            .strip_suffix("}:dead")?
+            .parse()
+            .ok()
+    }
+
     pub fn event_of_stream(&self, stream: &str) -> Option<Uuid> {
         stream
             .strip_prefix(&self.prefix)?
@@ -117,6 +131,18 @@ impl Keys {
             .parse()
             .ok()
     }
+}
+
+/// `prefix` with the characters `SCAN MATCH` treats as a pattern escaped.
+fn glob_escape(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -130,5 +156,14 @@ mod tests {
         assert_eq!(keys.event_of_stream(&keys.stream(id)), Some(id));
         assert_eq!(keys.event_of_stream(&keys.inventory(id)), None);
         assert_eq!(Keys::new("other").event_of_stream(&keys.stream(id)), None);
+    }
+
+    #[test]
+    fn dead_letter_keys_round_trip_and_match_their_pattern() {
+        let keys = Keys::new("t*x");
+        let id = Uuid::now_v7();
+        assert_eq!(keys.event_of_dead_letters(&keys.dead_letters(id)), Some(id));
+        assert_eq!(keys.event_of_dead_letters(&keys.stream(id)), None);
+        assert_eq!(keys.dead_letters_pattern(), "t\\*x:{*}:dead");
     }
 }

@@ -422,6 +422,12 @@ impl Consumer {
                     StreamAutoClaimOptions::default().count(self.config.consumer_batch),
                 )
                 .await?;
+            if !reply.deleted_ids.is_empty() {
+                // XAUTOCLAIM has dropped them from the group already.
+                let ids: Vec<&str> = reply.deleted_ids.iter().map(String::as_str).collect();
+                let event = self.keys.event_of_stream(stream).unwrap_or_default();
+                lost(event, "claimed", &ids, "pending, but gone from the stream");
+            }
             if !reply.claimed.is_empty() {
                 tracing::info!(
                     stream,
@@ -562,6 +568,9 @@ impl Consumer {
                 Ok(Written::Busy) => return Ok(None),
                 Err(e) => match db::refused_for_good(&e) {
                     Some(code) => {
+                        if code == db::FOREIGN_KEY_VIOLATION {
+                            self.off_sale_if_gone(conn, event).await?;
+                        }
                         let reason = format!("SQLSTATE {code}: {e}");
                         self.park_entry(conn, stream, event, &entry.1, &reason)
                             .await?;
@@ -571,6 +580,24 @@ impl Consumer {
             }
         }
         Ok(Some((written, done)))
+    }
+
+    /// Takes `event` off sale when PostgreSQL has no row for it (deleted by hand, or
+    /// the database restored from before it was created): every sale of it would
+    /// be parked. Its next request runs the recovery, which finds no row and
+    /// answers 404, so no more seats are sold; what was sold meanwhile waits in the
+    /// dead letters until the row is back and `boxoffice reconcile --fix` sends it.
+    async fn off_sale_if_gone(&self, conn: &mut Connection, event: Uuid) -> Result<()> {
+        if db::event(&self.db, event).await?.is_some() {
+            return Ok(());
+        }
+        crate::recovery::take_off_sale(conn, &self.keys, event).await?;
+        tracing::error!(
+            %event,
+            "PostgreSQL has no row for this event: it is off sale (404) and its sales are \
+             parked; restore the row, then run `boxoffice reconcile --fix`"
+        );
+        Ok(())
     }
 
     /// Whether every one of `ids` is pending for this consumer (one `XPENDING` of each,
@@ -600,9 +627,10 @@ impl Consumer {
     }
 
     /// Sets an entry aside in the event's dead letters (`lua/park.lua`, which also
-    /// acknowledges it). One gone from the stream meanwhile (removed behind the
-    /// service's back) cannot be parked: it is acknowledged so that it stops coming
-    /// back, and reported as lost.
+    /// acknowledges it), if it is still pending for this consumer; one that another
+    /// consumer took over meanwhile is its to write or park. One gone from the stream
+    /// while pending (removed behind the service's back) cannot be parked: the script
+    /// acknowledges it so that it stops coming back, and it is reported as lost.
     async fn park_entry(
         &self,
         conn: &mut Connection,
@@ -618,24 +646,37 @@ impl Consumer {
             .arg(CONSUMER_GROUP)
             .arg(entry)
             .arg(reason)
+            .arg(&self.name)
             .invoke_async(&mut **conn)
             .await?;
-        if parked == 0 {
-            let _: i64 = conn.xack(stream, CONSUMER_GROUP, &[entry]).await?;
-            tracing::error!(
-                %event, entry, reason,
-                "an entry PostgreSQL cannot take was gone from the stream before it could be \
-                 parked: what it recorded is lost; see `boxoffice reconcile`"
-            );
-            return Ok(());
+        match parked {
+            1 => {
+                crate::metrics::parked();
+                tracing::error!(
+                    %event, entry, reason,
+                    "parked a sale PostgreSQL cannot take; see `boxoffice reconcile`"
+                );
+            }
+            0 => lost(event, "parking", &[entry], reason),
+            _ => tracing::info!(
+                %event, entry,
+                "not parking an entry no longer pending for this consumer (taken over or \
+                 acknowledged by another)"
+            ),
         }
-        crate::metrics::parked();
-        tracing::error!(
-            %event, entry, reason,
-            "parked a sale PostgreSQL cannot take; see `boxoffice reconcile`"
-        );
         Ok(())
     }
+}
+
+/// Reports stream entries that disappeared before their rows were written: what they
+/// recorded is not in PostgreSQL, and only `boxoffice reconcile` can tell which seats.
+fn lost(event: Uuid, how: &'static str, entries: &[&str], reason: &str) {
+    crate::metrics::entries_lost(how, entries.len());
+    tracing::error!(
+        %event, ?entries, reason,
+        "stream entries were removed before PostgreSQL had them: what they recorded is \
+         lost; see `boxoffice reconcile`"
+    );
 }
 
 /// Writes the entries of one batch of an event in `tx`, in the order they depend on

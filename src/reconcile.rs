@@ -8,10 +8,17 @@
 //! ([`Recovery::ensure_event`], forced), and sends parked sales back to the stream.
 //! Redis ahead means confirmed sales are missing from both PostgreSQL and the stream:
 //! lost rows, which no command can recreate; it is reported.
+//!
+//! Events are read from PostgreSQL and from Redis (its set of events and the
+//! dead-letter streams), so that an event whose row is gone still shows, with the
+//! sales Redis holds for it: its sales are parked, and it is off sale (the consumer
+//! takes it off, `persist`). Once the row is restored, `--fix` sends them back.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
+use deadpool_redis::redis::{self, AsyncCommands};
 use uuid::Uuid;
 
 use crate::db::{self, EventRow};
@@ -42,6 +49,8 @@ pub struct Row {
     pub parked: i64,
     /// Sales within the idempotency TTL whose record Redis lacks.
     pub records_missing: usize,
+    /// PostgreSQL has a row for the event (Redis may still hold one it lost).
+    pub in_postgres: bool,
 }
 
 /// How an event's state in Redis relates to PostgreSQL and the streams.
@@ -61,6 +70,8 @@ pub enum Status {
     RecordsMissing,
     /// Sales PostgreSQL refused for good wait in the dead-letter stream.
     Parked,
+    /// Redis holds the event (or sales of it) but PostgreSQL has no row for it.
+    EventMissing,
 }
 
 impl Status {
@@ -74,6 +85,7 @@ impl Row {
     pub fn status(&self) -> Status {
         let durable = self.persisted + self.in_stream + self.parked;
         match self.redis_sold {
+            _ if !self.in_postgres => Status::EventMissing,
             None => Status::NotLoaded,
             Some(_) if !self.on_sale => Status::NotChecked,
             Some(sold) if sold < durable => Status::RedisBehind,
@@ -95,6 +107,7 @@ impl fmt::Display for Status {
             Status::RowsMissing => "DRIFT: rows missing",
             Status::RecordsMissing => "DRIFT: records missing",
             Status::Parked => "DRIFT: sales parked",
+            Status::EventMissing => "DRIFT: no event row (restore it, then --fix)",
         })
     }
 }
@@ -103,6 +116,7 @@ impl fmt::Display for Status {
 /// and reads again. Returns the final reading.
 pub async fn run(stores: &Stores, recovery: &Recovery, fix: bool) -> Result<Vec<Row>> {
     let events = db::events(&stores.db).await?;
+    let known: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
     let mut rows = Vec::with_capacity(events.len());
     for event in &events {
         let mut row = settled(recovery, event).await?;
@@ -112,7 +126,49 @@ pub async fn run(stores: &Stores, recovery: &Recovery, fix: bool) -> Result<Vec<
         }
         rows.push(row);
     }
+    for id in in_redis(stores).await? {
+        if !known.contains(&id) {
+            // Nothing to repair without the row: its settings are gone with it.
+            let mut row = read(recovery, &missing(id)).await?;
+            row.in_postgres = false;
+            rows.push(row);
+        }
+    }
     Ok(rows)
+}
+
+/// Events Redis knows: its set of events, and those with dead letters.
+async fn in_redis(stores: &Stores) -> Result<Vec<Uuid>> {
+    let mut conn = stores.redis.get().await?;
+    let mut ids: HashSet<Uuid> = conn
+        .smembers::<_, Vec<String>>(stores.keys.events())
+        .await?
+        .iter()
+        .filter_map(|id| id.parse().ok())
+        .collect();
+    let pattern = stores.keys.dead_letters_pattern();
+    let mut dead: redis::AsyncIter<String> = conn.scan_match(&pattern).await?;
+    while let Some(key) = dead.next_item().await {
+        ids.extend(stores.keys.event_of_dead_letters(&key?));
+    }
+    let mut ids: Vec<Uuid> = ids.into_iter().collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Stands in for the row of an event PostgreSQL lacks, to read what Redis holds.
+fn missing(id: Uuid) -> EventRow {
+    EventRow {
+        id,
+        name: "(no row in PostgreSQL)".into(),
+        total_seats: 0,
+        hold_seconds: 0,
+        max_per_buyer: None,
+        queue_opens_at: None,
+        queue_admit_per_second: None,
+        queue_admission_seconds: None,
+        queue_seed: None,
+    }
 }
 
 async fn repair(stores: &Stores, recovery: &Recovery, event: &EventRow, row: &Row) -> Result<()> {
@@ -160,6 +216,7 @@ async fn read(recovery: &Recovery, event: &EventRow) -> Result<Row> {
         in_stream: durable.in_stream,
         parked: durable.parked,
         records_missing,
+        in_postgres: true,
     })
 }
 

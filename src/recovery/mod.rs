@@ -584,6 +584,22 @@ fn log_recovery(event: &EventRow, rebuilt: &Rebuilt, report: &Report, took: Dura
     );
 }
 
+/// Takes `event` off sale on this Redis server, as if it had not been checked: its
+/// next request runs the recovery (which answers `EventNotFound` when PostgreSQL
+/// has no row for it).
+pub async fn take_off_sale(
+    conn: &mut impl redis::aio::ConnectionLike,
+    keys: &Keys,
+    event: Uuid,
+) -> Result<()> {
+    let _: i64 = redis::cmd("HDEL")
+        .arg(keys.inventory(event))
+        .arg("run")
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
 /// The `run_id` of the Redis server `conn` talks to: what an event's `run` must equal
 /// for it to sell (see the module docs).
 pub async fn server_run_id(conn: &mut impl redis::aio::ConnectionLike) -> Result<String> {
