@@ -185,6 +185,14 @@ async fn sales_made_while_postgres_is_down_are_written_when_it_returns() {
         // answers); one answered while PostgreSQL is coming back may not be counted.
         let counted = Instant::now();
         let waiting: usize = env.redis.clone().xlen(env.stream_key(event)).await.unwrap();
+        // The replica stays in rotation (a Kubernetes probe would keep it), and says
+        // why it is degraded.
+        let ready = app.get("/health/ready").await;
+        assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+        assert_eq!(
+            (&ready.body["status"], &ready.body["postgres"]),
+            (&"degraded".into(), &false.into())
+        );
         block_in_place(|| postgres.resume());
         let up = Instant::now();
         let bought = crowd.await.unwrap();
@@ -206,13 +214,22 @@ async fn sales_made_while_postgres_is_down_are_written_when_it_returns() {
     .await;
 }
 
-/// A `boxoffice worker` process of `env`: a stream consumer that can be SIGKILLed.
-struct Worker(Child);
+/// A `boxoffice worker` process of `env`: a stream consumer that can be SIGKILLed,
+/// with its metrics and probes on `port`.
+pub struct Worker {
+    child: Child,
+    pub port: u16,
+}
 
 impl Worker {
-    fn start(env: &TestEnv, name: &str, claim_idle_ms: u64) -> Self {
+    pub fn start(env: &TestEnv, name: &str, claim_idle_ms: u64) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
         let child = Command::new(env!("CARGO_BIN_EXE_boxoffice"))
             .arg("worker")
+            .arg(format!("--listen=127.0.0.1:{port}"))
             .arg(format!("--redis-url={}", env.redis_url))
             .arg(format!("--database-url={}", env.database_url))
             .arg(format!("--key-prefix={}", env.prefix))
@@ -224,12 +241,12 @@ impl Worker {
             .stdout(Stdio::null())
             .spawn()
             .expect("boxoffice worker starts");
-        Self(child)
+        Self { child, port }
     }
 
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

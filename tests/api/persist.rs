@@ -519,3 +519,197 @@ async fn a_confirmation_alone_brings_its_hold_to_postgresql() {
             .unwrap();
     assert_eq!((key.as_str(), remaining), ("confirmation-alone", 8));
 }
+
+/// Two consumers over one poison entry: the one that read it first is overtaken
+/// (XAUTOCLAIM) while PostgreSQL refuses it, and both try to park it. Only the
+/// owner may: one copy in the dead letters, counted once.
+#[tokio::test]
+async fn a_poison_entry_two_consumers_race_over_is_parked_once() {
+    let env = TestEnv::new().await;
+    let event = uuid::Uuid::now_v7();
+    let (stream, dead) = (
+        env.stream_key(event),
+        format!("{}:{{{event}}}:dead", env.prefix),
+    );
+    let mut redis = env.redis_now().await;
+    let _: () = redis
+        .xgroup_create_mkstream(&stream, "persist", "0")
+        .await
+        .unwrap();
+    append_sale(&env, event, "poison", 3).await;
+    let read = |consumer: &'static str| {
+        let options = StreamReadOptions::default().group("persist", consumer);
+        let mut redis = redis.clone();
+        let stream = stream.clone();
+        async move {
+            let reply: StreamReadReply = redis
+                .xread_options(&[stream], &[">"], &options)
+                .await
+                .unwrap();
+            reply.keys[0].ids[0].id.clone()
+        }
+    };
+    let entry = read("first").await;
+    // Idle long enough for the other one's XAUTOCLAIM, which takes it over.
+    let _: redis::streams::StreamClaimReply = redis
+        .xclaim(&stream, "persist", "second", 0, &[&entry])
+        .await
+        .unwrap();
+
+    let park = redis::Script::new(include_str!("../../lua/park.lua"));
+    let mut parked = Vec::new();
+    for consumer in ["first", "second", "first"] {
+        let answer: i64 = park
+            .key(&stream)
+            .key(&dead)
+            .arg("persist")
+            .arg(&entry)
+            .arg("SQLSTATE 23503")
+            .arg(consumer)
+            .invoke_async(&mut redis)
+            .await
+            .unwrap();
+        parked.push(answer);
+    }
+    assert_eq!(parked, [-1, 1, -1], "only the owner parks, once");
+    let copies: usize = redis.xlen(&dead).await.unwrap();
+    assert_eq!(copies, 1);
+    let pending: redis::streams::StreamPendingReply =
+        redis.xpending(&stream, "persist").await.unwrap();
+    assert_eq!(pending.count(), 0, "acknowledged by the owner");
+}
+
+/// An event whose row PostgreSQL lost stops selling once the consumer finds out:
+/// the sales made meanwhile are parked and shown by `reconcile`, which brings them
+/// back once the row is restored.
+#[tokio::test]
+async fn an_event_without_its_row_goes_off_sale_and_its_parked_sales_come_back() {
+    use boxoffice::reconcile::{self, Status};
+
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let event = app.create_event("vanishing", 10).await;
+    let row: (String, i32) = sqlx::query_as("SELECT name, total_seats FROM events WHERE id = $1")
+        .bind(event)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM events WHERE id = $1")
+        .bind(event)
+        .execute(&env.db)
+        .await
+        .unwrap();
+
+    // Redis does not know yet: this one sells, and PostgreSQL refuses its row.
+    let first = app.purchase_event(event, "before-noticed", 2).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut sold_meanwhile = 0;
+    let refused = loop {
+        let key = format!("after-{sold_meanwhile}");
+        let reply = app.purchase_event(event, &key, 1).await;
+        if reply.status != StatusCode::OK {
+            break reply;
+        }
+        sold_meanwhile += 1;
+        assert!(std::time::Instant::now() < deadline, "still selling");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (refused.status, refused.code()),
+        (StatusCode::NOT_FOUND, "EVENT_NOT_FOUND"),
+        "{refused:?}"
+    );
+    // The key that did sell is still replayed: its sale happened.
+    let again = app.purchase_event(event, "before-noticed", 2).await;
+    assert_eq!(again.body, first.body);
+
+    let (stores, gate) = env.gate().await;
+    let rows = reconcile::run(&stores, gate.recovery(), true)
+        .await
+        .unwrap();
+    let lost = rows
+        .iter()
+        .find(|r| r.event == event)
+        .expect("listed from Redis");
+    assert_eq!(lost.status(), Status::EventMissing, "{lost:?}");
+    let parked_seats = 2 + sold_meanwhile;
+    assert_eq!(lost.parked, parked_seats, "{lost:?}");
+
+    // The row restored, `--fix` sends the parked sales and puts the event on sale.
+    sqlx::query("INSERT INTO events (id, name, total_seats) VALUES ($1, $2, $3)")
+        .bind(event)
+        .bind(&row.0)
+        .bind(row.1)
+        .execute(&env.db)
+        .await
+        .unwrap();
+    let rows = reconcile::run(&stores, gate.recovery(), true)
+        .await
+        .unwrap();
+    let back = rows.iter().find(|r| r.event == event).unwrap();
+    assert_eq!(back.redis_sold, Some(parked_seats), "{back:?}");
+    let after = app.purchase_event(event, "after-restore", 1).await;
+    assert_eq!(after.status, StatusCode::OK, "{after:?}");
+    let sales = 1 + usize::try_from(sold_meanwhile).unwrap() + 1;
+    env.wait_for_rows(event, sales, Duration::from_secs(10))
+        .await;
+    let seats: i64 = env.rows(event).await.iter().map(|r| i64::from(r.2)).sum();
+    assert_eq!(seats, parked_seats + 1);
+}
+
+/// A `boxoffice worker` is observable on its own port, and an entry removed from
+/// the stream while pending is counted as lost there, not ignored.
+#[tokio::test]
+async fn a_worker_exports_metrics_and_counts_entries_lost_while_pending() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app_with(|c| c.serve.consumer = false).await;
+    let event = app.default_event;
+    for i in 0..3 {
+        assert_eq!(
+            app.purchase(&format!("w-{i}"), 1).await.status,
+            StatusCode::OK
+        );
+    }
+    // A consumer reads them and dies; one of its entries is then deleted by hand.
+    let options = StreamReadOptions::default().group("persist", "gone");
+    let mut redis = env.redis_now().await;
+    let taken: StreamReadReply = redis
+        .xread_options(&[env.stream_key(event)], &[">"], &options)
+        .await
+        .unwrap();
+    let doomed = taken.keys[0].ids[1].id.clone();
+    let _: i64 = redis.xdel(env.stream_key(event), &[&doomed]).await.unwrap();
+
+    let worker = crate::faults::Worker::start(&env, "observer", 100);
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{}", worker.port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let text = match client.get(format!("{base}/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains("boxoffice_consumer_entries_lost_total")
+            && text.contains("boxoffice_consumer_rows_written_total")
+        {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "metrics: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        metrics.contains("boxoffice_consumer_entries_lost_total{how=\"claimed\"} 1"),
+        "{metrics}"
+    );
+    env.wait_for_rows(event, 2, Duration::from_secs(10)).await;
+    let ready: serde_json::Value = client
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+}

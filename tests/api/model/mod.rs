@@ -13,7 +13,10 @@
 //! Faults (`world::Fault`): FLUSHALL; Redis restarted empty; Redis restarted from a
 //! snapshot taken at an earlier step; one event's keys deleted; a replica SIGKILLed
 //! (half the time with a purchase in flight) and replaced; PostgreSQL stopped for a
-//! few steps. Before a fault that loses Redis data the run waits for the streams to
+//! few steps; PostgreSQL refusing every sale row for a few steps (they are parked,
+//! then sent back with `reconcile --fix`); a second consumer taking over every
+//! pending entry at once for a few steps (two consumers racing over the same
+//! entries, for writes and for parking). Before a fault that loses Redis data the run waits for the streams to
 //! drain: what reached PostgreSQL must come back whole. (What had not is lost with
 //! Redis by design — README, "Durability" — and `appendfsync always` is what rules
 //! that out, which `faults.rs` tests.)
@@ -38,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::RequestBuilder;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{ADMIN_TOKEN, BUYER_JWT_KEY, buyer_token_signed};
@@ -111,6 +115,10 @@ struct Run {
     log: Vec<String>,
     keys_made: usize,
     postgres_back_at: Option<usize>,
+    /// The step at which PostgreSQL takes sale rows again.
+    refusing_until: Option<usize>,
+    /// The consumer racing the replicas', and the step at which it stops.
+    overtaker: Option<(CancellationToken, tokio::task::JoinHandle<()>, usize)>,
     stats: Stats,
 }
 
@@ -135,6 +143,8 @@ impl Run {
             log: Vec::new(),
             keys_made: 0,
             postgres_back_at: None,
+            refusing_until: None,
+            overtaker: None,
             stats: Stats::default(),
         };
         run.create_events().await;
@@ -207,6 +217,16 @@ impl Run {
             self.world.resume_postgres();
             self.postgres_back_at = None;
             self.log("PostgreSQL back".into());
+        }
+        if self.refusing_until.is_some_and(|at| at <= step) {
+            self.take_sales_again().await;
+        }
+        if self
+            .overtaker
+            .as_ref()
+            .is_some_and(|(_, _, at)| *at <= step)
+        {
+            self.stop_overtaker().await;
         }
         self.stats.steps += 1;
         let roll = self.rng.below(1000);
@@ -471,8 +491,12 @@ impl Run {
 
     async fn fault(&mut self, fault: Fault, step: usize) {
         // Replicas start (and the streams drain) only with PostgreSQL up; and it is
-        // stopped once at a time.
-        if self.world.postgres_down {
+        // stopped once at a time. Parked sales live in Redis until they are sent
+        // back: no data is lost while some are (README, "Durability").
+        if self.world.postgres_down || self.refusing_until.is_some() {
+            return self.look().await;
+        }
+        if fault == Fault::ConsumerOvertaken && self.overtaker.is_some() {
             return self.look().await;
         }
         if fault == Fault::OlderSnapshot && self.world.snapshots() == 0 {
@@ -512,8 +536,48 @@ impl Run {
                 self.postgres_back_at = Some(step + 1 + steps);
                 return self.log(format!("FAULT {fault:?} for {steps} steps"));
             }
+            Fault::PostgresRefuses => {
+                let steps = 2 + self.rng.below(6);
+                self.world.refuse_sales(true).await;
+                self.refusing_until = Some(step + 1 + steps);
+                return self.log(format!("FAULT {fault:?} for {steps} steps"));
+            }
+            Fault::ConsumerOvertaken => {
+                let steps = 2 + self.rng.below(10);
+                let (stop, running) = self.world.start_overtaker().await;
+                self.overtaker = Some((stop, running, step + 1 + steps));
+                return self.log(format!("FAULT {fault:?} for {steps} steps"));
+            }
         }
         self.log(format!("FAULT {fault:?}"));
+    }
+
+    /// PostgreSQL takes sale rows again, and the operator runs `reconcile --fix`.
+    async fn take_sales_again(&mut self) {
+        let twice = self.world.parked_twice(&self.event_ids()).await;
+        if !twice.is_empty() {
+            self.model
+                .violation
+                .get_or_insert(format!("sales parked twice: {twice:?}"));
+        }
+        self.world.refuse_sales(false).await;
+        self.refusing_until = None;
+        match self.world.reconcile_fix().await {
+            Ok(()) => self.log("PostgreSQL takes sales again; reconcile --fix".into()),
+            Err(e) => {
+                self.model
+                    .violation
+                    .get_or_insert(format!("reconcile --fix failed: {e}"));
+            }
+        }
+    }
+
+    async fn stop_overtaker(&mut self) {
+        if let Some((stop, running, _)) = self.overtaker.take() {
+            stop.cancel();
+            running.await.unwrap();
+            self.log("second consumer stopped".into());
+        }
     }
 
     /// SIGKILLs a replica, half the time with a purchase in flight, and replaces it.
@@ -560,6 +624,10 @@ impl Run {
         if self.world.postgres_down {
             self.world.resume_postgres();
         }
+        if self.refusing_until.is_some() {
+            self.take_sales_again().await;
+        }
+        self.stop_overtaker().await;
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.model.pending() && self.model.violation.is_none() {
             if Instant::now() > deadline {

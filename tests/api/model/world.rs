@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{ADMIN_TOKEN, BUYER_JWT_KEY, TestEnv};
@@ -88,22 +89,38 @@ pub enum Fault {
     ReplicaKilled,
     /// PostgreSQL stopped for a few steps.
     PostgresDown,
+    /// PostgreSQL refuses every new sale row for a few steps (a constraint an
+    /// operator added, say): the sales are parked, then sent back by `reconcile
+    /// --fix` once it takes them again.
+    PostgresRefuses,
+    /// A second consumer that takes over every pending entry at once (XAUTOCLAIM
+    /// with no idle time) runs for a few steps: the replicas' consumers and it race
+    /// over the same entries, for writes and for parking.
+    ConsumerOvertaken,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 8] = [
         Fault::Flushall,
         Fault::RestartedEmpty,
         Fault::OlderSnapshot,
         Fault::EventKeysDeleted,
         Fault::ReplicaKilled,
         Fault::PostgresDown,
+        Fault::PostgresRefuses,
+        Fault::ConsumerOvertaken,
     ];
 
     /// Whether it loses Redis data (the run drains the streams first: what was
     /// persisted must come back; see `model`).
     pub fn loses_redis_data(self) -> bool {
-        !matches!(self, Fault::ReplicaKilled | Fault::PostgresDown)
+        matches!(
+            self,
+            Fault::Flushall
+                | Fault::RestartedEmpty
+                | Fault::OlderSnapshot
+                | Fault::EventKeysDeleted
+        )
     }
 }
 
@@ -260,6 +277,71 @@ impl World {
     pub fn resume_postgres(&mut self) {
         self.postgres.resume();
         self.postgres_down = false;
+    }
+
+    /// Makes PostgreSQL refuse every new sale row (SQLSTATE 23514, for good), or
+    /// take them again.
+    pub async fn refuse_sales(&self, refuse: bool) {
+        let db = &self.env.db;
+        if refuse {
+            sqlx::query(
+                "CREATE OR REPLACE FUNCTION model_refuse() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'refused by the model' USING ERRCODE = 'check_violation'; END $$",
+            )
+            .execute(db)
+            .await
+            .unwrap();
+            sqlx::query(
+                "CREATE OR REPLACE TRIGGER model_refuse BEFORE INSERT ON purchases
+                 FOR EACH ROW EXECUTE FUNCTION model_refuse()",
+            )
+            .execute(db)
+            .await
+            .unwrap();
+        } else {
+            sqlx::query("DROP TRIGGER IF EXISTS model_refuse ON purchases")
+                .execute(db)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Purchase ids parked more than once in the dead letters of `events`.
+    pub async fn parked_twice(&self, events: &[Uuid]) -> Vec<String> {
+        let mut redis = self.redis().await;
+        let mut seen = std::collections::HashSet::new();
+        let mut twice = Vec::new();
+        for event in events {
+            let dead = format!("{}:{{{event}}}:dead", self.env.prefix);
+            let entries: redis::streams::StreamRangeReply = redis.xrange_all(dead).await.unwrap();
+            for entry in entries.ids {
+                let id: Option<String> = entry.get("p");
+                if let Some(id) = id
+                    && !seen.insert(id.clone())
+                {
+                    twice.push(id);
+                }
+            }
+        }
+        twice
+    }
+
+    /// `boxoffice reconcile --fix`: sends parked sales back and rechecks what drifted.
+    pub async fn reconcile_fix(&self) -> Result<(), String> {
+        let (stores, gate) = self.env.gate().await;
+        boxoffice::reconcile::run(&stores, gate.recovery(), true)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Starts a consumer that takes over whatever is pending the moment it is (its
+    /// claim idle time is 1 ms); stopped with the token.
+    pub async fn start_overtaker(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let stop = CancellationToken::new();
+        let consumer = self.env.consumer("overtaker", 1).await;
+        let running = tokio::spawn(consumer.run(stop.clone()));
+        (stop, running)
     }
 
     /// Waits until every entry of the streams of `events` was delivered and
