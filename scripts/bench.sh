@@ -154,7 +154,7 @@ mem_before=$(used_memory)
 rush fill sustained --event "$drain_event" -c 64 -d 600s --requests "$DRAIN_SEATS"
 drain_start=$(date +%s.%N)
 REDIS_URL=redis://$REDIS_HOST:$REDIS_PORT/$DRAIN_REDIS_DB BOXOFFICE_INSTANCE_ID=bench-worker DATABASE_URL=$DRAIN_DB_URL BOXOFFICE_KEY_PREFIX=$PREFIX \
-    BOXOFFICE_LOG_FORMAT=json "$BIN/boxoffice" worker >>"$RAW/worker.log" 2>&1 &
+    BOXOFFICE_WORKER_LISTEN=127.0.0.1:0 BOXOFFICE_LOG_FORMAT=json "$BIN/boxoffice" worker >>"$RAW/worker.log" 2>&1 &
 worker=$!
 pids+=("$worker")
 until [[ $(psql "$DRAIN_DB_URL" -qAtc "SELECT count(*) FROM purchases WHERE event_id = '$drain_event'") -ge $DRAIN_SEATS ]]; do

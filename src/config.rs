@@ -12,14 +12,20 @@ use crate::domain::{MAX_HOLD_SECONDS, MAX_IDEMPOTENCY_TTL, MAX_SEATS};
 #[derive(Debug, Clone, Args)]
 pub struct StoreConfig {
     /// Redis URL: the gate that sells seats and the stream of sales.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis_url: String,
 
     /// PostgreSQL URL: the record of every sale. The database is created when missing.
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/boxoffice"
+        default_value = "postgres://postgres@127.0.0.1:5432/boxoffice",
+        hide_env_values = true
     )]
     pub database_url: String,
 

@@ -151,6 +151,15 @@ pub async fn event(pool: &PgPool, id: Uuid) -> Result<Option<EventRow>> {
     .await?)
 }
 
+/// Whether PostgreSQL has a row for `event`, read on `conn` (a recovery's lock).
+pub async fn event_exists(conn: &mut PgConnection, event: Uuid) -> Result<bool> {
+    Ok(sqlx::query("SELECT 1 FROM events WHERE id = $1")
+        .bind(event)
+        .fetch_optional(conn)
+        .await?
+        .is_some())
+}
+
 /// Every event, oldest first.
 pub async fn events(pool: &PgPool) -> Result<Vec<EventRow>> {
     Ok(sqlx::query_as(concat!(
@@ -565,15 +574,15 @@ pub async fn books(
     })
 }
 
+/// SQLSTATE of a row that references one that is not there (a sale of an event
+/// PostgreSQL has no row for).
+pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+
 /// The SQLSTATE of an error by which PostgreSQL refused a write because of what was
 /// written, so that writing it again can never succeed: class 22 (data exception,
 /// e.g. a value out of range) or 23 (integrity constraint violation, e.g. a sale of
 /// an event it does not have). `None` for anything else (connection lost, server
 /// shutting down), which may pass next time.
-/// SQLSTATE of a row that references one that is not there (a sale of an event
-/// PostgreSQL has no row for).
-pub const FOREIGN_KEY_VIOLATION: &str = "23503";
-
 pub fn refused_for_good(e: &Error) -> Option<String> {
     match e {
         Error::Db(sqlx::Error::Database(e)) => e

@@ -86,39 +86,53 @@ impl Error {
 
 /// Hides the passwords of a connection URL so it can be logged or printed: the one
 /// in the userinfo (`user:pw@`) and query parameters that carry one (PostgreSQL's
-/// `password` and `sslpassword`, redis-rs' `pass` and `password` of unix sockets).
+/// `password` and `sslpassword`, redis-rs' `pass` and `password` of unix sockets),
+/// their names percent-decoded as the drivers read them. What cannot be parsed is
+/// not shown at all (a password may be what breaks it); libpq's `key=value` form
+/// has its `password` hidden.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let Some((scheme, _)) = url.split_once("://") else {
+        return redact_keywords(url);
     };
-    let (address, query) = match rest.split_once('?') {
-        Some((address, query)) => (address, Some(query)),
-        None => (rest, None),
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return format!("{scheme}://(a URL that does not parse; not shown)");
     };
-    let mut out = format!("{scheme}://");
-    match address.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => out.push_str(&format!("{user}:***@{host}")),
-            None => out.push_str(address),
-        },
-        None => out.push_str(address),
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
-    if let Some(query) = query {
-        let params: Vec<String> = query
+    if let Some(query) = parsed.query() {
+        let redacted = query
             .split('&')
             .map(|param| match param.split_once('=') {
-                Some((name, _))
-                    if name.to_ascii_lowercase().contains("pass") && name != "passfile" =>
-                {
-                    format!("{name}=***")
-                }
+                Some((name, _)) if secret_parameter(name) => format!("{name}=***"),
                 _ => param.to_owned(),
             })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
+            .collect::<Vec<_>>()
+            .join("&");
+        parsed.set_query(Some(&redacted));
     }
-    out
+    parsed.to_string()
+}
+
+/// Whether a query parameter (or libpq keyword) carries a password.
+fn secret_parameter(name: &str) -> bool {
+    let name: String = url::form_urlencoded::parse(name.as_bytes())
+        .map(|(decoded, _)| decoded.into_owned())
+        .collect();
+    let name = name.to_ascii_lowercase();
+    name.contains("pass") && name != "passfile"
+}
+
+/// libpq's `host=db user=app password=secret` form.
+fn redact_keywords(conninfo: &str) -> String {
+    conninfo
+        .split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if secret_parameter(name) => format!("{name}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -167,6 +181,10 @@ mod tests {
             redact_url("unix:///run/redis.sock?PASSWORD=s3cret"),
             "unix:///run/redis.sock?PASSWORD=***"
         );
+        assert_eq!(
+            redact_url("postgres://db/x?%70assword=s3cret"),
+            "postgres://db/x?%70assword=***"
+        );
         // Both forms at once.
         assert_eq!(
             redact_url("postgres://app:a@db/x?password=b"),
@@ -186,5 +204,18 @@ mod tests {
             "postgres://db/x?passfile=/etc/pgpass&sslmode=verify-full"
         );
         assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn what_does_not_parse_is_not_shown() {
+        // A `?` in an unencoded password ends the authority early: no port parses.
+        assert_eq!(
+            redact_url("postgres://app:se?cret@db/x"),
+            "postgres://(a URL that does not parse; not shown)"
+        );
+        assert_eq!(
+            redact_url("host=db user=app password=hunter2 dbname=x"),
+            "host=db user=app password=*** dbname=x"
+        );
     }
 }

@@ -108,7 +108,6 @@ impl Keys {
         format!("{}:events", self.prefix)
     }
 
-    /// The event a stream key belongs to.
     /// A `SCAN` pattern matching every event's dead-letter stream.
     pub fn dead_letters_pattern(&self) -> String {
         format!("{}:{{*}}:dead", glob_escape(&self.prefix))
@@ -123,6 +122,7 @@ impl Keys {
             .ok()
     }
 
+    /// The event a stream key belongs to.
     pub fn event_of_stream(&self, stream: &str) -> Option<Uuid> {
         stream
             .strip_prefix(&self.prefix)?

@@ -47,6 +47,8 @@ pub struct Row {
     pub in_stream: i64,
     /// Seats of sales PostgreSQL refused, set aside.
     pub parked: i64,
+    /// Entries in the dead letters, of any kind (a hold parked counts no seats).
+    pub parked_entries: usize,
     /// Sales within the idempotency TTL whose record Redis lacks.
     pub records_missing: usize,
     /// PostgreSQL has a row for the event (Redis may still hold one it lost).
@@ -86,12 +88,13 @@ impl Row {
         let durable = self.persisted + self.in_stream + self.parked;
         match self.redis_sold {
             _ if !self.in_postgres => Status::EventMissing,
+            // Whether or not the event is loaded: they wait for an operator.
+            _ if self.parked_entries > 0 => Status::Parked,
             None => Status::NotLoaded,
             Some(_) if !self.on_sale => Status::NotChecked,
             Some(sold) if sold < durable => Status::RedisBehind,
             Some(sold) if sold > durable => Status::RowsMissing,
             Some(_) if self.records_missing > 0 => Status::RecordsMissing,
-            Some(_) if self.parked > 0 => Status::Parked,
             Some(_) => Status::Ok,
         }
     }
@@ -119,20 +122,30 @@ pub async fn run(stores: &Stores, recovery: &Recovery, fix: bool) -> Result<Vec<
     let known: HashSet<Uuid> = events.iter().map(|e| e.id).collect();
     let mut rows = Vec::with_capacity(events.len());
     for event in &events {
-        let mut row = settled(recovery, event).await?;
+        let mut row = settled(stores, recovery, event).await?;
         if fix && row.status() != Status::Ok {
             repair(stores, recovery, event, &row).await?;
-            row = settled(recovery, event).await?;
+            row = settled(stores, recovery, event).await?;
         }
         rows.push(row);
     }
     for id in in_redis(stores).await? {
-        if !known.contains(&id) {
-            // Nothing to repair without the row: its settings are gone with it.
-            let mut row = read(recovery, &missing(id)).await?;
-            row.in_postgres = false;
-            rows.push(row);
+        if known.contains(&id) {
+            continue;
         }
+        // Created since the list was read (the row comes before Redis): read as any.
+        if let Some(event) = db::event(&stores.db, id).await? {
+            rows.push(settled(stores, recovery, &event).await?);
+            continue;
+        }
+        // Nothing to repair without the row: its settings are gone with it.
+        let mut row = settled(stores, recovery, &missing(id)).await?;
+        row.in_postgres = false;
+        row.total = recovery
+            .state(id)
+            .await?
+            .map_or(0, |(inventory, _)| inventory.total);
+        rows.push(row);
     }
     Ok(rows)
 }
@@ -146,8 +159,12 @@ async fn in_redis(stores: &Stores) -> Result<Vec<Uuid>> {
         .iter()
         .filter_map(|id| id.parse().ok())
         .collect();
+    // An event leaves the set only by hand; its dead letters may still be there.
     let pattern = stores.keys.dead_letters_pattern();
-    let mut dead: redis::AsyncIter<String> = conn.scan_match(&pattern).await?;
+    let options = redis::ScanOptions::default()
+        .with_pattern(pattern)
+        .with_count(1_000);
+    let mut dead: redis::AsyncIter<String> = conn.scan_options(options).await?;
     while let Some(key) = dead.next_item().await {
         ids.extend(stores.keys.event_of_dead_letters(&key?));
     }
@@ -172,7 +189,7 @@ fn missing(id: Uuid) -> EventRow {
 }
 
 async fn repair(stores: &Stores, recovery: &Recovery, event: &EventRow, row: &Row) -> Result<()> {
-    if row.parked > 0 {
+    if row.parked_entries > 0 {
         let mut conn = stores.redis.get().await?;
         let sent = persist::requeue_parked(&mut conn, &stores.keys, event.id).await?;
         tracing::info!(event = %event.id, sent, "parked sales sent back to the stream");
@@ -185,19 +202,19 @@ async fn repair(stores: &Stores, recovery: &Recovery, event: &EventRow, row: &Ro
 }
 
 /// A reading that is consistent, or the last of `READINGS` inconsistent ones.
-async fn settled(recovery: &Recovery, event: &EventRow) -> Result<Row> {
-    let mut row = read(recovery, event).await?;
+async fn settled(stores: &Stores, recovery: &Recovery, event: &EventRow) -> Result<Row> {
+    let mut row = read(stores, recovery, event).await?;
     for _ in 1..READINGS {
         if !row.status().is_drift() {
             break;
         }
         tokio::time::sleep(SETTLE).await;
-        row = read(recovery, event).await?;
+        row = read(stores, recovery, event).await?;
     }
     Ok(row)
 }
 
-async fn read(recovery: &Recovery, event: &EventRow) -> Result<Row> {
+async fn read(stores: &Stores, recovery: &Recovery, event: &EventRow) -> Result<Row> {
     // Redis first: a sale made after this reading shows up in PostgreSQL or the
     // stream and reads as Redis behind for a moment; `settled` reads again.
     let state = recovery.state(event.id).await?;
@@ -216,6 +233,12 @@ async fn read(recovery: &Recovery, event: &EventRow) -> Result<Row> {
         in_stream: durable.in_stream,
         parked: durable.parked,
         records_missing,
+        parked_entries: stores
+            .redis
+            .get()
+            .await?
+            .xlen(stores.keys.dead_letters(event.id))
+            .await?,
         in_postgres: true,
     })
 }

@@ -261,6 +261,12 @@ impl Recovery {
             // reads and rebuilds (see `persist`): released when `lock` ends.
             let mut lock = self.db.begin().await?;
             db::lock_event(&mut lock, event.id).await?;
+            // The row may have gone since it was read (the consumer then took the
+            // event off sale, `persist`): such an event is not put back on sale.
+            if !db::event_exists(&mut lock, event.id).await? {
+                lock.rollback().await?;
+                return Err(Error::EventNotFound(event.id));
+            }
             // Attempts queue for the lock: one that finds the job done writes nothing.
             if !self.still_owns(event.id, &begun).await? {
                 lock.rollback().await?;
@@ -586,7 +592,8 @@ fn log_recovery(event: &EventRow, rebuilt: &Rebuilt, report: &Report, took: Dura
 
 /// Takes `event` off sale on this Redis server, as if it had not been checked: its
 /// next request runs the recovery (which answers `EventNotFound` when PostgreSQL
-/// has no row for it).
+/// has no row for it). The token of a recovery under way goes too, so that an
+/// attempt that began while the row was there cannot put the event back on sale.
 pub async fn take_off_sale(
     conn: &mut impl redis::aio::ConnectionLike,
     keys: &Keys,
@@ -595,6 +602,7 @@ pub async fn take_off_sale(
     let _: i64 = redis::cmd("HDEL")
         .arg(keys.inventory(event))
         .arg("run")
+        .arg("fence")
         .query_async(conn)
         .await?;
     Ok(())

@@ -579,6 +579,56 @@ async fn a_poison_entry_two_consumers_race_over_is_parked_once() {
     assert_eq!(pending.count(), 0, "acknowledged by the owner");
 }
 
+/// Two live consumers that take over each other's entries at once (claim idle 1 ms)
+/// over poison entries: each is parked exactly once and none stays pending.
+#[tokio::test]
+async fn two_consumers_overtaking_each_other_park_each_poison_entry_once() {
+    const POISON: usize = 100;
+    let env = TestEnv::new().await;
+    let app = env.spawn_app_with(|c| c.serve.consumer = false).await;
+    let event = app.create_event("contested", 1_000).await;
+    for i in 0..POISON {
+        // A quantity the table's CHECK refuses.
+        append_sale(&env, event, &format!("poison-{i}"), 50).await;
+    }
+    let stop = CancellationToken::new();
+    let mut consumers = Vec::new();
+    for name in ["left", "right"] {
+        let consumer = env.consumer(name, 1).await;
+        consumers.push(tokio::spawn(consumer.run(stop.clone())));
+    }
+    let dead = format!("{}:{{{event}}}:dead", env.prefix);
+    let mut redis = env.redis_now().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let parked: usize = redis.xlen(&dead).await.unwrap();
+        let pending: redis::streams::StreamPendingReply = redis
+            .xpending(env.stream_key(event), "persist")
+            .await
+            .unwrap();
+        if parked >= POISON && pending.count() == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "parked {parked}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long enough for a second copy to show up, were one on its way.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    for consumer in consumers {
+        consumer.await.unwrap();
+    }
+    let entries: redis::streams::StreamRangeReply = redis.xrange_all(&dead).await.unwrap();
+    let mut ids: Vec<String> = entries
+        .ids
+        .iter()
+        .map(|e| e.get::<String>("p").unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((entries.ids.len(), ids.len()), (POISON, POISON));
+}
+
 /// An event whose row PostgreSQL lost stops selling once the consumer finds out:
 /// the sales made meanwhile are parked and shown by `reconcile`, which brings them
 /// back once the row is restored.
@@ -588,7 +638,7 @@ async fn an_event_without_its_row_goes_off_sale_and_its_parked_sales_come_back()
 
     let env = TestEnv::new().await;
     let app = env.spawn_app().await;
-    let event = app.create_event("vanishing", 10).await;
+    let event = app.create_event("vanishing", 100).await;
     let row: (String, i32) = sqlx::query_as("SELECT name, total_seats FROM events WHERE id = $1")
         .bind(event)
         .fetch_one(&env.db)

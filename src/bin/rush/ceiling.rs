@@ -50,7 +50,12 @@ pub async fn run(plan: &Plan) -> Result<Ceiling, String> {
     let mut admin = client
         .get_multiplexed_async_connection()
         .await
-        .map_err(|e| format!("cannot reach Redis at {}: {e}", plan.redis_url))?;
+        .map_err(|e| {
+            format!(
+                "cannot reach Redis at {}: {e}",
+                boxoffice::error::redact_url(&plan.redis_url)
+            )
+        })?;
     let keys = Keys::new(format!("rush-ceiling-{}", std::process::id()));
     let event = Uuid::now_v7();
     let run_id = boxoffice::recovery::server_run_id(&mut admin)
