@@ -116,6 +116,10 @@ pub struct TicketModel {
     pub joined_ms: i64,
     /// The admission token and when it expires (Unix ms).
     pub admission: Option<(String, i64)>,
+    /// The service said its admission expired unused (`admissionExpired`): joining
+    /// again gives a place at the back. Also after a room came back from a snapshot
+    /// taken while it was admitted, whose token this run never saw.
+    pub spent: bool,
 }
 
 #[derive(Default)]
@@ -488,15 +492,17 @@ impl Reference {
             Some(t) if t.ticket == ticket => TicketModel {
                 epoch: self.epoch,
                 admission: None,
+                spent: false,
                 ..t
             },
             // A spent admission: joining again is joining at the back.
             Some(t)
                 if t.epoch == self.epoch
                     && !(joining
-                        && t.admission
-                            .as_ref()
-                            .is_some_and(|(_, exp)| *exp <= answer.sent_ms)) =>
+                        && (t.spent
+                            || t.admission
+                                .as_ref()
+                                .is_some_and(|(_, exp)| *exp <= answer.sent_ms))) =>
             {
                 return self.violate(format!(
                     "buyer {buyer}: ticket {} became {ticket} without a fault",
@@ -511,10 +517,12 @@ impl Reference {
                     .entry((event, buyer, ticket.clone()))
                     .or_insert(answer.sent_ms),
                 admission: None,
+                spent: false,
             },
             _ => return self.violate(format!("poll of an unknown ticket: {}", answer.body)),
         };
         if answer.json["admissionExpired"] == true {
+            model.spent = true;
             let spent = model
                 .admission
                 .as_ref()
