@@ -7,8 +7,8 @@ use crate::config::{CommonConfig, ConsumerConfig, ServeConfig};
 use crate::db;
 use crate::domain::Seats;
 use crate::error::{Error, Result};
-use crate::purchase::Gate;
-use crate::recovery::Mode;
+use crate::gate::Gate;
+use crate::gate::recovery::Mode;
 use crate::startup::{Application, Stores, shutdown_signal};
 use crate::telemetry;
 

@@ -5,6 +5,10 @@ use std::fmt;
 
 use uuid::Uuid;
 
+/// Name of the consumer group that writes every event's stream to PostgreSQL
+/// (`persist`); recovery creates it with the stream.
+pub const CONSUMER_GROUP: &str = "persist";
+
 /// Builds key names under a configurable prefix (several deployments, or test runs,
 /// can share one Redis).
 #[derive(Debug, Clone)]

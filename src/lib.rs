@@ -4,16 +4,15 @@
 //! # Layout
 //!
 //! * [`api`]: the HTTP surface (poem-openapi): operations, error mapping, middleware.
-//! * [`purchase`]: the gate. One Lua script in Redis (`lua/purchase.lua`) decides each
-//!   seat movement (purchase, hold, confirm, release, expiry, cancellation)
-//!   atomically and appends sales and cancellations to the event's stream.
+//! * [`gate`]: the seat engine. One Lua script in Redis (`lua/purchase.lua`) decides
+//!   each seat movement (purchase, hold, confirm, release, expiry, cancellation)
+//!   atomically and appends it to the event's stream; the gate runs it, batches
+//!   purchases of one event into one call, sweeps expired holds, and recovers an
+//!   event whose Redis state is gone or unchecked ([`gate::recovery`]: why a retried
+//!   request is never sold twice whatever Redis lost).
 //! * [`buyer`]: buyer identity, from a verified JWT.
 //! * [`queue`]: the waiting room of queued events: fair order, admission at a rate,
 //!   admission tokens.
-//! * [`batch`]: group commit: requests of one event that arrive while its previous
-//!   call is in flight share the next script call.
-//! * [`recovery`]: the one way an event's state comes into Redis, and why a retried
-//!   request is never sold twice whatever Redis lost.
 //! * [`persist`]: the stream consumer that writes sales to PostgreSQL.
 //! * [`db`]: PostgreSQL connection, migrations and queries.
 //! * [`reconcile`]: checks Redis' counters and records against PostgreSQL and the streams.
@@ -36,21 +35,19 @@ macro_rules! lua_script {
 pub(crate) use lua_script;
 
 pub mod api;
-pub mod batch;
 pub mod buyer;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod gate;
 pub mod keys;
 pub mod metrics;
 pub mod persist;
-pub mod purchase;
 pub mod queue;
 pub mod reconcile;
 pub mod records;
-pub mod recovery;
 pub mod server;
 pub mod startup;
 pub mod telemetry;

@@ -36,8 +36,7 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::records::Logged;
 
-/// Name of the consumer group that writes sales to PostgreSQL.
-pub const CONSUMER_GROUP: &str = "persist";
+pub use crate::keys::CONSUMER_GROUP;
 
 /// How often the list of event streams is re-read (new events appear while running).
 const REFRESH_STREAMS_EVERY: Duration = Duration::from_secs(1);
@@ -591,7 +590,7 @@ impl Consumer {
         if db::event(&self.db, event).await?.is_some() {
             return Ok(());
         }
-        crate::recovery::take_off_sale(conn, &self.keys, event).await?;
+        crate::gate::recovery::take_off_sale(conn, &self.keys, event).await?;
         tracing::error!(
             %event,
             "PostgreSQL has no row for this event: it is off sale (404) and its sales are \

@@ -23,8 +23,8 @@ use uuid::Uuid;
 
 use crate::db::{self, EventRow};
 use crate::error::Result;
+use crate::gate::recovery::{Mode, Recovery};
 use crate::persist;
-use crate::recovery::{Mode, Recovery};
 use crate::startup::Stores;
 
 /// Sales in flight make one reading inconsistent; a difference must survive this many

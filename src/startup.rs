@@ -20,9 +20,9 @@ use crate::config::{CommonConfig, ConsumerConfig, ServeConfig, StoreConfig};
 use crate::db;
 use crate::domain::Seats;
 use crate::error::{Error, Result, redact_url};
+use crate::gate::Gate;
 use crate::keys::Keys;
 use crate::persist::Consumer;
-use crate::purchase::Gate;
 use crate::queue::AdmissionTokens;
 use crate::server::{self, Limits};
 

@@ -19,8 +19,8 @@ use crate::db::{self, EventRow};
 use crate::domain::{
     DEFAULT_HOLD_SECONDS, HoldSeconds, MAX_HOLD_SECONDS, MAX_SEATS, SeatLimit, Seats,
 };
+use crate::gate::recovery::Mode;
 use crate::queue::QueueSettings;
-use crate::recovery::Mode;
 
 pub struct EventsApi;
 

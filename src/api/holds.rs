@@ -18,7 +18,7 @@ use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, resp
 use super::purchase::{PurchaseOk, refusal};
 use super::{AppState, Tag};
 use crate::domain::{IdempotencyKey, Quantity};
-use crate::purchase::{Confirmation, Held, HoldState, HoldView, Outcome, Release};
+use crate::gate::{Confirmation, Held, HoldState, HoldView, Outcome, Release};
 
 pub struct HoldsApi;
 

@@ -168,7 +168,7 @@ use poem_openapi::{OpenApiService, Tags};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::purchase::Gate;
+use crate::gate::Gate;
 pub use middleware::request_id;
 pub use stats::Stats;
 

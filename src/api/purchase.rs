@@ -18,7 +18,7 @@ use poem_openapi::registry::MetaSchema;
 use poem_openapi::types::{ParseError, ParseFromParameter, ParseResult};
 
 use crate::domain::{IdempotencyKey, MAX_KEY_LEN, MAX_QUANTITY, Quantity};
-use crate::purchase::{Decision, Outcome, Sale};
+use crate::gate::{Decision, Outcome, Sale};
 
 pub struct PurchaseApi;
 

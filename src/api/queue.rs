@@ -16,8 +16,8 @@ use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, resp
 use super::{AppState, Tag};
 use crate::db;
 use crate::domain::Buyer;
+use crate::gate::recovery::Mode;
 use crate::queue::{Held, Room, Standing, Ticket, admission_expires_ms};
-use crate::recovery::Mode;
 
 pub struct QueueApi;
 

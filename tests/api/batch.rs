@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use boxoffice::domain::{IdempotencyKey, Quantity};
-use boxoffice::purchase::{Ask, Reply as Decided};
+use boxoffice::gate::script::{Ask, Reply as Decided};
 use redis::AsyncCommands;
 use redis::streams::StreamRangeReply;
 use reqwest::StatusCode;

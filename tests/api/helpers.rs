@@ -298,12 +298,12 @@ impl TestEnv {
     }
 
     /// The stores and purchase gate of this environment, as one-shot commands use them.
-    pub async fn gate(&self) -> (Stores, boxoffice::purchase::Gate) {
+    pub async fn gate(&self) -> (Stores, boxoffice::gate::Gate) {
         let store = self.config().common.store;
         let stores = Stores::connect(&store, Duration::from_secs(1))
             .await
             .expect("stores");
-        let gate = boxoffice::purchase::Gate::connect(&store, stores.db.clone())
+        let gate = boxoffice::gate::Gate::connect(&store, stores.db.clone())
             .await
             .expect("gate");
         (stores, gate)

@@ -129,7 +129,7 @@ async fn a_recovery_attempt_another_one_overtook_writes_no_hold() {
     let mut redis = env.redis_now().await;
     let inventory = format!("{}:{{{event}}}:inv", env.prefix);
     let hold = format!("{}:{{{event}}}:hold:{id}", env.prefix);
-    let run_id = boxoffice::recovery::server_run_id(&mut redis)
+    let run_id = boxoffice::gate::recovery::server_run_id(&mut redis)
         .await
         .unwrap();
     // The event is on sale (no token): an attempt that began earlier writes nothing,

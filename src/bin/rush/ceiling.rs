@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use boxoffice::domain::{IdempotencyKey, Quantity};
+use boxoffice::gate::script::{Ask, invocation, run_script, script};
 use boxoffice::keys::Keys;
-use boxoffice::purchase::{Ask, invocation, run_script, script};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
@@ -58,7 +58,7 @@ pub async fn run(plan: &Plan) -> Result<Ceiling, String> {
         })?;
     let keys = Keys::new(format!("rush-ceiling-{}", std::process::id()));
     let event = Uuid::now_v7();
-    let run_id = boxoffice::recovery::server_run_id(&mut admin)
+    let run_id = boxoffice::gate::recovery::server_run_id(&mut admin)
         .await
         .map_err(|e| e.to_string())?;
     let _: () = admin

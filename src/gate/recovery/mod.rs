@@ -121,9 +121,9 @@ use uuid::Uuid;
 
 use crate::db::{self, EventRow};
 use crate::error::{Error, Result};
+use crate::gate::outcome::Inventory;
+use crate::keys::CONSUMER_GROUP;
 use crate::keys::Keys;
-use crate::persist::CONSUMER_GROUP;
-use crate::purchase::Inventory;
 use crate::records::Logged;
 pub use ledger::Durable;
 use ledger::{Log, Rebuilt};

@@ -1,0 +1,276 @@
+//! The gate: one Lua script in Redis decides every seat movement (`lua/purchase.lua`):
+//! purchases, holds and their confirmation or release, cancellations, and the expiry
+//! of holds. This module calls it and reads seat counts and holds.
+//!
+//! Purchases run over one multiplexed connection (`ConnectionManager`) shared by all
+//! requests. Purchases of one event that arrive while a call for it is in flight
+//! share the next call (see [`batch`]); calls for different events pipeline
+//! instead of each waiting for a pooled connection's round trip.
+//!
+//! The script sells only from an event that was checked against PostgreSQL on the
+//! Redis server process now answering (see [`recovery`]); otherwise it answers
+//! `recover`, and the gate has the event brought back before trying once more.
+
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`outcome`] | what each operation comes to, and an event's counters |
+//! | [`script`] | the Rust half of the script protocol |
+//! | [`batch`] | purchases of one event that arrive together share one call |
+//! | `sweeper` | expired holds returned for events no request comes for |
+//! | `reads` | reads that need no script: counters, a hold, a sale on its way |
+//! | [`recovery`] | the one way an event's state comes (back) into Redis |
+
+pub mod batch;
+pub mod outcome;
+mod reads;
+pub mod recovery;
+pub mod script;
+mod sweeper;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::config::StoreConfig;
+use crate::domain::{Buyer, IdempotencyKey, Quantity};
+use crate::error::{Error, Result, redact_url};
+use crate::keys::Keys;
+use crate::records::Record;
+use batch::Coalescer;
+pub use outcome::{
+    Cancelled, Confirmation, Decision, Held, HoldState, HoldView, Inventory, Outcome, Release, Sale,
+};
+use recovery::Recovery;
+use script::{Ask, Reply, Seller, decision, sale, server_changed, unexpected};
+
+/// Reconnect attempts of the shared connection before a command fails; kept low so a
+/// request fails fast (503) instead of waiting out a Redis outage.
+const RECONNECT_RETRIES: usize = 1;
+
+/// The Redis side of selling: the script and the shared connection, the coalescer
+/// that batches purchases of one event, and the recovery that every event passes
+/// before it sells.
+#[derive(Clone)]
+pub struct Gate {
+    seller: Seller,
+    /// `None` when a call carries one purchase (`BOXOFFICE_PURCHASE_BATCH=1`): every
+    /// request then sends its own call at once, and calls pipeline on the connection.
+    coalescer: Option<Coalescer<Seller>>,
+    recovery: Recovery,
+}
+
+impl Gate {
+    pub async fn connect(store: &StoreConfig, db: PgPool) -> Result<Self> {
+        let unreachable = |e: redis::RedisError| {
+            Error::Startup(format!(
+                "cannot reach Redis at {} ({e}); start it or set REDIS_URL",
+                redact_url(&store.redis_url)
+            ))
+        };
+        let client = redis::Client::open(store.redis_url.as_str()).map_err(unreachable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(store.redis_timeout()))
+            .set_response_timeout(Some(store.redis_timeout()))
+            .set_number_of_retries(RECONNECT_RETRIES);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(unreachable)?;
+        let keys = Keys::new(store.key_prefix.clone());
+        let seller = Seller {
+            conn: conn.clone(),
+            keys: keys.clone(),
+            idempotency_ttl: store.idempotency_ttl,
+            script: script::script(),
+        };
+        Ok(Self {
+            recovery: Recovery::new(conn, db, keys, store.idempotency_ttl),
+            coalescer: (store.purchase_batch > 1)
+                .then(|| Coalescer::new(seller.clone(), usize::from(store.purchase_batch))),
+            seller,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.seller.keys
+    }
+
+    /// The waiting rooms, on the same connection.
+    pub fn queue(&self) -> crate::queue::Queue {
+        crate::queue::Queue::new(self.seller.conn.clone(), self.seller.keys.clone())
+    }
+
+    /// The script runner itself, for callers that decide a batch of their own.
+    pub fn seller(&self) -> &Seller {
+        &self.seller
+    }
+
+    /// The one way an event's state comes (back) into Redis.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Sells `quantity` seats of `event` under `key`, or replays what that key got before.
+    pub async fn purchase(
+        &self,
+        event: Uuid,
+        key: &IdempotencyKey,
+        quantity: Quantity,
+        buyer: Option<&Buyer>,
+        admitted: bool,
+    ) -> Result<Decision> {
+        let purchase_id = Uuid::now_v7();
+        let reply = self
+            .decide_on_sale(event, || Ask::Purchase {
+                key: key.clone(),
+                quantity,
+                purchase_id,
+                buyer: buyer.cloned(),
+                admitted,
+            })
+            .await?;
+        decision(reply, quantity, |record| match record {
+            Record::Refused { .. } => Some(Outcome::SoldOut),
+            Record::OverLimit { .. } => Some(Outcome::BuyerLimit),
+            sold => sale(sold).map(Outcome::Done),
+        })
+    }
+
+    /// Holds `quantity` seats of `event` for the event's hold time under `key`, or
+    /// replays what that key got before.
+    pub async fn hold(
+        &self,
+        event: Uuid,
+        key: &IdempotencyKey,
+        quantity: Quantity,
+        buyer: Option<&Buyer>,
+        admitted: bool,
+    ) -> Result<Decision<Held>> {
+        let hold_id = Uuid::now_v7();
+        let reply = self
+            .decide_on_sale(event, || Ask::Hold {
+                key: key.clone(),
+                quantity,
+                hold_id,
+                buyer: buyer.cloned(),
+                admitted,
+            })
+            .await?;
+        decision(reply, quantity, |record| match record {
+            Record::Held {
+                quantity,
+                seats_remaining,
+                hold_id,
+                expires_at_ms,
+            } => Some(Outcome::Done(Held {
+                hold_id,
+                quantity,
+                seats_remaining,
+                expires_at_ms,
+            })),
+            Record::HoldRefused { .. } => Some(Outcome::SoldOut),
+            Record::HoldOverLimit { .. } => Some(Outcome::BuyerLimit),
+            _ => None,
+        })
+    }
+
+    /// Turns a hold into a sale, unless it expired or was released; a repeat returns
+    /// the same sale.
+    pub async fn confirm(&self, event: Uuid, hold_id: Uuid) -> Result<Confirmation> {
+        let reply = self
+            .decide_on_sale(event, || Ask::Confirm { hold_id })
+            .await?;
+        let sold = |record: &str, replayed| {
+            Record::parse(record)
+                .and_then(sale)
+                .map(|sale| Confirmation::Sold { sale, replayed })
+                .ok_or_else(|| unexpected("confirmation", record))
+        };
+        match reply {
+            Reply::New(record) => sold(&record, false),
+            Reply::Replay(record) => sold(&record, true),
+            Reply::Other(line) if line == "G" => Ok(Confirmation::NotFound),
+            Reply::Other(line) => line
+                .strip_prefix('E')
+                .and_then(HoldState::parse)
+                .map(Confirmation::Ended)
+                .ok_or_else(|| unexpected("confirmation", &line)),
+            Reply::Recover | Reply::Invariant => Err(Error::RecoveryPending(server_changed())),
+        }
+    }
+
+    /// Returns a hold's seats to stock at once; idempotent.
+    pub async fn release(&self, event: Uuid, hold_id: Uuid) -> Result<Release> {
+        match self
+            .decide_on_sale(event, || Ask::Release { hold_id })
+            .await?
+        {
+            Reply::New(_) | Reply::Replay(_) => Ok(Release::Released),
+            Reply::Other(line) if line == "F" => Ok(Release::Confirmed),
+            Reply::Other(line) if line == "G" => Ok(Release::NotFound),
+            Reply::Other(line) => Err(unexpected("release", &line)),
+            Reply::Recover | Reply::Invariant => Err(Error::RecoveryPending(server_changed())),
+        }
+    }
+
+    /// Returns the seats of a sale to stock (and to its buyer's allowance), once:
+    /// a repeat answers with the first cancellation's time.
+    pub async fn cancel(
+        &self,
+        event: Uuid,
+        purchase_id: Uuid,
+        quantity: u8,
+        buyer: Option<&str>,
+    ) -> Result<Cancelled> {
+        let reply = self
+            .decide_on_sale(event, || Ask::Cancel {
+                purchase_id,
+                quantity,
+                buyer: buyer.map(str::to_owned),
+            })
+            .await?;
+        let (micros, replayed) = match reply {
+            Reply::New(micros) => (micros, false),
+            Reply::Replay(micros) => (micros, true),
+            Reply::Other(line) => return Err(unexpected("cancellation", &line)),
+            Reply::Recover | Reply::Invariant => {
+                return Err(Error::RecoveryPending(server_changed()));
+            }
+        };
+        let at_micros = micros
+            .parse()
+            .map_err(|_| unexpected("cancellation", &micros))?;
+        Ok(Cancelled {
+            at_micros,
+            replayed,
+        })
+    }
+
+    /// Has the script decide one request; when the event must be recovered first,
+    /// recovers it and asks once more (`ask` builds the request again).
+    async fn decide_on_sale(&self, event: Uuid, ask: impl Fn() -> Ask) -> Result<Reply> {
+        let reply = match self.decide(event, ask()).await? {
+            Reply::Recover => {
+                self.recovery.ensure(event).await?;
+                self.decide(event, ask()).await?
+            }
+            reply => reply,
+        };
+        match reply {
+            Reply::Invariant => Err(Error::InvariantBroken(event)),
+            reply => Ok(reply),
+        }
+    }
+
+    /// Has the script decide one request: in the event's next batch, or in a call of
+    /// its own when batching is off.
+    async fn decide(&self, event: Uuid, ask: Ask) -> Result<Reply> {
+        if let Some(coalescer) = &self.coalescer {
+            return coalescer.submit(event, ask).await;
+        }
+        let mut replies = self.seller.call(event, std::slice::from_ref(&ask)).await?;
+        replies
+            .pop()
+            .ok_or_else(|| Error::UnexpectedReply("no reply for the purchase".into()))
+    }
+}

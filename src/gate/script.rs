@@ -1,0 +1,325 @@
+//! The Rust half of the gate script's protocol (`lua/purchase.lua`): a request as
+//! the script takes it ([`Ask`]), one call that decides a batch of them
+//! ([`Seller`]), the command built without copies ([`invocation`]), and what its
+//! answers mean ([`Reply`], and `decision` for purchases and holds).
+
+use std::time::Instant;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisWrite, Script, ServerErrorKind, ToRedisArgs};
+use uuid::Uuid;
+
+use super::batch::Decide;
+use super::outcome::{Decision, Outcome, Sale};
+use crate::domain::{Buyer, IdempotencyKey, Quantity};
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+use crate::records::{self, Record};
+
+/// One request as the script takes it (the layout is in `lua/purchase.lua`).
+#[derive(Debug, Clone)]
+pub enum Ask {
+    Purchase {
+        key: IdempotencyKey,
+        quantity: Quantity,
+        /// The id of the sale if one is made; unused when the key replays.
+        purchase_id: Uuid,
+        buyer: Option<Buyer>,
+        /// Carries a valid admission token for `buyer` (queued events need one).
+        admitted: bool,
+    },
+    Hold {
+        key: IdempotencyKey,
+        quantity: Quantity,
+        hold_id: Uuid,
+        buyer: Option<Buyer>,
+        admitted: bool,
+    },
+    Confirm {
+        hold_id: Uuid,
+    },
+    Release {
+        hold_id: Uuid,
+    },
+    Cancel {
+        purchase_id: Uuid,
+        quantity: u8,
+        /// The buyer the sale counts against, if any.
+        buyer: Option<String>,
+    },
+}
+
+impl Ask {
+    /// A purchase without a buyer.
+    pub fn purchase(key: IdempotencyKey, quantity: Quantity, purchase_id: Uuid) -> Self {
+        Ask::Purchase {
+            key,
+            quantity,
+            purchase_id,
+            buyer: None,
+            admitted: false,
+        }
+    }
+}
+
+/// What the script answered for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Decided by this call; a record, or what the operation answers.
+    New(String),
+    /// Decided before; what was answered then.
+    Replay(String),
+    /// The event is missing or not checked on this Redis server; nothing happened.
+    Recover,
+    /// Doing it would break an invariant of the counters; nothing happened.
+    Invariant,
+    /// Anything else the script answers for this kind of request (`T`, `E…`, `F`,
+    /// `G`: see `lua/purchase.lua`).
+    Other(String),
+}
+
+/// Runs the gate script: one call decides a batch of requests of one event.
+#[derive(Clone)]
+pub struct Seller {
+    pub(super) conn: ConnectionManager,
+    pub(super) keys: Keys,
+    pub(super) idempotency_ttl: u32,
+    pub(super) script: Script,
+}
+
+impl Seller {
+    /// Decides `asks` of `event` in one call, in order, after returning expired holds.
+    pub async fn call(&self, event: Uuid, asks: &[Ask]) -> Result<Vec<Reply>> {
+        crate::metrics::script_batch("purchase", asks.len());
+        let started = Instant::now();
+        let call = invocation(&self.script, &self.keys, self.idempotency_ttl, event, asks);
+        let lines: String = run_script(&self.script, &call, &mut self.conn.clone()).await?;
+        crate::metrics::script_run(started.elapsed());
+        let replies = lines
+            .split('\n')
+            .map(Reply::parse)
+            .collect::<Result<Vec<_>>>()?;
+        if replies.len() != asks.len() {
+            return Err(Error::UnexpectedReply(format!(
+                "{} replies for {} purchases",
+                replies.len(),
+                asks.len()
+            )));
+        }
+        Ok(replies)
+    }
+}
+
+impl Reply {
+    /// One line of the script's answer (the format is in `lua/purchase.lua`).
+    fn parse(line: &str) -> Result<Self> {
+        match line.split_at_checked(1) {
+            Some(("N", record)) => Ok(Reply::New(record.to_owned())),
+            Some(("R", record)) => Ok(Reply::Replay(record.to_owned())),
+            Some(("C", "")) => Ok(Reply::Recover),
+            Some(("Z", "")) => Ok(Reply::Invariant),
+            Some(_) => Ok(Reply::Other(line.to_owned())),
+            None => Err(Error::UnexpectedReply(format!("gate script: {line:?}"))),
+        }
+    }
+}
+
+impl Decide for Seller {
+    type Request = Ask;
+    type Answer = Reply;
+
+    async fn decide(&self, event: Uuid, asks: Vec<Ask>) -> Vec<Result<Reply>> {
+        match self.call(event, &asks).await {
+            Ok(replies) => replies.into_iter().map(Ok).collect(),
+            // Every purchase of a failed call gets the error: none of them was
+            // decided, or all were and the retries replay them.
+            Err(e) => asks.iter().map(|_| Err(e.duplicate())).collect(),
+        }
+    }
+}
+
+/// The purchase script, `lua/purchase.lua`.
+pub fn script() -> Script {
+    crate::lua_script!("purchase.lua")
+}
+
+/// The call of `script` that decides `asks` of `event`, in order (the argument layout
+/// is in `lua/purchase.lua`): `EVALSHA`, to be sent with [`run_script`]. No asks: the
+/// call only returns expired holds.
+///
+/// Built as one command rather than a `ScriptInvocation`, which holds every key and
+/// argument in an allocation of its own and copies them into a command on each call.
+pub fn invocation(
+    script: &Script,
+    keys: &Keys,
+    idempotency_ttl: u32,
+    event: Uuid,
+    asks: &[Ask],
+) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    let key_count: usize = asks
+        .iter()
+        .map(|ask| {
+            if matches!(ask, Ask::Hold { .. }) {
+                2
+            } else {
+                1
+            }
+        })
+        .sum();
+    cmd.arg(script.get_hash())
+        .arg(4 + key_count)
+        .arg(keys.inventory(event))
+        .arg(keys.stream(event))
+        .arg(keys.holds(event))
+        .arg(keys.buyers(event));
+    for ask in asks {
+        match ask {
+            Ask::Purchase { key, .. } => {
+                cmd.arg(Formatted(keys.idempotency_name(event, key.as_str())));
+            }
+            Ask::Hold { key, hold_id, .. } => {
+                cmd.arg(Formatted(keys.idempotency_name(event, key.as_str())))
+                    .arg(Formatted(keys.hold_name(event, *hold_id)));
+            }
+            Ask::Confirm { hold_id } | Ask::Release { hold_id } => {
+                cmd.arg(Formatted(keys.hold_name(event, *hold_id)));
+            }
+            Ask::Cancel { purchase_id, .. } => {
+                cmd.arg(keys.cancellation(event, *purchase_id));
+            }
+        }
+    }
+    cmd.arg(idempotency_ttl);
+    for ask in asks {
+        match ask {
+            Ask::Purchase {
+                key,
+                quantity,
+                purchase_id: id,
+                buyer,
+                admitted,
+            }
+            | Ask::Hold {
+                key,
+                quantity,
+                hold_id: id,
+                buyer,
+                admitted,
+            } => {
+                let op = if matches!(ask, Ask::Hold { .. }) {
+                    'H'
+                } else {
+                    'P'
+                };
+                cmd.arg(Formatted(format_args!("{op}{}", quantity.get())))
+                    .arg(Formatted(records::purchase_id_arg(*id)))
+                    .arg(key.as_str())
+                    .arg(buyer.as_ref().map_or("", Buyer::as_str))
+                    .arg(if *admitted { "1" } else { "" });
+            }
+            Ask::Confirm { hold_id } => {
+                cmd.arg("C")
+                    .arg(Formatted(records::purchase_id_arg(*hold_id)));
+            }
+            Ask::Release { hold_id } => {
+                cmd.arg("D")
+                    .arg(Formatted(records::purchase_id_arg(*hold_id)));
+            }
+            Ask::Cancel {
+                purchase_id,
+                quantity,
+                buyer,
+            } => {
+                cmd.arg(Formatted(format_args!("K{quantity}")))
+                    .arg(Formatted(records::purchase_id_arg(*purchase_id)))
+                    .arg(buyer.as_deref().unwrap_or(""));
+            }
+        }
+    }
+    cmd
+}
+
+/// Sends `call` (an `EVALSHA` of `script`), loading the script first if Redis lacks it.
+pub async fn run_script<T: FromRedisValue>(
+    script: &Script,
+    call: &Cmd,
+    conn: &mut impl ConnectionLike,
+) -> redis::RedisResult<T> {
+    match call.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            call.query_async(conn).await
+        }
+        result => result,
+    }
+}
+
+/// An argument formatted straight into the command's buffer.
+struct Formatted<T>(T);
+
+impl<T: std::fmt::Display> ToRedisArgs for Formatted<T> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(&self.0);
+    }
+}
+
+/// The outcome of a purchase or hold from the script's reply: `kind` reads the
+/// records of the request's own kind; any other record under the key means the key
+/// was used for the other kind of request.
+/// The sale a record tells of, whether a purchase or a hold's confirmation made it.
+pub(super) fn sale(record: Record) -> Option<Sale> {
+    match record {
+        Record::Sold {
+            quantity,
+            seats_remaining,
+            purchase_id,
+        } => Some(Sale {
+            purchase_id,
+            quantity,
+            seats_remaining,
+        }),
+        _ => None,
+    }
+}
+
+pub(super) fn decision<T>(
+    reply: Reply,
+    quantity: Quantity,
+    kind: impl FnOnce(Record) -> Option<Outcome<T>>,
+) -> Result<Decision<T>> {
+    let (record, replayed) = match reply {
+        Reply::New(record) => (record, false),
+        Reply::Replay(record) => (record, true),
+        Reply::Other(line) if line == "T" || line == "A" => {
+            let outcome = if line == "T" {
+                Outcome::BuyerRequired
+            } else {
+                Outcome::AdmissionRequired
+            };
+            return Ok(Decision {
+                outcome,
+                replayed: false,
+            });
+        }
+        Reply::Other(line) => return Err(unexpected("request", &line)),
+        Reply::Recover | Reply::Invariant => {
+            return Err(Error::RecoveryPending(server_changed()));
+        }
+    };
+    let parsed = Record::parse(&record).ok_or_else(|| unexpected("idempotency record", &record))?;
+    let outcome = if parsed.quantity() != quantity.get() {
+        Outcome::KeyReused
+    } else {
+        kind(parsed).unwrap_or(Outcome::KeyReused)
+    };
+    Ok(Decision { outcome, replayed })
+}
+
+pub(super) fn unexpected(what: &str, reply: &str) -> Error {
+    Error::UnexpectedReply(format!("{what}: {reply:?}"))
+}
+
+pub(super) fn server_changed() -> String {
+    "the Redis server changed while the event was being checked".into()
+}
