@@ -1,5 +1,5 @@
 -- The gate: the only code that moves seats. One call decides a batch of requests of
--- one event, in order, atomically (see src/batch.rs: the requests that arrive while
+-- one event, in order, atomically (see src/gate/batch.rs: the requests that arrive while
 -- the event's previous call is in flight share the next one). A request is a
 -- purchase, a hold, the confirmation or release of a hold, or the cancellation of a
 -- sale; before any of them, the call returns up to EXPIRE_PER_CALL holds of the event
@@ -38,7 +38,7 @@
 --   cancel:         'N' and the cancellation time (Unix microseconds), 'R'
 --   any of them:    'C' alone when the event is missing or was not checked against
 --                   PostgreSQL on this server process (`run` is not this server's run
---                   id; see src/recovery): nothing was done; 'Z' alone when doing it
+--                   id; see src/gate/recovery): nothing was done; 'Z' alone when doing it
 --                   would break an invariant below (counters that recovery should
 --                   have set right): nothing was done.
 -- A call with no request returns how many expired holds it returned (none while the

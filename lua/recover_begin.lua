@@ -1,4 +1,4 @@
--- Step one of bringing an event's state into Redis (src/recovery): takes the event
+-- Step one of bringing an event's state into Redis (src/gate/recovery): takes the event
 -- off sale, so that nothing moves its seats until the last step, and writes its
 -- settings; creates its counters if Redis lacks them (the last step sets them) and
 -- makes sure its stream has the consumer group.

@@ -1,4 +1,4 @@
--- Last step of bringing an event's state into Redis (src/recovery): puts it back on
+-- Last step of bringing an event's state into Redis (src/gate/recovery): puts it back on
 -- sale with the counters and sets an attempt rebuilt, provided the attempt began on
 -- this same server process and no other attempt finished first.
 --

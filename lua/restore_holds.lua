@@ -1,4 +1,4 @@
--- Writes hold hashes as a recovery attempt worked them out (src/recovery/restore.rs),
+-- Writes hold hashes as a recovery attempt worked them out (src/gate/recovery/restore.rs),
 -- only while that attempt still owns the event: on the server it began on, with its
 -- token in place. An attempt that another one overtook must not write over holds
 -- confirmed or released since the event went back on sale.

@@ -1,4 +1,4 @@
--- Adds to a set a recovery attempt rebuilds (src/recovery/restore.rs): the live
+-- Adds to a set a recovery attempt rebuilds (src/gate/recovery/restore.rs): the live
 -- holds (sorted set) or the buyers' counts (hash), only while the attempt owns the
 -- event (see restore_holds.lua). The set lives a while, so that one left by an
 -- attempt that died goes; the last step (recover_end.lua) swaps it in for good.
