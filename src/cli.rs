@@ -8,7 +8,6 @@ use crate::db;
 use crate::domain::Seats;
 use crate::error::{Error, Result};
 use crate::gate::Gate;
-use crate::gate::recovery::Mode;
 use crate::startup::{Application, Stores, shutdown_signal};
 use crate::telemetry;
 
@@ -183,8 +182,7 @@ impl Cli {
                     max_per_buyer,
                     queue: None,
                 };
-                let event = db::create_event(&stores.db, &name, settings).await?;
-                gate.recovery().ensure_event(&event, Mode::Check).await?;
+                let event = gate.create_event(&stores.db, &name, settings).await?;
                 println!("{}", event.id);
                 Ok(())
             }

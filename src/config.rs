@@ -218,7 +218,40 @@ pub struct ServeConfig {
     pub redis_watch_ms: u64,
 }
 
+/// A secret as configured; set but empty (`ADMIN_TOKEN=`) means unset.
+fn secret(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.is_empty())
+}
+
 impl ServeConfig {
+    /// The admin token, if one is set.
+    pub fn admin_token(&self) -> Option<&str> {
+        secret(&self.admin_token)
+    }
+
+    /// The key that verifies buyer tokens, if one is set.
+    pub fn buyer_jwt_key(&self) -> Option<&str> {
+        secret(&self.buyer_jwt_key)
+    }
+
+    /// The admission key and the one before it, if set.
+    pub fn admission_keys(&self) -> Option<(&str, Option<&str>)> {
+        Some((
+            secret(&self.admission_key)?,
+            secret(&self.admission_key_previous),
+        ))
+    }
+
+    /// The browser origins allowed by CORS; `BOXOFFICE_CORS_ORIGINS=` (empty) is
+    /// off, like unset.
+    pub fn cors_origins(&self) -> Vec<String> {
+        self.cors_origins
+            .iter()
+            .map(|o| o.trim().to_owned())
+            .filter(|o| !o.is_empty())
+            .collect()
+    }
+
     /// How often the Redis server is checked; `None` when the watcher is off.
     pub fn redis_watch(&self) -> Option<Duration> {
         (self.redis_watch_ms > 0).then(|| Duration::from_millis(self.redis_watch_ms))

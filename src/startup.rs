@@ -125,37 +125,21 @@ impl Application {
             redis: stores.redis,
             default_event: default_event.id,
             instance_id,
-            admin_token: serve.admin_token.clone().filter(|t| !t.is_empty()),
+            admin_token: serve.admin_token().map(str::to_owned),
             buyer_tokens: serve
-                .buyer_jwt_key
-                .as_deref()
-                .filter(|k| !k.is_empty())
+                .buyer_jwt_key()
                 .map(BuyerTokens::from_key)
                 .transpose()?,
             max_hold_seconds: serve.max_hold_seconds,
             admissions: serve
-                .admission_key
-                .as_deref()
-                .filter(|k| !k.is_empty())
-                .map(|key| {
-                    let previous = serve
-                        .admission_key_previous
-                        .as_deref()
-                        .filter(|k| !k.is_empty());
-                    AdmissionTokens::new(key, previous)
-                })
+                .admission_keys()
+                .map(|(key, previous)| AdmissionTokens::new(key, previous))
                 .transpose()?,
             queue,
             queue_poll_max_ms: serve.queue_poll_max_ms,
             body_limit: serve.body_limit,
             request_timeout: Duration::from_millis(serve.request_timeout_ms),
-            // `BOXOFFICE_CORS_ORIGINS=` (empty) means off, like unset.
-            cors_origins: serve
-                .cors_origins
-                .iter()
-                .map(|o| o.trim().to_owned())
-                .filter(|o| !o.is_empty())
-                .collect(),
+            cors_origins: serve.cors_origins(),
             stats: Stats::default(),
             started: Instant::now(),
             metrics: crate::metrics::install(),

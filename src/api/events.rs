@@ -19,7 +19,6 @@ use crate::db::{self, EventRow};
 use crate::domain::{
     DEFAULT_HOLD_SECONDS, HoldSeconds, MAX_HOLD_SECONDS, MAX_SEATS, SeatLimit, Seats,
 };
-use crate::gate::recovery::Mode;
 use crate::queue::QueueSettings;
 
 pub struct EventsApi;
@@ -359,11 +358,9 @@ async fn create_event(
             seed: Uuid::new_v4().as_u64_pair().0,
         }),
     };
-    let row = db::create_event(&state.db, new.name.as_str(), settings).await?;
-    state
+    let row = state
         .gate
-        .recovery()
-        .ensure_event(&row, Mode::Check)
+        .create_event(&state.db, new.name.as_str(), settings)
         .await?;
     let event = with_seats(state, row).await?;
     tracing::info!(event = %event.id, seats = event.total_seats, "event created");

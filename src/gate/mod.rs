@@ -105,6 +105,22 @@ impl Gate {
         &self.seller
     }
 
+    /// Creates an event: its row in PostgreSQL, then its state in Redis, in that
+    /// order so that Redis never sells an event PostgreSQL lacks. The API and the
+    /// command line both create events here.
+    pub async fn create_event(
+        &self,
+        db: &PgPool,
+        name: &str,
+        settings: crate::db::EventSettings,
+    ) -> Result<crate::db::EventRow> {
+        let row = crate::db::create_event(db, name, settings).await?;
+        self.recovery
+            .ensure_event(&row, recovery::Mode::Check)
+            .await?;
+        Ok(row)
+    }
+
     /// The one way an event's state comes (back) into Redis.
     pub fn recovery(&self) -> &Recovery {
         &self.recovery
