@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Purchase throughput under each Redis persistence setting, for the durability guide
-# in README.md. Starts its own redis-server (port 6391, data in a temporary folder)
+# in docs/operations.md. Starts its own redis-server (port 6391, data in a temporary folder)
 # once per setting, a release boxoffice against it and its own database, and runs
 # the same rush each time. Needs redis-server and PostgreSQL on 127.0.0.1:5432.
 set -euo pipefail

@@ -28,7 +28,7 @@
 //! the first request finds the event missing. ² A restarted server has an empty
 //! script cache: the first request meets NOSCRIPT anyway. ³ Records deleted behind
 //! the service's back (eviction, by hand) while the server runs leave nothing a
-//! request or watcher could notice; `boxoffice reconcile` finds them (README, "Known
+//! request or watcher could notice; `boxoffice reconcile` finds them (docs/operations.md, "Known
 //! limits"). ⁴ The model-based fault test (`tests/api/model/`) draws these losses on
 //! 1–3 replicas, each brought back by the next request, with every other operation
 //! (holds, cancellations, the waiting room) around them.

@@ -91,7 +91,7 @@
 //!
 //! The purchase script reads `INFO server` on each sale (3–4 µs of Redis time). A
 //! recovery rewrites every record within the TTL of its event, during which the
-//! event answers 503; see README "Durability". Records deleted behind the service's
+//! event answers 503; see docs/operations.md, "Durability". Records deleted behind the service's
 //! back on a running server (by eviction, or by hand) are found by `boxoffice
 //! reconcile`.
 //!

@@ -18,7 +18,7 @@
 //! pending entry at once for a few steps (two consumers racing over the same
 //! entries, for writes and for parking). Before a fault that loses Redis data the run waits for the streams to
 //! drain: what reached PostgreSQL must come back whole. (What had not is lost with
-//! Redis by design — README, "Durability" — and `appendfsync always` is what rules
+//! Redis by design — docs/operations.md, "Durability" — and `appendfsync always` is what rules
 //! that out, which `faults.rs` tests.)
 //!
 //! Checked: no seat oversold (in answers, `GET`, rows); each key at most one sale;
@@ -492,7 +492,7 @@ impl Run {
     async fn fault(&mut self, fault: Fault, step: usize) {
         // Replicas start (and the streams drain) only with PostgreSQL up; and it is
         // stopped once at a time. Parked sales live in Redis until they are sent
-        // back: no data is lost while some are (README, "Durability").
+        // back: no data is lost while some are (docs/operations.md, "Durability").
         if self.world.postgres_down || self.refusing_until.is_some() {
             return self.look().await;
         }

@@ -5,7 +5,7 @@
 //! have been decided: it is *pending* until a retry with the same key (or hold, or
 //! sale) settles it. Seat counts are checked against bounds that pending requests
 //! widen. A data-loss fault starts a new *epoch*: refusals recorded before it may be
-//! decided anew (README: refusals are not restored; a refusal sold nothing), tickets
+//! decided anew (docs/operations.md: refusals are not restored; a refusal sold nothing), tickets
 //! of the waiting room may be gone; nothing else may change.
 
 use std::collections::{BTreeMap, HashMap};
