@@ -554,7 +554,15 @@ impl Consumer {
         batch: &'a [(Logged, String)],
     ) -> Result<Option<(u64, Vec<&'a str>)>> {
         let (mut written, mut done) = (0, Vec::new());
+        // Once the event's row is known to be gone, the rest of the batch is parked
+        // without another INSERT each: all of it would be refused alike.
+        let mut row_gone: Option<String> = None;
         for entry in batch {
+            if let Some(reason) = &row_gone {
+                self.park_entry(conn, stream, event, &entry.1, reason)
+                    .await?;
+                continue;
+            }
             match self
                 .write_batch(conn, stream, event, std::slice::from_ref(entry))
                 .await
@@ -567,10 +575,12 @@ impl Consumer {
                 Ok(Written::Busy) => return Ok(None),
                 Err(e) => match db::refused_for_good(&e) {
                     Some(code) => {
-                        if code == db::FOREIGN_KEY_VIOLATION {
-                            self.off_sale_if_gone(conn, event).await?;
-                        }
                         let reason = format!("SQLSTATE {code}: {e}");
+                        if code == db::FOREIGN_KEY_VIOLATION
+                            && self.off_sale_if_gone(conn, event).await?
+                        {
+                            row_gone = Some(reason.clone());
+                        }
                         self.park_entry(conn, stream, event, &entry.1, &reason)
                             .await?;
                     }
@@ -586,9 +596,10 @@ impl Consumer {
     /// be parked. Its next request runs the recovery, which finds no row and
     /// answers 404, so no more seats are sold; what was sold meanwhile waits in the
     /// dead letters until the row is back and `boxoffice reconcile --fix` sends it.
-    async fn off_sale_if_gone(&self, conn: &mut Connection, event: Uuid) -> Result<()> {
+    /// Returns whether the row is gone.
+    async fn off_sale_if_gone(&self, conn: &mut Connection, event: Uuid) -> Result<bool> {
         if db::event(&self.db, event).await?.is_some() {
-            return Ok(());
+            return Ok(false);
         }
         crate::gate::recovery::take_off_sale(conn, &self.keys, event).await?;
         tracing::error!(
@@ -596,7 +607,7 @@ impl Consumer {
             "PostgreSQL has no row for this event: it is off sale (404) and its sales are \
              parked; restore the row, then run `boxoffice reconcile --fix`"
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Whether every one of `ids` is pending for this consumer (one `XPENDING` of each,
