@@ -23,7 +23,7 @@ trap cleanup EXIT
 cleanup
 
 # Buyer and admission tokens on, and holds as long as the schema allows, so every
-# schema-valid event is one this server creates.
+# schema-valid event is one this server creates (or, for an opening out of range, 422).
 BOXOFFICE_LISTEN=127.0.0.1:$PORT DATABASE_URL=$DB_URL BOXOFFICE_KEY_PREFIX=$PREFIX ADMIN_TOKEN=$TOKEN \
     BOXOFFICE_BUYER_JWT_KEY="fuzz-buyer-key-$$-of-at-least-32-bytes" BOXOFFICE_MAX_HOLD_SECONDS=86400 \
     BOXOFFICE_ADMISSION_KEY="fuzz-admission-key-$$-of-at-least-32-bytes" \

@@ -72,6 +72,10 @@ pub enum ErrorCode {
     /// buyer needs `BOXOFFICE_BUYER_JWT_KEY`, a waiting room also
     /// `BOXOFFICE_ADMISSION_KEY`. Nothing was created.
     FeatureNotConfigured,
+    /// A setting of the event is well formed but outside what the server takes:
+    /// `holdSeconds` above `BOXOFFICE_MAX_HOLD_SECONDS`, `queue.opensAt` not within
+    /// the last 24 hours or the next 366 days. Nothing was created.
+    InvalidEventSetting,
     /// The admin API is disabled because no admin token is configured.
     AdminDisabled,
     /// Redis or PostgreSQL is unreachable; retry after `Retry-After` seconds.

@@ -192,8 +192,7 @@ pub enum CreateEventResponse {
     #[oai(status = 201)]
     Created(Json<Event>, #[oai(header = "Location")] String),
     /// `INVALID_BODY` (name must be 1–200 characters, totalSeats 1–1,000,000,
-    /// holdSeconds 1 to the server's maximum, queue.opensAt within the last 24 hours
-    /// or the next 366 days).
+    /// holdSeconds at least 1, the body as the schema says).
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// `UNAUTHORIZED`: missing or wrong bearer token.
@@ -210,6 +209,9 @@ pub enum CreateEventResponse {
     UnsupportedMediaType(Json<ErrorBody>),
     /// `FEATURE_NOT_CONFIGURED`: `maxPerBuyer` needs a server with
     /// `BOXOFFICE_BUYER_JWT_KEY`, `queue` one with `BOXOFFICE_ADMISSION_KEY` too.
+    /// `INVALID_EVENT_SETTING`: `holdSeconds` above the server's maximum
+    /// (`BOXOFFICE_MAX_HOLD_SECONDS`), or `queue.opensAt` not within the last 24
+    /// hours or the next 366 days.
     #[oai(status = 422)]
     NotConfigured(Json<ErrorBody>),
     /// `INTERNAL_ERROR`.
@@ -308,10 +310,12 @@ async fn create_event(
         .hold_seconds
         .0
         .map_or(DEFAULT_HOLD_SECONDS, HoldSeconds::get);
+    // Well formed (the schema's bounds hold) but outside this server's: 422, as a
+    // schema-valid request that cannot be taken.
     if hold_seconds > state.max_hold_seconds {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidBody,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidEventSetting,
             format!(
                 "holdSeconds must be from 1 to {} (BOXOFFICE_MAX_HOLD_SECONDS)",
                 state.max_hold_seconds
@@ -324,7 +328,11 @@ async fn create_event(
             chrono::Utc::now().timestamp_millis(),
         )
         .map_err(|message| {
-            ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidBody, message)
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::InvalidEventSetting,
+                message,
+            )
         })?;
     }
     let not_configured = |message: &str| {

@@ -430,11 +430,11 @@ async fn waiting_room_times_are_checked() {
             .await;
         assert_eq!(
             reply.status,
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "{opens_at}: {:?}",
             reply.body
         );
-        assert_eq!(reply.code(), "INVALID_BODY");
+        assert_eq!(reply.code(), "INVALID_EVENT_SETTING");
         let message = reply.body["message"].as_str().unwrap();
         assert!(message.contains("opensAt"), "{message}");
     }
