@@ -11,17 +11,21 @@ use crate::config::LogFormat;
 /// libraries (sqlx logs every slow statement at info).
 const DEFAULT_FILTER: &str = "info,sqlx=warn,poem=warn";
 
-/// Installs the global subscriber. A second call (tests start many apps in one
-/// process) leaves the first one in place.
+/// Installs the global subscriber, writing to standard error: standard output is
+/// what commands print (`event create` its id, `openapi` the spec), so
+/// `EVENT=$(boxoffice event create …)` captures the id alone. A second call (tests
+/// start many apps in one process) leaves the first one in place.
 pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,
-        LogFormat::Auto => !std::io::stdout().is_terminal(),
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if json {
         builder
             .json()

@@ -187,3 +187,34 @@ async fn a_store_that_cannot_be_reached_is_named_without_its_password() {
     );
     assert_no_secrets(&text);
 }
+
+/// Commands print their result alone on standard output; logs go to standard error,
+/// so `EVENT=$(boxoffice event create …)` captures the id.
+#[tokio::test]
+async fn event_create_prints_only_the_id_on_standard_output() {
+    let env = TestEnv::new().await;
+    let output = Command::new(env!("CARGO_BIN_EXE_boxoffice"))
+        .args(["event", "create", "--name", "printed", "--seats", "7"])
+        .env("REDIS_URL", &env.redis_url)
+        .env("DATABASE_URL", &env.database_url)
+        .env("BOXOFFICE_KEY_PREFIX", &env.prefix)
+        .env("BOXOFFICE_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let id: uuid::Uuid = stdout
+        .trim_end()
+        .parse()
+        .unwrap_or_else(|e| panic!("stdout {stdout:?} is not one id ({e}); stderr: {stderr}"));
+    assert_eq!(stdout, format!("{id}\n"));
+    let seats: i32 = sqlx::query_scalar("SELECT total_seats FROM events WHERE id = $1")
+        .bind(id)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    assert_eq!(seats, 7);
+}
