@@ -119,19 +119,20 @@ impl Keys {
 
     /// The event a dead-letter stream key belongs to.
     pub fn event_of_dead_letters(&self, key: &str) -> Option<Uuid> {
-        key.strip_prefix(&self.prefix)?
-            .strip_prefix(":{")?
-            .strip_suffix("}:dead")?
-            .parse()
-            .ok()
+        self.event_of(key, "dead")
     }
 
     /// The event a stream key belongs to.
     pub fn event_of_stream(&self, stream: &str) -> Option<Uuid> {
-        stream
-            .strip_prefix(&self.prefix)?
+        self.event_of(stream, "log")
+    }
+
+    /// The event of a key `<prefix>:{<event>}:<kind>`.
+    fn event_of(&self, key: &str, kind: &str) -> Option<Uuid> {
+        key.strip_prefix(&self.prefix)?
             .strip_prefix(":{")?
-            .strip_suffix("}:log")?
+            .strip_suffix(kind)?
+            .strip_suffix("}:")?
             .parse()
             .ok()
     }
