@@ -89,12 +89,7 @@ pub struct PurchaseRow {
 
 /// Connects to PostgreSQL, creating the database if it does not exist, and migrates it.
 pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
-    let unreachable = |e: sqlx::Error| {
-        Error::Startup(format!(
-            "cannot reach PostgreSQL at {} ({e}); start it or set DATABASE_URL",
-            redact_url(url)
-        ))
-    };
+    let unreachable = |e: sqlx::Error| connect_error(url, e);
     if !Postgres::database_exists(url).await.map_err(unreachable)? {
         // Another replica may create it between our check and our CREATE.
         if let Err(e) = Postgres::create_database(url).await
@@ -112,6 +107,21 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
         .map_err(unreachable)?;
     sqlx::migrate!().run(&pool).await?;
     Ok(pool)
+}
+
+/// Why startup could not use PostgreSQL, with the advice that fits: a server that
+/// answered and refused (a wrong role, password or database) needs another
+/// DATABASE_URL, not to be started.
+fn connect_error(url: &str, e: sqlx::Error) -> Error {
+    let url = redact_url(url);
+    Error::Startup(match &e {
+        sqlx::Error::Database(refusal) => format!(
+            "PostgreSQL at {url} refused: {}; check the user, password and database \
+             name in DATABASE_URL (the user needs CREATEDB if the database does not exist)",
+            refusal.message()
+        ),
+        _ => format!("cannot reach PostgreSQL at {url} ({e}); start it or set DATABASE_URL"),
+    })
 }
 
 pub async fn create_event<'c>(

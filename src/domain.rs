@@ -162,7 +162,7 @@ impl Seats {
     }
 
     pub fn rule() -> String {
-        format!("an event has from 1 to {MAX_SEATS} seats")
+        format!("totalSeats must be an integer from 1 to {MAX_SEATS}")
     }
 }
 

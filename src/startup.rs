@@ -246,7 +246,18 @@ impl ShutdownHandle {
 /// flash crowd connects at once, and each dropped SYN costs the client a 1 s retry.
 async fn bind(serve: &ServeConfig) -> Result<TcpListener> {
     let addr = serve.listen;
-    let fail = |e: std::io::Error| Error::Startup(format!("cannot listen on {addr}: {e}"));
+    let fail = |e: std::io::Error| {
+        Error::Startup(if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(
+                "cannot listen on {addr}: another process is listening there; stop it or \
+                 set BOXOFFICE_LISTEN to a free address"
+            )
+        } else {
+            format!(
+                "cannot listen on {addr} ({e}); set BOXOFFICE_LISTEN to an address this host has"
+            )
+        })
+    };
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {

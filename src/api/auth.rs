@@ -38,7 +38,7 @@ pub fn authorize(state: &AppState, auth: &AdminAuth) -> Result<(), ApiError> {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorCode::AdminDisabled,
-            "the admin API is disabled: the server has no ADMIN_TOKEN",
+            "the admin API is disabled: start the server with ADMIN_TOKEN set to enable it",
         ));
     };
     if bool::from(auth.0.token.as_bytes().ct_eq(expected.as_bytes())) {
@@ -47,7 +47,7 @@ pub fn authorize(state: &AppState, auth: &AdminAuth) -> Result<(), ApiError> {
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
-            "wrong bearer token",
+            "the bearer token is not the server's ADMIN_TOKEN",
         ))
     }
 }

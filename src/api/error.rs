@@ -3,7 +3,7 @@
 
 use poem::http::StatusCode;
 use poem_openapi::error::{
-    ContentTypeError, ParseParamError, ParsePathError, ParseRequestPayloadError,
+    AuthorizationError, ContentTypeError, ParseParamError, ParsePathError, ParseRequestPayloadError,
 };
 use poem_openapi::{Enum, Object};
 
@@ -117,32 +117,44 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             ErrorCode::EventNotFound,
-            "no event with this id",
+            "no event with this id: GET /api/v1/events lists the events",
         )
     }
 
     /// Maps a failure to extract the request (headers, path, body) to the API's own
-    /// error. poem-openapi hands these over as opaque `poem::Error`s.
+    /// error. poem-openapi hands these over as opaque `poem::Error`s whose texts name
+    /// its parsers' types; a client is told instead, in the API's words, which field
+    /// or header to change and what a valid value looks like.
     pub fn from_request_error(err: poem::Error) -> Self {
         if let Some(e) = err.downcast_ref::<ParseParamError>() {
-            let code = if e.name.eq_ignore_ascii_case("Idempotency-Key") {
-                ErrorCode::InvalidIdempotencyKey
-            } else {
-                ErrorCode::InvalidParameter
-            };
-            let message = if code == ErrorCode::InvalidIdempotencyKey {
-                "the Idempotency-Key header is required: 1 to 255 printable ASCII characters".into()
-            } else {
-                format!("invalid parameter {}: {}", e.name, e.reason)
-            };
-            return Self::new(StatusCode::BAD_REQUEST, code, message);
+            if !e.name.eq_ignore_ascii_case("Idempotency-Key") {
+                return Self::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidParameter,
+                    format!("the {} parameter is not valid (see /docs)", e.name),
+                );
+            }
+            return Self::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidIdempotencyKey,
+                "send an Idempotency-Key header of 1 to 255 printable ASCII characters: \
+                 a new one (a UUID, say) per purchase, the same one for its retries",
+            );
         }
         if let Some(e) = err.downcast_ref::<ParsePathError>() {
             // `e.name` is poem-openapi's internal name (`param0`), not the documented one.
+            let what = if e.reason.contains("found 0") {
+                "is empty (is the variable that holds it set?)"
+            } else {
+                "is not a UUID"
+            };
             return Self::new(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidParameter,
-                format!("invalid path parameter: {}", e.reason),
+                format!(
+                    "an id in the path {what}: event, hold and purchase ids are UUIDs \
+                     as the API returns them, such as 01a220c6-8a7c-75ef-9c0b-53d5363b7420"
+                ),
             );
         }
         if let Some(e) = err.downcast_ref::<ParseRequestPayloadError>() {
@@ -152,27 +164,55 @@ impl ApiError {
             return Self::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ErrorCode::UnsupportedMediaType,
-                "the body must be JSON with Content-Type: application/json",
+                "the body must be JSON sent with Content-Type: application/json",
+            );
+        }
+        if err.is::<AuthorizationError>() {
+            // Only the admin scheme can fail: a buyer token is optional.
+            return Self::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "this call needs the admin token: send Authorization: Bearer <token>, \
+                 where <token> is the server's ADMIN_TOKEN",
             );
         }
         Self::from_status(err.status(), err.to_string())
     }
 
-    /// poem-openapi reports JSON syntax errors with serde's message, a body of the
-    /// wrong shape as "Expected input type \"PurchaseRequest\"…", and a bad field
-    /// inside it with "field `quantity` …" or "(occurred while parsing \"PurchaseRequest\")".
+    /// poem-openapi reports a body that is not JSON with serde's message, one of the
+    /// wrong shape as `Expected input type "PurchaseRequest", found …`, and a bad
+    /// field as `failed to parse "<type>": <why> (occurred while parsing "<schema>")`,
+    /// where `<why>` is this API's own rule when one of its types refused the value.
     fn from_payload_error(reason: &str) -> Self {
-        let in_quantity = reason.contains("field `quantity`")
-            || reason.contains("occurred while parsing \"PurchaseRequest\"")
-            || reason.contains("occurred while parsing \"HoldRequest\"");
-        let code = if in_quantity {
-            ErrorCode::InvalidQuantity
-        } else {
-            ErrorCode::InvalidBody
+        let schema = reason
+            .rsplit("(occurred while parsing \"")
+            .next()
+            .filter(|_| reason.contains("(occurred while parsing"))
+            .or_else(|| reason.strip_prefix("Expected input type \""))
+            .and_then(|rest| rest.split('"').next());
+        let Some(schema) = schema else {
+            let at = reason
+                .rsplit_once(" at line ")
+                .and_then(|(_, at)| at.split_once(" column "))
+                .map(|(line, column)| format!(" (the error is at line {line}, column {column})"))
+                .unwrap_or_default();
+            return Self::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidBody,
+                format!("the body is not valid JSON{at}"),
+            );
         };
-        let message = match code {
-            ErrorCode::InvalidQuantity => format!("{} ({reason})", Quantity::rule()),
-            _ => format!("the body must be a JSON object as documented ({reason})"),
+        let whole_body_wrong = reason.starts_with("Expected input type");
+        let (code, message) = match schema {
+            "PurchaseRequest" | "HoldRequest" if !whole_body_wrong => (
+                ErrorCode::InvalidQuantity,
+                format!("{}, as in {{\"quantity\": 2}}", Quantity::rule()),
+            ),
+            "PurchaseRequest" | "HoldRequest" => (
+                ErrorCode::InvalidBody,
+                "the body must be a JSON object such as {\"quantity\": 2}".to_string(),
+            ),
+            _ => (ErrorCode::InvalidBody, event_body_problem(reason)),
         };
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
@@ -194,6 +234,40 @@ impl ApiError {
     }
 }
 
+/// What is wrong with an event's body, in the API's words: the rule of the field a
+/// type of this API refused (those rules name their field), else what the body or
+/// its waiting room must look like.
+fn event_body_problem(reason: &str) -> String {
+    let innermost = reason
+        .split("failed to parse \"")
+        .nth(1)
+        .and_then(|rest| rest.split_once("\": "))
+        .map(|(_, why)| why.split(" (occurred while parsing").next().unwrap_or(why));
+    if let Some(rule) = innermost.filter(|why| names_a_field(why)) {
+        return rule.to_string();
+    }
+    if reason.contains("\"WaitingRoom\"") {
+        return "queue must be an object such as {\"opensAt\": \"2026-12-24T18:00:00Z\", \
+                \"admitPerSecond\": 50, \"admissionSeconds\": 300}: opensAt an RFC 3339 \
+                time, admitPerSecond from 1 to 100000, admissionSeconds from 1 to 3600"
+            .into();
+    }
+    "the body must be an event such as {\"name\": \"Encore\", \"totalSeats\": 300}, \
+     optionally with holdSeconds, maxPerBuyer and queue (see /docs)"
+        .into()
+}
+
+/// Whether a refusal is one of this API's own rules, which start with the field's
+/// name ("quantity must be …", "name may not …").
+fn names_a_field(why: &str) -> bool {
+    let mut words = why.split(' ');
+    let field = words.next().unwrap_or_default();
+    !field.is_empty()
+        && field.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+        && field.starts_with(|c: char| c.is_ascii_lowercase())
+        && matches!(words.next(), Some("must" | "may"))
+}
+
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         match err {
@@ -211,7 +285,7 @@ impl From<Error> for ApiError {
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     ErrorCode::InternalError,
-                    "internal error; see the server log for this request id",
+                    "internal error: report the X-Request-Id of this response; the server's log has the details under it",
                 )
             }
         }

@@ -118,7 +118,9 @@ checked_string_type!(
 impl ParseFromJSON for EventName {
     fn parse_from_json(value: Option<serde_json::Value>) -> ParseResult<Self> {
         let Some(serde_json::Value::String(name)) = value else {
-            return Err(ParseError::custom("name must be a string"));
+            return Err(ParseError::custom(
+                "name must be a string of 1 to 200 characters",
+            ));
         };
         let chars = name.chars().count();
         if chars == 0 || chars > Self::MAX_CHARS {

@@ -341,7 +341,7 @@ impl HoldsApi {
                 Release::Confirmed => Err(ApiError::new(
                     StatusCode::CONFLICT,
                     ErrorCode::HoldConfirmed,
-                    "the hold was confirmed and the sale stands",
+                    "the hold was confirmed and the sale stands: an admin can cancel the sale (POST …/purchases/{purchaseId}/cancel)",
                 )),
             }
         };

@@ -117,7 +117,11 @@ async fn handle<E: Endpoint>(ep: &E, mut req: Request, state: &AppState) -> Resp
         .unwrap_or_else(|_| {
             json_error(ApiError::from_status(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("the request was not received and answered within {timeout:?}"),
+                format!(
+                    "the request was not received and answered within {timeout:?}: send the \
+                     body at once; a purchase may have been made, so retry with the same \
+                     Idempotency-Key to learn its outcome"
+                ),
             ))
         })
 }
@@ -125,7 +129,14 @@ async fn handle<E: Endpoint>(ep: &E, mut req: Request, state: &AppState) -> Resp
 /// An error poem raised (no route, wrong method, a limit) as the API's JSON error; a
 /// 405 carries `Allow`, as HTTP requires.
 fn error_response(e: &poem::Error) -> Response {
-    let mut response = json_error(ApiError::from_status(e.status(), e.to_string()));
+    let message = match e.status() {
+        StatusCode::NOT_FOUND => "no such route: the API's routes are listed at /docs".into(),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            "this route does not take this method: the Allow header lists those it takes".into()
+        }
+        _ => e.to_string(),
+    };
+    let mut response = json_error(ApiError::from_status(e.status(), message));
     if let Some(pattern) = e.data::<PathPattern>() {
         if e.status() == StatusCode::METHOD_NOT_ALLOWED
             && let Some(allow) = route(pattern).and_then(|r| r.allow.clone())

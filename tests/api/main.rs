@@ -5,6 +5,7 @@ mod batch;
 mod buyers;
 mod cancel;
 mod concurrency;
+mod errors;
 mod events;
 mod faults;
 mod helpers;

@@ -122,8 +122,9 @@ enum Mode {
         /// Share of sales cancelled after the run.
         #[arg(long, default_value_t = 0.05)]
         cancel_share: f64,
-        /// PostgreSQL URL; when given, waits for the consumer and checks the rows.
-        #[arg(long)]
+        /// PostgreSQL URL (default: DATABASE_URL, as the server); when given, waits
+        /// for the consumer and checks the rows.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
         /// Give up on one request after this long.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -213,8 +214,9 @@ pub struct Common {
     /// Seats per purchase: a number from 1 to 10, or `mixed` (1–10).
     #[arg(long, default_value = "1")]
     pub quantity: QuantityArg,
-    /// PostgreSQL URL; when given, waits for the consumer and checks one row per sale.
-    #[arg(long)]
+    /// PostgreSQL URL (default: DATABASE_URL, as the server); when given, waits for
+    /// the consumer and checks one row per sale.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
