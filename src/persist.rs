@@ -46,6 +46,8 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 /// How long a batch waits for its event's lock while a recovery holds it, before the
 /// consumer leaves it pending and goes on with other events.
 const LOCK_WAIT: &str = "SET LOCAL lock_timeout = '500ms'";
+/// Back to no bound, once the event's lock is held.
+const LOCK_WAIT_ENDED: &str = "SET LOCAL lock_timeout TO DEFAULT";
 
 /// What became of a batch.
 enum Written {
@@ -528,6 +530,10 @@ impl Consumer {
             }
             locked => locked?,
         }
+        // The bound is for the recovery's lock only: the INSERT may wait on row or
+        // table locks as long as it must, or a batch a recovery is waiting for would
+        // give up and leave that recovery counting without it.
+        sqlx::query(LOCK_WAIT_ENDED).execute(&mut *tx).await?;
         let ids: Vec<&str> = batch.iter().map(|(_, id)| id.as_str()).collect();
         if !self.still_pending(conn, stream, &ids).await? {
             crate::metrics::consumer_batch_dropped();

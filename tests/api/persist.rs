@@ -464,7 +464,9 @@ async fn a_batch_in_flight_when_redis_loses_its_data_is_counted_by_the_recovery(
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Longer than the consumer's bound on waiting for the recovery's lock, which must
+    // not bound its INSERT's wait.
+    tokio::time::sleep(Duration::from_millis(800)).await;
     blocker.commit().await.unwrap();
 
     // The write lands, and the recovery counts it: the event is sold out, not sold again.
