@@ -18,6 +18,9 @@ DURATION=${DURATION:-8s}
 RDB=${AB_REDIS_DB:-13}
 PORT=${PORT:-3931}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
+# Each server and rush run below names its database; one in the caller's DATABASE_URL
+# would make rush check rows there.
+unset DATABASE_URL
 URL="http://127.0.0.1:$PORT"
 OUT=bench/ab
 rm -rf "$OUT" && mkdir -p "$OUT"

@@ -27,6 +27,9 @@ SWEEP=${SWEEP:-5000 10000 15000 20000 25000 30000 35000 40000 45000 50000}
 SWEEP_DURATION=${SWEEP_DURATION:-5s}
 RECOVERY_SALES=${RECOVERY_SALES:-100000}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
+# Each server and rush run below names its database; one in the caller's DATABASE_URL
+# would make rush check rows there.
+unset DATABASE_URL
 REDIS_HOST=127.0.0.1
 REDIS_PORT=${REDIS_PORT:-6379}
 # The drain phase uses a Redis logical database and a PostgreSQL database of its own:

@@ -15,11 +15,12 @@ first) and HOME only, so an example must set whatever else it uses. In a ```cons
 block, each `$ ` line is a command (a line ending in `\\` continues it) and the lines
 after it, up to the next command, are its expected output (standard output and
 error, as a terminal shows them); a ```sh block's commands only have to succeed. A
-command that exits non-zero fails the run.
+command that exits non-zero fails the run (with pipefail: any part of a pipeline).
 
-Expected output matches when each line matches: `…` stands for any text, a UUID for
-any UUID and a timestamp for any timestamp; trailing blanks are ignored.
-`--update` writes what the run printed into the files wherever it did not match.
+Expected output matches when each line matches: `…` stands for any text, a timestamp
+for any timestamp, and a UUID for the id this run gave in its place, the same one
+wherever the page shows that UUID; trailing blanks are ignored. `--update` writes
+what the run printed into the files, keeping the lines that still match as shown.
 
 The server is `boxoffice serve` on 127.0.0.1:3000 with its defaults (Redis and
 PostgreSQL on their standard local ports, database `boxoffice`), as the README runs
@@ -161,7 +162,7 @@ def pattern_of(expected_line):
         if piece == "…":
             parts.append(".*?")
         elif re.fullmatch(UUID, piece):
-            parts.append(UUID)
+            parts.append(f"({UUID})")
         elif re.fullmatch(TIMESTAMP, piece):
             parts.append(TIMESTAMP)
         else:
@@ -169,12 +170,45 @@ def pattern_of(expected_line):
     return re.compile("".join(parts) + r"\s*")
 
 
-def matches(expected, actual):
+def trimmed(expected):
     while expected and not expected[-1].strip():
         expected = expected[:-1]
+    return expected
+
+
+def line_matches(expected_line, actual_line, ids):
+    """Whether the line matches; a UUID shown stands for one actual id throughout a
+    file (`ids`, both ways), so an example that shows a hold's id coming back as the
+    purchase id checks that it does."""
+    m = pattern_of(expected_line).fullmatch(actual_line)
+    if not m:
+        return False
+    shown = re.findall(UUID, expected_line)
+    for shown_id, actual_id in zip(shown, m.groups()):
+        if ids.setdefault(("shown", shown_id), actual_id) != actual_id or \
+                ids.setdefault(("actual", actual_id), shown_id) != shown_id:
+            return False
+    return True
+
+
+def matches(expected, actual, ids):
+    expected = trimmed(expected)
     if len(expected) != len(actual):
         return False
-    return all(pattern_of(e).fullmatch(a) for e, a in zip(expected, actual))
+    trial = dict(ids)
+    if all(line_matches(e, a, trial) for e, a in zip(expected, actual)):
+        ids.update(trial)
+        return True
+    return False
+
+
+def updated(expected, actual):
+    """The output to write: where the shape is the same, each line that still
+    matches is kept as shown (its `…` and ids stay), the others are this run's."""
+    expected = trimmed(expected)
+    if len(expected) != len(actual):
+        return actual
+    return [e if line_matches(e, a, {}) else a for e, a in zip(expected, actual)]
 
 
 class Server:
@@ -232,9 +266,13 @@ class Shell:
         self.workdir = workdir
         env = {"PATH": f"{bin_dir}:{os.environ['PATH']}",
                "HOME": os.environ.get("HOME", "/"), "LANG": "C.UTF-8"}
+        # Its own process group, so that a command that hangs goes with it.
         self.proc = subprocess.Popen(["bash", "--noprofile", "--norc"], cwd=workdir, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+                                     stderr=subprocess.DEVNULL, text=True,
+                                     start_new_session=True)
+        # A pipeline fails when any part of it does: `curl … | jq` with curl failing.
+        self.proc.stdin.write("set -o pipefail\n")
         self.n = 0
 
     def run(self, command):
@@ -249,6 +287,7 @@ class Shell:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                self.kill()
                 raise Failure(f"timed out after {COMMAND_TIMEOUT_S} s: {command}")
             line = self.proc.stdout.readline()
             if not line:
@@ -258,9 +297,20 @@ class Shell:
                 text = output.read_text(errors="replace")
                 return status, [l.rstrip() for l in text.rstrip("\n").split("\n")] if text else []
 
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
     def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
 
 
 def run_file(path, server, bin_dir, update):
@@ -270,6 +320,7 @@ def run_file(path, server, bin_dir, update):
         return 0, 0
     failures, ran = 0, 0
     rewrites = []  # (block, command index, new output lines)
+    ids = {}  # the UUIDs shown in this file and the ones this run gave
     with tempfile.TemporaryDirectory() as workdir:
         shell = Shell(bin_dir, workdir)
         try:
@@ -286,11 +337,11 @@ def run_file(path, server, bin_dir, update):
                         print(f"FAIL {where}: exit {status}: {command}")
                         print("\n".join(f"     | {l}" for l in actual))
                         continue
-                    if expected is None or matches(expected, actual):
+                    if expected is None or matches(expected, actual, ids):
                         print(f"ok   {where}: {command.splitlines()[0]}")
                         continue
                     if update:
-                        rewrites.append((block, n, actual))
+                        rewrites.append((block, n, updated(expected, actual)))
                         print(f"upd  {where}: {command.splitlines()[0]}")
                         continue
                     failures += 1

@@ -10,6 +10,9 @@ REDIS_PORT=6391
 APP_PORT=3910
 DURATION=${DURATION:-10s}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
+# Each server and rush run below names its database; one in the caller's DATABASE_URL
+# would make rush check rows there.
+unset DATABASE_URL
 DB_URL="$PG/boxoffice_durability"
 cargo build --release --bins --quiet
 

@@ -86,11 +86,11 @@ impl BuyerTokens {
             }
             return Err(TokenRefused(format!(
                 "the buyer token {}",
-                why_refused(&jsonwebtoken::errors::ErrorKind::ExpiredSignature)
+                self.why_refused(&jsonwebtoken::errors::ErrorKind::ExpiredSignature)
             )));
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| TokenRefused(format!("the buyer token {}", why_refused(e.kind()))))?;
+            .map_err(|e| TokenRefused(format!("the buyer token {}", self.why_refused(e.kind()))))?;
         let buyer = Buyer::try_from(data.claims.sub).map_err(|e| TokenRefused(e.into()))?;
         let mut remembered = self.remembered();
         if remembered.len() >= REMEMBERED {
@@ -100,32 +100,41 @@ impl BuyerTokens {
         Ok(buyer)
     }
 
+    /// Why a token was refused, in words its issuer can act on (the library's own
+    /// texts name its error kinds).
+    fn why_refused(&self, kind: &jsonwebtoken::errors::ErrorKind) -> String {
+        use jsonwebtoken::errors::ErrorKind as Kind;
+        let algorithm = self
+            .validation
+            .algorithms
+            .first()
+            .copied()
+            .unwrap_or_default();
+        match kind {
+            Kind::ExpiredSignature => "has expired (its exp is past): issue a new one".into(),
+            Kind::ImmatureSignature => "is not valid yet (its nbf is ahead)".into(),
+            Kind::InvalidSignature => {
+                "is not signed with the server's BOXOFFICE_BUYER_JWT_KEY".into()
+            }
+            Kind::InvalidAlgorithm | Kind::MissingAlgorithm | Kind::InvalidAlgorithmName => {
+                format!("must be signed with {algorithm:?}, as the server's key is")
+            }
+            Kind::MissingRequiredClaim(claim) => {
+                format!("has no {claim} claim: sub and exp are required")
+            }
+            Kind::InvalidClaimFormat(claim) => {
+                format!("has a malformed {claim} claim: sub is a string, exp seconds since 1970")
+            }
+            _ => format!(
+                "is not a JWT: send header.claims.signature, base64url-encoded, signed with \
+                 {algorithm:?}, with sub (the buyer) and exp"
+            ),
+        }
+    }
+
     fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Buyer, u64)>> {
         // A plain map that a panicking holder cannot leave half-changed.
         self.verified.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Why a token was refused, in words its issuer can act on (the library's own
-/// texts name its error kinds).
-fn why_refused(kind: &jsonwebtoken::errors::ErrorKind) -> String {
-    use jsonwebtoken::errors::ErrorKind as Kind;
-    match kind {
-        Kind::ExpiredSignature => "has expired (its exp is past): issue a new one".into(),
-        Kind::ImmatureSignature => "is not valid yet (its nbf is ahead)".into(),
-        Kind::InvalidSignature => "is not signed with the server's BOXOFFICE_BUYER_JWT_KEY".into(),
-        Kind::InvalidAlgorithm | Kind::MissingAlgorithm | Kind::InvalidAlgorithmName => {
-            "must be signed with HS256".into()
-        }
-        Kind::MissingRequiredClaim(claim) => {
-            format!("has no {claim} claim: sub and exp are required")
-        }
-        Kind::InvalidClaimFormat(claim) => {
-            format!("has a malformed {claim} claim: sub is a string, exp seconds since 1970")
-        }
-        _ => "is not a JWT: send header.claims.signature, base64url-encoded, signed with \
-              HS256, with sub (the buyer) and exp"
-            .into(),
     }
 }
 

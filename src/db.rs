@@ -117,7 +117,8 @@ fn connect_error(url: &str, e: sqlx::Error) -> Error {
     Error::Startup(match &e {
         sqlx::Error::Database(refusal) => format!(
             "PostgreSQL at {url} refused: {}; check the user, password and database \
-             name in DATABASE_URL (the user needs CREATEDB if the database does not exist)",
+             name in DATABASE_URL (to create a missing database, the user needs CREATEDB \
+             and access to the postgres database)",
             refusal.message()
         ),
         _ => format!("cannot reach PostgreSQL at {url} ({e}); start it or set DATABASE_URL"),

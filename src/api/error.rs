@@ -143,7 +143,7 @@ impl ApiError {
         }
         if let Some(e) = err.downcast_ref::<ParsePathError>() {
             // `e.name` is poem-openapi's internal name (`param0`), not the documented one.
-            let what = if e.reason.contains("found 0") {
+            let what = if e.reason.contains("invalid length: found 0") {
                 "is empty (is the variable that holds it set?)"
             } else {
                 "is not a UUID"
@@ -173,7 +173,8 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,
                 "this call needs the admin token: send Authorization: Bearer <token>, \
-                 where <token> is the server's ADMIN_TOKEN",
+                 where <token> is the server's ADMIN_TOKEN (a server started without \
+                 one has the admin API disabled)",
             );
         }
         Self::from_status(err.status(), err.to_string())
@@ -245,6 +246,11 @@ fn event_body_problem(reason: &str) -> String {
         .map(|(_, why)| why.split(" (occurred while parsing").next().unwrap_or(why));
     if let Some(rule) = innermost.filter(|why| names_a_field(why)) {
         return rule.to_string();
+    }
+    if innermost.is_some_and(|why| why.starts_with("leave the field out")) {
+        return "holdSeconds, maxPerBuyer and queue take no null: leave a field out to \
+                have none"
+            .into();
     }
     if reason.contains("\"WaitingRoom\"") {
         return "queue must be an object such as {\"opensAt\": \"2026-12-24T18:00:00Z\", \

@@ -123,7 +123,7 @@ enum Mode {
         #[arg(long, default_value_t = 0.05)]
         cancel_share: f64,
         /// PostgreSQL URL (default: DATABASE_URL, as the server); when given, waits
-        /// for the consumer and checks the rows.
+        /// for the consumer and checks the rows. Empty: no check.
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
         /// Give up on one request after this long.
@@ -215,7 +215,7 @@ pub struct Common {
     #[arg(long, default_value = "1")]
     pub quantity: QuantityArg,
     /// PostgreSQL URL (default: DATABASE_URL, as the server); when given, waits for
-    /// the consumer and checks one row per sale.
+    /// the consumer and checks one row per sale. Empty: no check.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Print the report as JSON.
@@ -337,7 +337,7 @@ async fn main() -> ExitCode {
                 confirm_share: share(confirm_share),
                 release_share: share(release_share),
                 cancel_share: share(cancel_share),
-                database_url,
+                database_url: database_url.filter(|url| !url.is_empty()),
                 timeout,
             };
             return finish(holds::run(plan).await, json);

@@ -109,7 +109,7 @@ pub async fn run(common: &Common, report: &mut Report) -> bool {
                 detail: format!("{} mismatched", report.replay_mismatches),
             });
         }
-        if let Some(url) = &common.database_url {
+        if let Some(url) = common.database_url.as_deref().filter(|url| !url.is_empty()) {
             checks.push(persisted(url, report).await);
         }
     }
