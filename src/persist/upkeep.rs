@@ -1,0 +1,203 @@
+//! Looking after the streams and the group: finding the events' streams, taking over
+//! what dead consumers left pending, removing departed consumers, trimming what was
+//! written, and deleting old hold rows.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use deadpool_redis::redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamInfoConsumersReply,
+};
+use deadpool_redis::redis::{self, AsyncCommands};
+
+use super::parking::lost;
+use super::{
+    CONSUMER_GROUP, Connection, Consumer, Cursor, PRUNE_EVERY, PRUNE_STATEMENTS_PER_ROUND,
+    TRIM_EVERY, backlog,
+};
+use crate::db;
+use crate::error::Result;
+
+impl Consumer {
+    /// Re-reads the set of events (new ones appear while running), makes sure each
+    /// stream has the group, and updates the backlog gauge.
+    pub(super) async fn refresh_streams(
+        &self,
+        conn: &mut Connection,
+        cursor: &mut Cursor,
+    ) -> Result<()> {
+        let ids: Vec<String> = conn.smembers(self.keys.events()).await?;
+        cursor.streams = ids
+            .iter()
+            .filter_map(|id| id.parse().ok())
+            .map(|id| self.keys.stream(id))
+            .collect();
+        cursor.refreshed = Some(Instant::now());
+        let mut pending = 0;
+        for stream in &cursor.streams {
+            if !cursor.grouped.contains(stream) {
+                ensure_group(conn, stream).await?;
+                cursor.grouped.insert(stream.clone());
+            }
+            pending += backlog(conn, stream).await.unwrap_or(0);
+        }
+        crate::metrics::stream_backlog(pending);
+        Ok(())
+    }
+
+    /// Takes over what dead consumers left pending, and removes departed ones.
+    pub(super) async fn look_after_group(
+        &self,
+        conn: &mut Connection,
+        cursor: &mut Cursor,
+    ) -> Result<()> {
+        for stream in &cursor.streams {
+            if self
+                .claim_stale(conn, stream, &mut cursor.untrimmed)
+                .await?
+            {
+                cursor.backlog = true;
+            }
+            self.forget_departed(conn, stream).await?;
+        }
+        cursor.last_claim = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Trims streams acknowledged a while ago, or all of them when the round was idle.
+    pub(super) async fn trim_due(
+        &self,
+        conn: &mut Connection,
+        cursor: &mut Cursor,
+        idle: bool,
+    ) -> Result<()> {
+        let due: Vec<String> = cursor
+            .untrimmed
+            .iter()
+            .filter(|(_, since)| idle || since.elapsed() >= TRIM_EVERY)
+            .map(|(stream, _)| stream.clone())
+            .collect();
+        for stream in due {
+            self.trim_stream(conn, &stream).await?;
+            cursor.untrimmed.remove(&stream);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn prune_due(&self, cursor: &mut Cursor) -> Result<()> {
+        let Some(retention) = self.hold_retention else {
+            return Ok(());
+        };
+        if cursor
+            .last_prune
+            .is_some_and(|at| at.elapsed() < PRUNE_EVERY)
+        {
+            return Ok(());
+        }
+        cursor.last_prune = Some(Instant::now());
+        // Until a statement finds fewer than a batch, within a bound per round: the
+        // rest waits for the next round rather than delaying the sales behind it.
+        for _ in 0..PRUNE_STATEMENTS_PER_ROUND {
+            match db::prune_holds(&self.db, retention).await {
+                Ok(pruned) if pruned < db::PRUNE_BATCH => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "deleting holds past their retention failed");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn trim_stream(&self, conn: &mut Connection, stream: &str) -> Result<()> {
+        let _: i64 = self
+            .trim
+            .key(stream)
+            .arg(CONSUMER_GROUP)
+            .invoke_async(&mut **conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes consumers of `stream`'s group that left: nothing pending, silent for
+    /// [`Consumer::departed_after`].
+    pub(super) async fn forget_departed(&self, conn: &mut Connection, stream: &str) -> Result<()> {
+        let info: StreamInfoConsumersReply = conn.xinfo_consumers(stream, CONSUMER_GROUP).await?;
+        let departed_ms = self.departed_after().as_millis();
+        for consumer in info.consumers {
+            if consumer.pending == 0
+                && consumer.idle as u128 >= departed_ms
+                && consumer.name != self.name
+            {
+                let removed: i64 = self
+                    .forget_consumer
+                    .key(stream)
+                    .arg(CONSUMER_GROUP)
+                    .arg(&consumer.name)
+                    .invoke_async(&mut **conn)
+                    .await?;
+                if removed == 1 {
+                    tracing::info!(
+                        stream,
+                        consumer = consumer.name,
+                        "removed a departed consumer"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes over entries another consumer left unacknowledged for too long; `true`
+    /// when some were left pending for a later round (see [`Consumer::persist`]).
+    pub(super) async fn claim_stale(
+        &self,
+        conn: &mut Connection,
+        stream: &str,
+        untrimmed: &mut HashMap<String, Instant>,
+    ) -> Result<bool> {
+        let mut deferred = false;
+        let mut start = "0-0".to_owned();
+        loop {
+            let reply: StreamAutoClaimReply = conn
+                .xautoclaim_options(
+                    stream,
+                    CONSUMER_GROUP,
+                    &self.name,
+                    self.config.claim_idle_ms,
+                    &start,
+                    StreamAutoClaimOptions::default().count(self.config.consumer_batch),
+                )
+                .await?;
+            if !reply.deleted_ids.is_empty() {
+                // XAUTOCLAIM has dropped them from the group already.
+                let ids: Vec<&str> = reply.deleted_ids.iter().map(String::as_str).collect();
+                let event = self.keys.event_of_stream(stream).unwrap_or_default();
+                lost(event, "claimed", &ids, "pending, but gone from the stream");
+            }
+            if !reply.claimed.is_empty() {
+                tracing::info!(
+                    stream,
+                    entries = reply.claimed.len(),
+                    "took over sales left pending by another consumer"
+                );
+                deferred |= self.persist(conn, stream, reply.claimed, untrimmed).await?;
+            }
+            if reply.next_stream_id == "0-0" {
+                return Ok(deferred);
+            }
+            start = reply.next_stream_id;
+        }
+    }
+}
+
+pub(super) async fn ensure_group(conn: &mut Connection, stream: &str) -> Result<()> {
+    let created: redis::RedisResult<()> = conn
+        .xgroup_create_mkstream(stream, CONSUMER_GROUP, "0")
+        .await;
+    match created {
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
+        _ => Ok(()),
+    }
+}
