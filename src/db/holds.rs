@@ -1,0 +1,115 @@
+//! The `holds` table: holds made and ended, kept as long as a recovery may need them.
+
+use std::time::Duration;
+
+use sqlx::PgConnection;
+use sqlx::postgres::PgPool;
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::records::{HoldMade, HoldReleased};
+
+/// Writes holds of one event as the gate made them; holds already written are
+/// skipped. Returns how many rows were new.
+pub async fn insert_holds<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    event: Uuid,
+    holds: &[HoldMade],
+) -> Result<u64> {
+    let ids: Vec<Uuid> = holds.iter().map(|h| h.id).collect();
+    let keys: Vec<&str> = holds.iter().map(|h| h.idempotency_key.as_str()).collect();
+    let quantities: Vec<i16> = holds.iter().map(|h| h.quantity).collect();
+    let buyers: Vec<Option<&str>> = holds.iter().map(|h| h.buyer.as_deref()).collect();
+    let remaining: Vec<i32> = holds.iter().map(|h| h.seats_remaining).collect();
+    let held_at: Vec<i64> = holds.iter().map(|h| h.held_at_micros).collect();
+    let expires_at: Vec<i64> = holds.iter().map(|h| h.expires_at_ms).collect();
+    let done = sqlx::query(
+        "INSERT INTO holds
+             (id, event_id, idempotency_key, quantity, buyer, seats_remaining, held_at, expires_at)
+         SELECT id, $1, key, quantity, buyer, remaining,
+                timestamptz 'epoch' + held * interval '1 microsecond',
+                timestamptz 'epoch' + expires * interval '1 millisecond'
+         FROM UNNEST($2::uuid[], $3::text[], $4::int2[], $5::text[], $6::int4[], $7::int8[],
+                     $8::int8[])
+              AS h(id, key, quantity, buyer, remaining, held, expires)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(event)
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&quantities)
+    .bind(&buyers)
+    .bind(&remaining)
+    .bind(&held_at)
+    .bind(&expires_at)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Marks holds of `event` released, each at its time; a hold already marked keeps
+/// its first time. Returns how many rows changed. (Write the holds a release carries
+/// first: its hold's own entry may come later, through another consumer.)
+pub async fn release_holds<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    event: Uuid,
+    releases: &[HoldReleased],
+) -> Result<u64> {
+    let ids: Vec<Uuid> = releases.iter().map(|r| r.id).collect();
+    let at: Vec<i64> = releases.iter().map(|r| r.released_at_micros).collect();
+    let done = sqlx::query(
+        "UPDATE holds h
+         SET released_at = timestamptz 'epoch' + r.micros * interval '1 microsecond'
+         FROM UNNEST($2::uuid[], $3::int8[]) AS r(id, micros)
+         WHERE h.event_id = $1 AND h.id = r.id AND h.released_at IS NULL",
+    )
+    .bind(event)
+    .bind(&ids)
+    .bind(&at)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Most hold rows one prune statement deletes, so that it never holds locks for long.
+pub const PRUNE_BATCH: u64 = 10_000;
+
+/// Deletes up to [`PRUNE_BATCH`] holds that expired more than `retention` ago:
+/// nothing can ask for them any more (their idempotency record and hash lived that
+/// long in Redis; a confirmed one's sale is in `purchases`). Returns how many went.
+pub async fn prune_holds(pool: &PgPool, retention: Duration) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM holds WHERE id IN (
+             SELECT id FROM holds WHERE expires_at < now() - make_interval(secs => $1)
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(PRUNE_BATCH as i64)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Marks holds of `event` released at `at_micros` (writing them first if PostgreSQL
+/// lacks them): holds a recovery ended because their seats are sold (see
+/// `recovery::ledger`), so that no later recovery brings them back.
+pub async fn end_holds(
+    tx: &mut PgConnection,
+    event: Uuid,
+    holds: &[HoldMade],
+    at_micros: i64,
+) -> Result<()> {
+    insert_holds(&mut *tx, event, holds).await?;
+    let releases: Vec<HoldReleased> = holds
+        .iter()
+        .map(|h| HoldReleased {
+            id: h.id,
+            quantity: h.quantity,
+            released_at_micros: at_micros,
+            buyer: h.buyer.clone(),
+            hold: None,
+        })
+        .collect();
+    release_holds(&mut *tx, event, &releases).await?;
+    Ok(())
+}
