@@ -157,16 +157,7 @@ pub fn invocation(
     asks: &[Ask],
 ) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
-    let key_count: usize = asks
-        .iter()
-        .map(|ask| {
-            if matches!(ask, Ask::Hold { .. }) {
-                2
-            } else {
-                1
-            }
-        })
-        .sum();
+    let key_count: usize = asks.iter().map(Ask::key_count).sum();
     cmd.arg(script.get_hash())
         .arg(4 + key_count)
         .arg(keys.inventory(event))
@@ -174,7 +165,28 @@ pub fn invocation(
         .arg(keys.holds(event))
         .arg(keys.buyers(event));
     for ask in asks {
-        match ask {
+        ask.push_keys(&mut cmd, keys, event);
+    }
+    cmd.arg(idempotency_ttl);
+    for ask in asks {
+        ask.push_args(&mut cmd);
+    }
+    cmd
+}
+
+impl Ask {
+    /// How many keys of its own the request passes (after the event's four).
+    fn key_count(&self) -> usize {
+        if matches!(self, Ask::Hold { .. }) {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Its keys, as the table in `lua/purchase.lua` lists them.
+    fn push_keys(&self, cmd: &mut Cmd, keys: &Keys, event: Uuid) {
+        match self {
             Ask::Purchase { key, .. } => {
                 cmd.arg(Formatted(keys.idempotency_name(event, key.as_str())));
             }
@@ -190,9 +202,10 @@ pub fn invocation(
             }
         }
     }
-    cmd.arg(idempotency_ttl);
-    for ask in asks {
-        match ask {
+
+    /// Its arguments, as the table in `lua/purchase.lua` lists them.
+    fn push_args(&self, cmd: &mut Cmd) {
+        match self {
             Ask::Purchase {
                 key,
                 quantity,
@@ -207,7 +220,7 @@ pub fn invocation(
                 buyer,
                 admitted,
             } => {
-                let op = if matches!(ask, Ask::Hold { .. }) {
+                let op = if matches!(self, Ask::Hold { .. }) {
                     'H'
                 } else {
                     'P'
@@ -237,7 +250,6 @@ pub fn invocation(
             }
         }
     }
-    cmd
 }
 
 /// Sends `call` (an `EVALSHA` of `script`), loading the script first if Redis lacks it.

@@ -105,7 +105,9 @@
 //! recovery puts their seats back on sale; `boxoffice reconcile` reports such an
 //! event as "rows missing" while Redis still counts them.
 
+mod fence;
 pub mod ledger;
+mod reads;
 mod restore;
 
 use std::collections::HashMap;
@@ -113,7 +115,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use redis::streams::StreamRangeReply;
 use redis::{AsyncCommands, Script};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -121,12 +122,11 @@ use uuid::Uuid;
 
 use crate::db::{self, EventRow};
 use crate::error::{Error, Result};
-use crate::gate::outcome::Inventory;
-use crate::keys::CONSUMER_GROUP;
 use crate::keys::Keys;
-use crate::records::Logged;
+use fence::redis_now_ms;
+pub use fence::{server_run_id, take_off_sale};
 pub use ledger::Durable;
-use ledger::{Log, Rebuilt};
+use ledger::Rebuilt;
 
 /// Attempts of one recovery before it gives up (each further one follows a server
 /// change in the middle of the previous).
@@ -151,6 +151,24 @@ pub struct Report {
     pub held: i64,
     pub records: usize,
     pub live_holds: usize,
+}
+
+impl Report {
+    /// An event found on sale on this server: nothing to do.
+    fn on_sale() -> Self {
+        Self {
+            was_on_sale: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// What one attempt came to.
+enum Attempted {
+    Done(Report),
+    /// Overtaken by another attempt, or the server changed, before the event was
+    /// on sale: begin again.
+    Again,
 }
 
 /// Whether a recovery may leave alone an event that is on sale.
@@ -211,10 +229,7 @@ impl Recovery {
         let mut last_failure = lock.lock().await;
         if mode == Mode::Check && self.counters(event.id).await?.is_some() {
             // Another request of this process finished the job while this one waited.
-            return Ok(Report {
-                was_on_sale: true,
-                ..Report::default()
-            });
+            return Ok(Report::on_sale());
         }
         if let Some((at, error)) = last_failure.as_ref()
             && at.elapsed() < RETRY_AFTER
@@ -252,103 +267,10 @@ impl Recovery {
         let started = Instant::now();
         for _ in 0..ATTEMPTS {
             let Some(begun) = self.begin(event, mode).await? else {
-                return Ok(Report {
-                    was_on_sale: true,
-                    ..Report::default()
-                });
+                return Ok(Report::on_sale());
             };
-            // No batch of the event's log is written to PostgreSQL while this attempt
-            // reads and rebuilds (see `persist`): released when `lock` ends.
-            let mut lock = self.db.begin().await?;
-            db::lock_event(&mut lock, event.id).await?;
-            // The row may have gone since it was read (the consumer then took the
-            // event off sale, `persist`): such an event is not put back on sale.
-            if !db::event_exists(&mut lock, event.id).await? {
-                lock.rollback().await?;
-                return Err(Error::EventNotFound(event.id));
-            }
-            // Attempts queue for the lock: one that finds the job done writes nothing.
-            if !self.still_owns(event.id, &begun).await? {
-                lock.rollback().await?;
-                if self.counters(event.id).await?.is_some() {
-                    return Ok(Report {
-                        was_on_sale: true,
-                        ..Report::default()
-                    });
-                }
-                continue;
-            }
-            let (log, books) = self.read_books(event, &mut lock).await?;
-            let redis_now = redis_now_ms(&mut self.conn.clone()).await?;
-            let rebuilt = ledger::rebuild(
-                &log,
-                &books,
-                (i64::from(event.total_seats), event.max_per_buyer),
-                redis_now.max(books.now_ms),
-                self.idempotency_ttl,
-            );
-            let attempt_id = Uuid::new_v4().simple().to_string();
-            let attempt = restore::Attempt {
-                id: &attempt_id,
-                token: &begun.token,
-                run: &begun.run,
-            };
-            let written = restore::write(
-                &mut self.conn.clone(),
-                &self.keys,
-                &self.restore,
-                event.id,
-                &rebuilt,
-                &attempt,
-                self.idempotency_ttl,
-            )
-            .await?;
-            let ended = match written {
-                Some(records) => {
-                    let _: () = self
-                        .conn
-                        .clone()
-                        .sadd(self.keys.events(), event.id.to_string())
-                        .await?;
-                    // Holds this recovery ended stay ended: recorded with the event
-                    // back on sale, or not at all.
-                    let voided = rebuilt.voided_holds();
-                    if !voided.is_empty() {
-                        db::end_holds(&mut lock, event.id, &voided, redis_now * 1000).await?;
-                    }
-                    self.end(event.id, &begun, &rebuilt, &attempt_id)
-                        .await?
-                        .map(|before| (records, before))
-                }
-                None => None,
-            };
-            if ended.is_some() {
-                lock.commit().await?;
-            } else {
-                lock.rollback().await?;
-            }
-            match ended {
-                Some((records, (sold_before, _))) => {
-                    let report = Report {
-                        was_on_sale: false,
-                        created: begun.created,
-                        sold_moved_by: rebuilt.sold() - sold_before,
-                        held: rebuilt.held,
-                        records,
-                        live_holds: rebuilt.live_holds().count(),
-                    };
-                    log_recovery(event, &rebuilt, &report, started.elapsed());
-                    crate::metrics::recovery(records);
-                    return Ok(report);
-                }
-                // Overtaken by an attempt that finished first, or the server changed.
-                None if self.counters(event.id).await?.is_some() => {
-                    return Ok(Report {
-                        was_on_sale: true,
-                        ..Report::default()
-                    });
-                }
-                None => {}
+            if let Attempted::Done(report) = self.attempt(event, &begun, started).await? {
+                return Ok(report);
             }
         }
         Err(Error::RecoveryPending(
@@ -356,185 +278,109 @@ impl Recovery {
         ))
     }
 
-    /// Step 1: takes the event off sale; `None` when it is on sale on this server
-    /// and `mode` lets it be.
-    async fn begin(&self, event: &EventRow, mode: Mode) -> Result<Option<Begun>> {
-        let mut begin = self.begin.key(self.keys.inventory(event.id));
-        begin
-            .key(self.keys.stream(event.id))
-            .key(self.keys.queue(event.id))
-            .arg(event.total_seats)
-            .arg(CONSUMER_GROUP)
-            .arg(Uuid::new_v4().simple().to_string())
-            .arg(u8::from(mode == Mode::Force))
-            .arg(
-                event
-                    .max_per_buyer
-                    .map(|n| n.to_string())
-                    .unwrap_or_default(),
-            )
-            .arg(event.hold_seconds);
-        if let Some(queue) = event.queue() {
-            begin
-                .arg(queue.opens_at_ms)
-                .arg(queue.admit_per_second)
-                .arg(queue.admission_seconds)
-                .arg(queue.seed);
+    /// Steps 2 to 4 of one attempt, under the event's lock in PostgreSQL: no batch of
+    /// the event's log is written there while it reads and rebuilds (see `persist`).
+    async fn attempt(
+        &self,
+        event: &EventRow,
+        begun: &Begun,
+        started: Instant,
+    ) -> Result<Attempted> {
+        let mut lock = self.db.begin().await?;
+        db::lock_event(&mut lock, event.id).await?;
+        // The row may have gone since it was read (the consumer then took the
+        // event off sale, `persist`): such an event is not put back on sale.
+        if !db::event_exists(&mut lock, event.id).await? {
+            lock.rollback().await?;
+            return Err(Error::EventNotFound(event.id));
         }
-        let (state, run, token, created): (String, String, String, i64) =
-            begin.invoke_async(&mut self.conn.clone()).await?;
-        Ok((state != "checked").then_some(Begun {
-            run,
-            token,
-            created: created == 1,
-        }))
+        // Attempts queue for the lock: one that finds the job done writes nothing.
+        if !self.still_owns(event.id, begun).await? {
+            lock.rollback().await?;
+            return self.overtaken(event.id).await;
+        }
+        let (log, books) = self.read_books(event, &mut lock).await?;
+        let redis_now = redis_now_ms(&mut self.conn.clone()).await?;
+        let rebuilt = ledger::rebuild(
+            &log,
+            &books,
+            (i64::from(event.total_seats), event.max_per_buyer),
+            redis_now.max(books.now_ms),
+            self.idempotency_ttl,
+        );
+        let Some((records, sold_before)) = self
+            .restore_and_end(event.id, begun, &rebuilt, redis_now, &mut lock)
+            .await?
+        else {
+            lock.rollback().await?;
+            return self.overtaken(event.id).await;
+        };
+        lock.commit().await?;
+        let report = Report {
+            was_on_sale: false,
+            created: begun.created,
+            sold_moved_by: rebuilt.sold() - sold_before,
+            held: rebuilt.held,
+            records,
+            live_holds: rebuilt.live_holds().count(),
+        };
+        log_recovery(event, &rebuilt, &report, started.elapsed());
+        crate::metrics::recovery(records);
+        Ok(Attempted::Done(report))
     }
 
-    /// Step 4: puts the event on sale with `rebuilt`'s counters and the sets of
-    /// `attempt`; returns `sold` and `held` as they were, or `None` when the attempt
-    /// must begin again.
-    async fn end(
+    /// Steps 3 and 4: writes `rebuilt` into Redis and puts the event back on sale;
+    /// returns the records written and `sold` as it was, or `None` when another
+    /// attempt overtook this one or the server changed.
+    async fn restore_and_end(
         &self,
         event: Uuid,
         begun: &Begun,
         rebuilt: &Rebuilt,
-        attempt: &str,
-    ) -> Result<Option<(i64, i64)>> {
-        let (state, sold, held): (String, i64, i64) = self
-            .end
-            .key(self.keys.inventory(event))
-            .key(self.keys.holds(event))
-            .key(self.keys.buyers(event))
-            .key(self.keys.rebuild(event, attempt, "holds"))
-            .key(self.keys.rebuild(event, attempt, "buyers"))
-            .arg(&begun.token)
-            .arg(&begun.run)
-            .arg(rebuilt.sold())
-            .arg(rebuilt.held)
-            .arg(rebuilt.live_holds().count())
-            .arg(rebuilt.buyers.len())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok((state == "checked").then_some((sold, held)))
-    }
-
-    /// Whether the attempt `begun` still owns the event: its token in place, on the
-    /// same server.
-    async fn still_owns(&self, event: Uuid, begun: &Begun) -> Result<bool> {
-        let mut conn = self.conn.clone();
-        let fence: Option<String> = conn.hget(self.keys.inventory(event), "fence").await?;
-        Ok(fence.as_deref() == Some(begun.token.as_str())
-            && server_run_id(&mut conn).await? == begun.run)
-    }
-
-    /// The event's log, then what PostgreSQL holds of it, on `lock`, which holds the
-    /// event's lock (see the module docs for the order).
-    async fn read_books(
-        &self,
-        event: &EventRow,
+        redis_now: i64,
         lock: &mut sqlx::PgConnection,
-    ) -> Result<(Log, db::Books)> {
-        let log = self.read_log(event.id).await?;
-        let ids = log.ids();
-        let books = db::books(
-            lock,
+    ) -> Result<Option<(usize, i64)>> {
+        let attempt_id = Uuid::new_v4().simple().to_string();
+        let attempt = restore::Attempt {
+            id: &attempt_id,
+            token: &begun.token,
+            run: &begun.run,
+        };
+        let written = restore::write(
+            &mut self.conn.clone(),
+            &self.keys,
+            &self.restore,
             event,
+            rebuilt,
+            &attempt,
             self.idempotency_ttl,
-            &ids.sales,
-            &ids.cancellations,
-            &ids.holds,
         )
         .await?;
-        Ok((log, books))
-    }
-
-    /// The stream and the dead letters of `event`. The dead letters are read before
-    /// and after the stream: an entry moved between the two (parked, or sent back) is
-    /// read at least once.
-    async fn read_log(&self, event: Uuid) -> Result<Log> {
-        let dead = self.keys.dead_letters(event);
-        let mut parked = self.read_stream(&dead).await?;
-        let stream = self.read_stream(&self.keys.stream(event)).await?;
-        parked.extend(self.read_stream(&dead).await?);
-        Ok(Log { stream, parked })
-    }
-
-    /// Every entry of a stream that the gate wrote, read in chunks.
-    async fn read_stream(&self, stream: &str) -> Result<Vec<Logged>> {
-        let mut conn = self.conn.clone();
-        let mut entries = Vec::new();
-        let mut start = "-".to_owned();
-        loop {
-            let page: StreamRangeReply =
-                conn.xrange_count(stream, &start, "+", RANGE_CHUNK).await?;
-            entries.extend(page.ids.iter().filter_map(Logged::from_stream));
-            match page.ids.last() {
-                Some(last) if page.ids.len() == RANGE_CHUNK => start = format!("({}", last.id),
-                _ => return Ok(entries),
-            }
-        }
-    }
-
-    /// The counters of `event` if it is on sale on this server; `None` if Redis lacks
-    /// it or has not had it checked.
-    pub async fn counters(&self, event: Uuid) -> Result<Option<Inventory>> {
-        Ok(self
-            .state(event)
-            .await?
-            .and_then(|(inventory, on_sale)| on_sale.then_some(inventory)))
-    }
-
-    /// The counters of `event` as Redis has them, and whether it is on sale on this
-    /// server (checked since the server started); `None` if Redis lacks the event.
-    pub async fn state(&self, event: Uuid) -> Result<Option<(Inventory, bool)>> {
-        let fields: Vec<i64> = self
-            .seats
-            .key(self.keys.inventory(event))
-            .invoke_async(&mut self.conn.clone())
+        let Some(records) = written else {
+            return Ok(None);
+        };
+        let _: () = self
+            .conn
+            .clone()
+            .sadd(self.keys.events(), event.to_string())
             .await?;
-        Ok(match fields[..] {
-            [total, sold, purchases, rejected, on_sale, held] => Some((
-                Inventory {
-                    total,
-                    sold,
-                    purchases,
-                    rejected,
-                    held,
-                },
-                on_sale == 1,
-            )),
-            _ => None,
+        // Holds this recovery ended stay ended: recorded with the event back on sale,
+        // or not at all.
+        let voided = rebuilt.voided_holds();
+        if !voided.is_empty() {
+            db::end_holds(lock, event, &voided, redis_now * 1000).await?;
+        }
+        let ended = self.end(event, begun, rebuilt, &attempt_id).await?;
+        Ok(ended.map(|(sold_before, _)| (records, sold_before)))
+    }
+
+    /// An attempt another one overtook: done when the event is on sale now.
+    async fn overtaken(&self, event: Uuid) -> Result<Attempted> {
+        Ok(if self.counters(event).await?.is_some() {
+            Attempted::Done(Report::on_sale())
+        } else {
+            Attempted::Again
         })
-    }
-
-    /// How many sales of `event` within the TTL have no idempotency record in Redis
-    /// (a retry of one would be sold again). Sales whose record expires within
-    /// `EXPIRY_MARGIN` are left out, so that a record expiring meanwhile does not count.
-    pub async fn missing_records(&self, event: &EventRow) -> Result<usize> {
-        const EXPIRY_MARGIN: i64 = 5;
-        let sales = db::recent_sales(&self.db, event, self.idempotency_ttl).await?;
-        let keys: Vec<String> = sales
-            .iter()
-            .filter(|sale| sale.ttl_left > EXPIRY_MARGIN)
-            .map(|sale| self.keys.idempotency(event.id, &sale.idempotency_key))
-            .collect();
-        restore::count_missing(&mut self.conn.clone(), &keys).await
-    }
-
-    /// Seats of `event` sold for certain: rows in PostgreSQL that are not cancelled,
-    /// and entries of its log that are not rows yet (a cancellation not yet written
-    /// takes its seats off).
-    pub async fn durable(&self, event: &EventRow) -> Result<Durable> {
-        let mut lock = self.db.begin().await?;
-        db::lock_event(&mut lock, event.id).await?;
-        let (log, books) = self.read_books(event, &mut lock).await?;
-        lock.rollback().await?;
-        Ok(ledger::durable(&log, &books))
-    }
-
-    /// The `run_id` of the Redis server behind the shared connection.
-    pub async fn redis_run_id(&self) -> Result<String> {
-        server_run_id(&mut self.conn.clone()).await
     }
 
     /// Checks every event at once when the Redis server changes (and at start), rather
@@ -588,38 +434,4 @@ fn log_recovery(event: &EventRow, rebuilt: &Rebuilt, report: &Report, took: Dura
         "event checked against PostgreSQL on this Redis server (new, restarted, restored \
          or failed over) and put back on sale"
     );
-}
-
-/// Takes `event` off sale on this Redis server, as if it had not been checked: its
-/// next request runs the recovery (which answers `EventNotFound` when PostgreSQL
-/// has no row for it). The token of a recovery under way goes too, so that an
-/// attempt that began while the row was there cannot put the event back on sale.
-pub async fn take_off_sale(
-    conn: &mut impl redis::aio::ConnectionLike,
-    keys: &Keys,
-    event: Uuid,
-) -> Result<()> {
-    let _: i64 = redis::cmd("HDEL")
-        .arg(keys.inventory(event))
-        .arg("run")
-        .arg("fence")
-        .query_async(conn)
-        .await?;
-    Ok(())
-}
-
-/// The `run_id` of the Redis server `conn` talks to: what an event's `run` must equal
-/// for it to sell (see the module docs).
-pub async fn server_run_id(conn: &mut impl redis::aio::ConnectionLike) -> Result<String> {
-    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
-    info.lines()
-        .find_map(|line| line.strip_prefix("run_id:"))
-        .map(|id| id.trim().to_owned())
-        .ok_or_else(|| Error::UnexpectedReply("INFO server without run_id".into()))
-}
-
-/// Redis' clock, Unix milliseconds: what hold expiries are measured against.
-async fn redis_now_ms(conn: &mut impl redis::aio::ConnectionLike) -> Result<i64> {
-    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
-    Ok(secs * 1000 + micros / 1000)
 }

@@ -58,6 +58,19 @@ pub async fn write(
     attempt: &Attempt<'_>,
     ttl: u32,
 ) -> Result<Option<usize>> {
+    write_records(conn, keys, event, rebuilt).await?;
+    let owned = write_holds(conn, keys, scripts, event, rebuilt, attempt, ttl).await?
+        && write_sets(conn, keys, scripts, event, rebuilt, attempt).await?;
+    Ok(owned.then_some(rebuilt.records.len()))
+}
+
+/// Idempotency records and cancellation markers, written over what Redis has.
+async fn write_records(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    event: Uuid,
+    rebuilt: &Rebuilt,
+) -> Result<()> {
     let mut commands: Vec<redis::Cmd> = Vec::new();
     for restored in &rebuilt.records {
         let (key, record) = &restored.value;
@@ -82,7 +95,20 @@ pub async fn write(
         }
         let _: () = pipe.query_async(conn).await?;
     }
+    Ok(())
+}
 
+/// Hold hashes, fenced by the attempt's token; `false` when it no longer owns the
+/// event.
+async fn write_holds(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    scripts: &Scripts,
+    event: Uuid,
+    rebuilt: &Rebuilt,
+    attempt: &Attempt<'_>,
+    ttl: u32,
+) -> Result<bool> {
     let inventory = keys.inventory(event);
     for chunk in rebuilt.holds.chunks(CHUNK) {
         let mut call = scripts.holds.key(&inventory);
@@ -93,10 +119,23 @@ pub async fn write(
         }
         let written: i64 = call.invoke_async(conn).await?;
         if written == 0 {
-            return Ok(None);
+            return Ok(false);
         }
     }
+    Ok(true)
+}
 
+/// The attempt's own copies of the live holds and the buyers' counts, which step 4
+/// puts in place; `false` when it no longer owns the event.
+async fn write_sets(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    scripts: &Scripts,
+    event: Uuid,
+    rebuilt: &Rebuilt,
+    attempt: &Attempt<'_>,
+) -> Result<bool> {
+    let inventory = keys.inventory(event);
     let live: Vec<(i64, String)> = rebuilt
         .live_holds()
         .map(|h| (h.expires_at_ms, h.member()))
@@ -133,11 +172,11 @@ pub async fn write(
                 .invoke_async(conn)
                 .await?;
             if written == 0 {
-                return Ok(None);
+                return Ok(false);
             }
         }
     }
-    Ok(Some(rebuilt.records.len()))
+    Ok(true)
 }
 
 /// Pairs as a flat list of arguments.
