@@ -7,18 +7,15 @@ use poem::http::StatusCode;
 use poem::web::Data;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
-use poem_openapi::registry::MetaSchema;
-use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use uuid::Uuid;
 
 use super::auth::{AdminAuth, authorize};
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
-use super::{AppState, Omittable, Tag};
+use super::types::{EventName, Omittable, time_of_ms};
+use super::{AppState, Tag};
 use crate::db::{self, EventRow};
-use crate::domain::{
-    DEFAULT_HOLD_SECONDS, HoldSeconds, MAX_HOLD_SECONDS, MAX_SEATS, SeatLimit, Seats,
-};
+use crate::domain::{DEFAULT_HOLD_SECONDS, HoldSeconds, SeatLimit, Seats};
 use crate::queue::QueueSettings;
 
 pub struct EventsApi;
@@ -79,66 +76,6 @@ pub struct NewEvent {
     // Makes the event queued; absent, anyone may buy at once. (Documented on
     // `WaitingRoom`, see `Event::queue`.)
     pub queue: Omittable<WaitingRoom>,
-}
-
-checked_integer_type!(Seats, 1, MAX_SEATS, "int32");
-checked_integer_type!(HoldSeconds, 1, MAX_HOLD_SECONDS, "int32");
-checked_integer_type!(SeatLimit, 1, MAX_SEATS, "int32");
-
-/// An event's name: a JSON string of 1–200 characters without control characters.
-///
-/// Not a plain `String`: poem-openapi parses a JSON number or boolean into a `String`,
-/// and PostgreSQL refuses a NUL character with an error, not a 400.
-#[derive(Debug, Clone)]
-pub struct EventName(String);
-
-impl EventName {
-    const MAX_CHARS: usize = 200;
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn as_string(&self) -> &String {
-        &self.0
-    }
-}
-
-checked_string_type!(
-    EventName,
-    MetaSchema {
-        min_length: Some(1),
-        max_length: Some(EventName::MAX_CHARS),
-        pattern: Some(r"^[^\u0000-\u001F\u007F-\u009F]*$".into()),
-        description: Some("1–200 characters, no control characters"),
-        ..MetaSchema::new("string")
-    }
-);
-
-impl ParseFromJSON for EventName {
-    fn parse_from_json(value: Option<serde_json::Value>) -> ParseResult<Self> {
-        let Some(serde_json::Value::String(name)) = value else {
-            return Err(ParseError::custom(
-                "name must be a string of 1 to 200 characters",
-            ));
-        };
-        let chars = name.chars().count();
-        if chars == 0 || chars > Self::MAX_CHARS {
-            return Err(ParseError::custom("name must be 1 to 200 characters long"));
-        }
-        if name.chars().any(char::is_control) {
-            return Err(ParseError::custom(
-                "name may not contain control characters",
-            ));
-        }
-        Ok(Self(name))
-    }
-}
-
-impl ToJSON for EventName {
-    fn to_json(&self) -> Option<serde_json::Value> {
-        Some(serde_json::Value::String(self.0.clone()))
-    }
 }
 
 #[derive(ApiResponse)]
@@ -308,34 +245,42 @@ async fn create_event(
     new: &NewEvent,
 ) -> Result<CreateEventResponse, ApiError> {
     authorize(state, auth)?;
+    let settings = settings_of(state, new)?;
+    let row = state
+        .gate
+        .create_event(&state.db, new.name.as_str(), settings)
+        .await?;
+    let event = with_seats(state, row).await?;
+    tracing::info!(event = %event.id, seats = event.total_seats, "event created");
+    let location = format!("/api/v1/events/{}", event.id);
+    Ok(CreateEventResponse::Created(Json(event), location))
+}
+
+/// The settings of a new event, once this server can take them: a hold time within
+/// its maximum, an opening within range, and the keys a limit or a queue needs.
+fn settings_of(state: &AppState, new: &NewEvent) -> Result<db::EventSettings, ApiError> {
     let hold_seconds = new
         .hold_seconds
         .0
         .map_or(DEFAULT_HOLD_SECONDS, HoldSeconds::get);
     // Well formed (the schema's bounds hold) but outside this server's: 422, as a
     // schema-valid request that cannot be taken.
-    if hold_seconds > state.max_hold_seconds {
-        return Err(ApiError::new(
+    let invalid = |message: String| {
+        ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InvalidEventSetting,
-            format!(
-                "holdSeconds must be from 1 to {} (BOXOFFICE_MAX_HOLD_SECONDS)",
-                state.max_hold_seconds
-            ),
-        ));
+            message,
+        )
+    };
+    if hold_seconds > state.max_hold_seconds {
+        return Err(invalid(format!(
+            "holdSeconds must be from 1 to {} (BOXOFFICE_MAX_HOLD_SECONDS)",
+            state.max_hold_seconds
+        )));
     }
     if let Some(queue) = &new.queue.0 {
-        QueueSettings::check_opening(
-            queue.opens_at.timestamp_millis(),
-            chrono::Utc::now().timestamp_millis(),
-        )
-        .map_err(|message| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorCode::InvalidEventSetting,
-                message,
-            )
-        })?;
+        let now = chrono::Utc::now().timestamp_millis();
+        QueueSettings::check_opening(queue.opens_at.timestamp_millis(), now).map_err(invalid)?;
     }
     let not_configured = |message: &str| {
         ApiError::new(
@@ -357,7 +302,7 @@ async fn create_event(
              event without a queue",
         ));
     }
-    let settings = db::EventSettings {
+    Ok(db::EventSettings {
         seats: new.total_seats,
         hold_seconds,
         max_per_buyer: new.max_per_buyer.0.map(SeatLimit::get),
@@ -367,15 +312,7 @@ async fn create_event(
             admission_seconds: q.admission_seconds,
             seed: Uuid::new_v4().as_u64_pair().0,
         }),
-    };
-    let row = state
-        .gate
-        .create_event(&state.db, new.name.as_str(), settings)
-        .await?;
-    let event = with_seats(state, row).await?;
-    tracing::info!(event = %event.id, seats = event.total_seats, "event created");
-    let location = format!("/api/v1/events/{}", event.id);
-    Ok(CreateEventResponse::Created(Json(event), location))
+    })
 }
 
 async fn event_response(state: &AppState, id: Uuid) -> EventResponse {
@@ -401,7 +338,7 @@ async fn with_seats(state: &AppState, row: EventRow) -> crate::Result<Event> {
         hold_seconds: row.hold_seconds,
         max_per_buyer: row.max_per_buyer,
         queue: queue.map(|q| WaitingRoom {
-            opens_at: chrono::DateTime::from_timestamp_millis(q.opens_at_ms).unwrap_or_default(),
+            opens_at: time_of_ms(q.opens_at_ms),
             admit_per_second: q.admit_per_second,
             admission_seconds: q.admission_seconds,
         }),

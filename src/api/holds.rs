@@ -15,7 +15,8 @@ use uuid::Uuid;
 use super::auth::{BuyerAuth, Identity};
 use super::body::Body;
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
-use super::purchase::{PurchaseOk, refusal};
+use super::sale::{PurchaseOk, label, refusal};
+use super::types::time_of_ms;
 use super::{AppState, Tag};
 use crate::domain::{IdempotencyKey, Quantity};
 use crate::gate::{Confirmation, Held, HoldState, HoldView, Outcome, Release};
@@ -341,7 +342,8 @@ impl HoldsApi {
                 Release::Confirmed => Err(ApiError::new(
                     StatusCode::CONFLICT,
                     ErrorCode::HoldConfirmed,
-                    "the hold was confirmed and the sale stands: an admin can cancel the sale (POST …/purchases/{purchaseId}/cancel)",
+                    "the hold was confirmed and the sale stands: an admin can cancel the sale \
+                     (POST …/purchases/{purchaseId}/cancel)",
                 )),
             }
         };
@@ -367,14 +369,7 @@ async fn hold(
         )
         .await?;
     let replayed = decision.replayed.then_some(true);
-    crate::metrics::hold(match &decision.outcome {
-        Outcome::Done(_) => "held",
-        Outcome::SoldOut => "sold_out",
-        Outcome::BuyerLimit => "buyer_limit",
-        Outcome::KeyReused => "key_reused",
-        Outcome::BuyerRequired => "buyer_required",
-        Outcome::AdmissionRequired => "admission_required",
-    });
+    crate::metrics::hold(label(&decision.outcome, "held"));
     match decision.outcome {
         Outcome::Done(held) => Ok(HoldResponse::Created(
             Body(created(event, &held)),
@@ -431,7 +426,7 @@ fn created(event: Uuid, held: &Held) -> HoldCreated {
         hold_id: held.hold_id,
         event_id: event,
         quantity: held.quantity,
-        expires_at: time(held.expires_at_ms),
+        expires_at: time_of_ms(held.expires_at_ms),
         seats_remaining: held.seats_remaining,
     }
 }
@@ -447,14 +442,9 @@ fn info(event: Uuid, view: &HoldView) -> HoldInfo {
             HoldState::Expired => HoldStatus::Expired,
         },
         quantity: view.quantity,
-        created_at: time(view.created_at_ms),
-        expires_at: time(view.expires_at_ms),
-        ended_at: view.ended_at_ms.map(time),
+        created_at: time_of_ms(view.created_at_ms),
+        expires_at: time_of_ms(view.expires_at_ms),
+        ended_at: view.ended_at_ms.map(time_of_ms),
         purchase_id: view.purchase_id,
     }
-}
-
-/// A time from Redis' clock (Unix milliseconds).
-fn time(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }

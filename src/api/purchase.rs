@@ -11,14 +11,12 @@ use uuid::Uuid;
 
 use super::auth::{BuyerAuth, Identity};
 use super::body::Body;
-use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
+use super::error::{ApiError, ErrorBody, api_errors, bad_request, respond};
+use super::sale::{PurchaseOk, record_outcome, refusal};
 use super::{AppState, Tag};
-use poem::http::StatusCode;
-use poem_openapi::registry::MetaSchema;
-use poem_openapi::types::{ParseError, ParseFromParameter, ParseResult};
 
-use crate::domain::{IdempotencyKey, MAX_KEY_LEN, MAX_QUANTITY, Quantity};
-use crate::gate::{Decision, Outcome, Sale};
+use crate::domain::{IdempotencyKey, Quantity};
+use crate::gate::Outcome;
 
 pub struct PurchaseApi;
 
@@ -27,25 +25,6 @@ pub struct PurchaseApi;
 pub struct PurchaseRequest {
     /// Seats to buy, 1 to 10. All or nothing: if fewer remain, none are sold.
     pub quantity: Quantity,
-}
-
-checked_integer_type!(Quantity, 1, MAX_QUANTITY, "int64");
-
-/// A completed sale.
-#[derive(Debug, Object, serde::Serialize)]
-#[oai(rename_all = "camelCase")]
-#[serde(rename_all = "camelCase")]
-pub struct PurchaseOk {
-    /// Always `true`.
-    pub success: bool,
-    /// Seats of the event left right after this sale.
-    pub seats_remaining: i64,
-    /// Identity of the sale, also its row id in the `purchases` table.
-    pub purchase_id: Uuid,
-    /// Seats sold.
-    pub quantity: u8,
-    /// The event the seats belong to.
-    pub event_id: Uuid,
 }
 
 #[derive(ApiResponse)]
@@ -202,74 +181,5 @@ async fn buy(
             replayed,
         )),
         refused => Err(refusal(refused, identity)),
-    }
-}
-
-impl PurchaseOk {
-    pub fn new(event: Uuid, sale: &Sale) -> Self {
-        Self {
-            success: true,
-            seats_remaining: sale.seats_remaining,
-            purchase_id: sale.purchase_id,
-            quantity: sale.quantity,
-            event_id: event,
-        }
-    }
-}
-
-/// The error for a purchase or hold that was not done. The caller answers the
-/// refusals recorded under the key (`SOLD_OUT`, `BUYER_LIMIT`) itself, with their
-/// `Idempotent-Replayed` header.
-pub fn refusal<T>(outcome: Outcome<T>, identity: &Identity) -> ApiError {
-    match outcome {
-        Outcome::Done(_) => unreachable!("a refusal"),
-        Outcome::SoldOut => ApiError::new(
-            StatusCode::CONFLICT,
-            ErrorCode::SoldOut,
-            "fewer seats remain than requested; nothing was sold",
-        ),
-        Outcome::BuyerLimit => ApiError::new(
-            StatusCode::CONFLICT,
-            ErrorCode::BuyerLimit,
-            "this would give the buyer more seats than the event allows one buyer; \
-             nothing was sold",
-        ),
-        Outcome::KeyReused => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorCode::IdempotencyKeyReused,
-            "this Idempotency-Key was used for a request with another quantity, or for \
-             another kind of request",
-        ),
-        Outcome::BuyerRequired => identity.required(),
-        Outcome::AdmissionRequired => identity.not_admitted(),
-    }
-}
-
-fn record_outcome(decision: &Decision) {
-    let (outcome, seats) = match &decision.outcome {
-        Outcome::Done(sale) => ("sold", sale.quantity),
-        Outcome::SoldOut => ("sold_out", 0),
-        Outcome::KeyReused => ("key_reused", 0),
-        Outcome::BuyerLimit => ("buyer_limit", 0),
-        Outcome::BuyerRequired => ("buyer_required", 0),
-        Outcome::AdmissionRequired => ("admission_required", 0),
-    };
-    crate::metrics::purchase(outcome, decision.replayed, seats);
-}
-
-checked_string_type!(
-    IdempotencyKey,
-    MetaSchema {
-        min_length: Some(1),
-        max_length: Some(MAX_KEY_LEN),
-        // Printable ASCII; no leading or trailing space (HTTP trims those).
-        pattern: Some("^[!-~]([ -~]*[!-~])?$".into()),
-        ..MetaSchema::new("string")
-    }
-);
-
-impl ParseFromParameter for IdempotencyKey {
-    fn parse_from_parameter(value: &str) -> ParseResult<Self> {
-        IdempotencyKey::try_from(value.to_owned()).map_err(ParseError::custom)
     }
 }

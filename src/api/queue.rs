@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::auth::{BuyerAuth, Identity};
 use super::error::{ApiError, ErrorBody, ErrorCode, api_errors, bad_request, respond};
+use super::types::time_of_ms;
 use super::{AppState, Tag};
 use crate::db;
 use crate::domain::Buyer;
@@ -22,7 +23,7 @@ use crate::queue::{Held, Room, Standing, Ticket, admission_expires_ms};
 pub struct QueueApi;
 
 /// Where a buyer stands in the waiting room.
-#[derive(Debug, Object)]
+#[derive(Debug, Default, Object)]
 #[oai(rename_all = "camelCase")]
 pub struct QueueStatus {
     /// The buyer's ticket: joining again returns the same one.
@@ -324,6 +325,17 @@ fn ticket_not_found() -> ApiError {
 
 /// What a buyer is told about their ticket, joining or polling: where it stands, or,
 /// once admitted, the admission token.
+/// The first answer that tells a buyer of its admission: how late it came, and how
+/// long the buyer waited from joining.
+fn count_admission(held: &Held, room: &Room, admitted_at_ms: i64) {
+    let ms = |from: i64, to: i64| Duration::from_millis((to - from).max(0) as u64);
+    let joined_ms = held.joined_ms.unwrap_or(admitted_at_ms);
+    crate::metrics::queue_admission(
+        ms(admitted_at_ms, room.now_ms),
+        ms(joined_ms, admitted_at_ms),
+    );
+}
+
 fn render(
     state: &AppState,
     event: Uuid,
@@ -335,18 +347,11 @@ fn render(
     let joined = room.early + room.late;
     let admitted = room.admitted().min(joined);
     crate::metrics::queue_room(event, joined - admitted, admitted);
-    let time = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    let time = time_of_ms;
     let mut status = QueueStatus {
         ticket: held.ticket.to_string(),
-        admitted: false,
-        position: None,
-        estimated_wait_seconds: None,
-        poll_after_ms: None,
         opens_at: time(room.settings.opens_at_ms),
-        admission_token: None,
-        admitted_at: None,
-        expires_at: None,
-        admission_expired: None,
+        ..QueueStatus::default()
     };
     match stands {
         Answer::Standing(standing) => {
@@ -368,12 +373,7 @@ fn render(
             first,
         } => {
             if first {
-                let ms = |from: i64, to: i64| Duration::from_millis((to - from).max(0) as u64);
-                let joined_ms = held.joined_ms.unwrap_or(admitted_at_ms);
-                crate::metrics::queue_admission(
-                    ms(admitted_at_ms, room.now_ms),
-                    ms(joined_ms, admitted_at_ms),
-                );
+                count_admission(&held, room, admitted_at_ms);
             }
             let admissions = state.admissions.as_ref().ok_or_else(|| {
                 crate::Error::Startup("queued event, but no BOXOFFICE_ADMISSION_KEY".into())
