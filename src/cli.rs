@@ -108,59 +108,8 @@ enum EventCommand {
 impl Cli {
     pub async fn run(self) -> Result<()> {
         match self.command.unwrap_or(Command::Serve(Box::new(self.serve))) {
-            Command::Serve(args) => {
-                telemetry::init(args.common.log_format);
-                let app = Application::build(&args.common, &args.serve, &args.consumer).await?;
-                let shutdown = app.shutdown_handle();
-                let drain = std::time::Duration::from_millis(args.serve.shutdown_drain_ms);
-                tokio::spawn(async move {
-                    shutdown_signal().await;
-                    shutdown.drain_and_stop(drain).await;
-                });
-                app.run_until_stopped().await
-            }
-            Command::Worker(args) => {
-                telemetry::init(args.common.log_format);
-                let block = std::time::Duration::from_millis(args.consumer.consumer_block_ms);
-                let stores = Stores::connect(&args.common.store, block).await?;
-                let shutdown = CancellationToken::new();
-                let instance_id = args.common.instance_id();
-                let listener = tokio::net::TcpListener::bind(args.listen)
-                    .await
-                    .map_err(|e| {
-                        Error::Startup(format!(
-                            "cannot listen on {} (BOXOFFICE_WORKER_LISTEN): {e}",
-                            args.listen
-                        ))
-                    })?;
-                tracing::info!(listen = %args.listen, "worker metrics and health probes");
-                let probes = crate::api::worker::routes(crate::api::worker::WorkerState {
-                    redis: stores.redis.clone(),
-                    db: stores.db.clone(),
-                    instance_id: instance_id.clone(),
-                    started: std::time::Instant::now(),
-                    metrics: crate::metrics::install(),
-                });
-                let serving = tokio::spawn(crate::server::serve(
-                    listener,
-                    probes,
-                    crate::server::Limits {
-                        max_connections: 64,
-                        header_timeout: std::time::Duration::from_secs(5),
-                        max_header_bytes: crate::server::MIN_HEADER_BYTES,
-                    },
-                    shutdown.clone(),
-                    std::time::Duration::from_secs(1),
-                ));
-                let consumer = stores.consumer(instance_id, &args.consumer);
-                let running = tokio::spawn(consumer.run(shutdown.clone()));
-                shutdown_signal().await;
-                shutdown.cancel();
-                let _ = serving.await;
-                running
-                    .await
-                    .map_err(|e| Error::Startup(format!("consumer task failed: {e}")))
-            }
+            Command::Serve(args) => serve(*args).await,
+            Command::Worker(args) => worker(args).await,
             Command::Migrate(common) => {
                 telemetry::init(common.log_format);
                 db::connect(&common.store.database_url, 1).await?;
@@ -174,17 +123,13 @@ impl Cli {
                 hold_seconds,
                 max_per_buyer,
             }) => {
-                telemetry::init(common.log_format);
-                let (stores, gate) = connect(&common).await?;
                 let settings = db::EventSettings {
                     seats,
                     hold_seconds,
                     max_per_buyer,
                     queue: None,
                 };
-                let event = gate.create_event(&stores.db, &name, settings).await?;
-                println!("{}", event.id);
-                Ok(())
+                create_event(&common, &name, settings).await
             }
             Command::Reconcile { common, fix } => reconcile(&common, fix).await,
             Command::Openapi => {
@@ -194,6 +139,78 @@ impl Cli {
             Command::Healthcheck { listen } => healthcheck(listen).await,
         }
     }
+}
+
+/// `boxoffice serve`: the API and, unless disabled, the consumer, until SIGTERM
+/// (then drained, see `startup`).
+async fn serve(args: ServeArgs) -> Result<()> {
+    telemetry::init(args.common.log_format);
+    let app = Application::build(&args.common, &args.serve, &args.consumer).await?;
+    let shutdown = app.shutdown_handle();
+    let drain = std::time::Duration::from_millis(args.serve.shutdown_drain_ms);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        shutdown.drain_and_stop(drain).await;
+    });
+    app.run_until_stopped().await
+}
+
+/// `boxoffice worker`: the consumer alone, with its metrics and probes.
+async fn worker(args: WorkerArgs) -> Result<()> {
+    telemetry::init(args.common.log_format);
+    let block = std::time::Duration::from_millis(args.consumer.consumer_block_ms);
+    let stores = Stores::connect(&args.common.store, block).await?;
+    let shutdown = CancellationToken::new();
+    let instance_id = args.common.instance_id();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| {
+            Error::Startup(format!(
+                "cannot listen on {} ({e}); set BOXOFFICE_WORKER_LISTEN to a free address",
+                args.listen
+            ))
+        })?;
+    tracing::info!(listen = %args.listen, "worker metrics and health probes");
+    let probes = crate::api::worker::routes(crate::api::worker::WorkerState {
+        redis: stores.redis.clone(),
+        db: stores.db.clone(),
+        instance_id: instance_id.clone(),
+        started: std::time::Instant::now(),
+        metrics: crate::metrics::install(),
+    });
+    let serving = tokio::spawn(crate::server::serve(
+        listener,
+        probes,
+        crate::server::Limits {
+            max_connections: 64,
+            header_timeout: std::time::Duration::from_secs(5),
+            max_header_bytes: crate::server::MIN_HEADER_BYTES,
+        },
+        shutdown.clone(),
+        std::time::Duration::from_secs(1),
+    ));
+    let consumer = stores.consumer(instance_id, &args.consumer);
+    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    shutdown_signal().await;
+    shutdown.cancel();
+    let _ = serving.await;
+    running
+        .await
+        .map_err(|e| Error::Startup(format!("consumer task failed: {e}")))
+}
+
+/// `boxoffice event create`: the id on standard output, alone (logs go to standard
+/// error), so that `EVENT=$(boxoffice event create …)` captures it.
+async fn create_event(
+    common: &CommonConfig,
+    name: &str,
+    settings: db::EventSettings,
+) -> Result<()> {
+    telemetry::init(common.log_format);
+    let (stores, gate) = connect(common).await?;
+    let event = gate.create_event(&stores.db, name, settings).await?;
+    println!("{}", event.id);
+    Ok(())
 }
 
 /// `boxoffice reconcile`: prints the table; drift is an error (exit 1).
