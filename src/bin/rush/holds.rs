@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::load::{Answer, Sender, Target, connect, request, send, sign_buyer_tokens, targets};
+use crate::client::{Answer, Sender, Target, connect, request, send, sign_buyer_tokens, targets};
 use crate::report::Check;
 
 /// How a `rush holds` run goes.

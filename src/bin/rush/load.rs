@@ -1,27 +1,23 @@
 //! Sending requests and tallying what came back.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{SendRequest, handshake};
-use hyper::{Method, Request, Uri};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use http_body_util::Full;
+use hyper::Request;
 use uuid::Uuid;
 
 use crate::Common;
-use crate::report::Report;
+use crate::client::{
+    Answer, Sender, Target, buyer_tokens, clone_request, connect, get_request, purchase_request,
+    run_id, send, targets, token,
+};
+use crate::report::{Report, Tally};
 use crate::verify;
 
-/// Latencies are tracked up to a minute, in microseconds.
-const MAX_LATENCY_MICROS: u64 = 60_000_000;
 /// Earlier requests a connection remembers as candidates for retries.
 const RETRY_HISTORY: usize = 1024;
 
@@ -34,270 +30,6 @@ pub struct Plan {
     pub retry_share: f64,
     pub get: Option<String>,
     pub retry_failed: u32,
-}
-
-/// One replica to send to.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub url: String,
-    authority: String,
-    addr: SocketAddr,
-}
-
-pub async fn targets(urls: &[String]) -> Result<Vec<Target>, String> {
-    let mut targets = Vec::new();
-    for url in urls {
-        let uri: Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("URL without host: {url}"))?
-            .to_string();
-        let with_port = if uri.port().is_some() {
-            authority.clone()
-        } else {
-            format!("{authority}:80")
-        };
-        let addr = tokio::net::lookup_host(&with_port)
-            .await
-            .map_err(|e| format!("cannot resolve {url}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("cannot resolve {url}"))?;
-        targets.push(Target {
-            url: url.trim_end_matches('/').to_owned(),
-            authority,
-            addr,
-        });
-    }
-    Ok(targets)
-}
-
-/// What a run counted.
-pub struct Tally {
-    pub latency: Histogram<u64>,
-    pub statuses: BTreeMap<u16, u64>,
-    /// Requests that got no HTTP answer (refused, reset, timed out).
-    pub errors: u64,
-    pub first_error: Option<String>,
-    /// Seats sold by first-time purchases answered 200.
-    pub seats_sold: u64,
-    /// First-time purchases answered 200.
-    pub sales: u64,
-    /// Repeated keys answered with `Idempotent-Replayed: true` and the first answer.
-    pub replays: u64,
-    /// Repeated keys that got anything else: an idempotency bug.
-    pub replay_mismatches: u64,
-    /// Requests sent again after no answer or a 502/503/504 (`--retry-failed`).
-    pub resent: u64,
-}
-
-impl Default for Tally {
-    fn default() -> Self {
-        Self {
-            latency: Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 3).expect("bounds"),
-            statuses: BTreeMap::new(),
-            errors: 0,
-            first_error: None,
-            seats_sold: 0,
-            sales: 0,
-            replays: 0,
-            replay_mismatches: 0,
-            resent: 0,
-        }
-    }
-}
-
-impl Tally {
-    fn merge(&mut self, other: Tally) {
-        self.latency.add(other.latency).expect("same bounds");
-        for (status, n) in other.statuses {
-            *self.statuses.entry(status).or_default() += n;
-        }
-        self.errors += other.errors;
-        self.first_error = self.first_error.take().or(other.first_error);
-        self.seats_sold += other.seats_sold;
-        self.sales += other.sales;
-        self.replays += other.replays;
-        self.replay_mismatches += other.replay_mismatches;
-        self.resent += other.resent;
-    }
-
-    fn record_latency(&mut self, latency: Duration) {
-        let micros = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_MICROS);
-        self.latency.saturating_record(micros);
-    }
-
-    fn error(&mut self, e: String) {
-        self.errors += 1;
-        self.first_error.get_or_insert(e);
-    }
-
-    pub fn requests(&self) -> u64 {
-        self.statuses.values().sum::<u64>() + self.errors
-    }
-}
-
-/// An HTTP answer, read whole.
-pub struct Answer {
-    pub status: u16,
-    pub replayed: bool,
-    pub body: Bytes,
-}
-
-pub type Sender = SendRequest<Full<Bytes>>;
-
-pub async fn connect(target: &Target) -> Result<Sender, String> {
-    let stream = TcpStream::connect(target.addr)
-        .await
-        .map_err(|e| format!("connect {}: {e}", target.url))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (sender, connection) = handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake {}: {e}", target.url))?;
-    tokio::spawn(connection);
-    Ok(sender)
-}
-
-fn purchase_request(
-    target: &Target,
-    event: Uuid,
-    key: &str,
-    quantity: u8,
-    token: Option<&str>,
-) -> Request<Full<Bytes>> {
-    let mut request = Request::builder()
-        .method(Method::POST)
-        .uri(format!("/api/v1/events/{event}/purchase"))
-        .header("host", &target.authority)
-        .header("content-type", "application/json")
-        .header("idempotency-key", key);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    request
-        .body(Full::new(Bytes::from(format!(
-            "{{\"quantity\":{quantity}}}"
-        ))))
-        .expect("valid request")
-}
-
-/// Buyer tokens for `--buyers` buyers when `--buyer-key` is given: request `n` is
-/// sent as buyer `n % buyers`.
-pub fn buyer_tokens(common: &Common, run: &str) -> Result<Vec<String>, String> {
-    match &common.buyer_key {
-        Some(key) => sign_buyer_tokens(
-            key,
-            run,
-            common.buyers.max(1),
-            Duration::from_secs(24 * 3600),
-        ),
-        None => Ok(Vec::new()),
-    }
-}
-
-/// HS256 tokens for buyers `rush-<run>-0` … `rush-<run>-<count − 1>`, valid for
-/// `valid_for`, signed with the servers' buyer key.
-pub fn sign_buyer_tokens(
-    key: &str,
-    run: &str,
-    count: usize,
-    valid_for: Duration,
-) -> Result<Vec<String>, String> {
-    let exp = jsonwebtoken::get_current_timestamp() + valid_for.as_secs();
-    let key = jsonwebtoken::EncodingKey::from_secret(key.as_bytes()).map_err(|e| e.to_string())?;
-    (0..count)
-        .map(|i| {
-            jsonwebtoken::encode(
-                &jsonwebtoken::Header::default(),
-                &serde_json::json!({"sub": format!("rush-{run}-{i}"), "exp": exp}),
-                &key,
-            )
-            .map_err(|e| format!("signing a buyer token: {e}"))
-        })
-        .collect()
-}
-
-/// A request of the lifecycle and queue modes: `body`, if any, sent as JSON.
-pub fn request(
-    target: &Target,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&serde_json::Value>,
-) -> Request<Full<Bytes>> {
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", &target.authority);
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    let body = match body {
-        Some(body) => {
-            builder = builder.header("content-type", "application/json");
-            Bytes::from(body.to_string())
-        }
-        None => Bytes::new(),
-    };
-    builder.body(Full::new(body)).expect("valid request")
-}
-
-fn token(tokens: &[String], n: u64) -> Option<&str> {
-    (!tokens.is_empty()).then(|| tokens[n as usize % tokens.len()].as_str())
-}
-
-/// A copy of a request whose body is in memory, for sending it again.
-fn clone_request(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
-    let mut copy = Request::new(request.body().clone());
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.headers_mut() = request.headers().clone();
-    copy
-}
-
-pub fn get_request(target: &Target, path: &str) -> Request<Full<Bytes>> {
-    Request::builder()
-        .uri(path)
-        .header("host", &target.authority)
-        .body(Full::new(Bytes::new()))
-        .expect("valid request")
-}
-
-pub async fn send(
-    sender: &mut Sender,
-    request: Request<Full<Bytes>>,
-    timeout: Duration,
-) -> Result<Answer, String> {
-    let exchange = async {
-        sender.ready().await.map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let replayed = response
-            .headers()
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true");
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok(Answer {
-            status,
-            replayed,
-            body,
-        })
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
-}
-
-/// A short random id, so the keys of one run never collide with another's.
-fn run_id() -> String {
-    Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
 /// Prints progress once a second: a rewritten line on a terminal, plain lines otherwise.

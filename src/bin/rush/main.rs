@@ -18,6 +18,7 @@
 //! never exceed capacity; with `--database-url`, one PostgreSQL row per sale.
 
 mod ceiling;
+mod client;
 mod holds;
 mod load;
 mod queue;

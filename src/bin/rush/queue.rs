@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::load::{Answer, Sender, Target, connect, request, send, sign_buyer_tokens, targets};
+use crate::client::{Answer, Sender, Target, connect, request, send, sign_buyer_tokens, targets};
 use crate::report::Check;
 
 #[derive(Debug, Clone)]

@@ -1,12 +1,14 @@
 //! The report of a run: text for people, JSON for scripts.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::load::{Tally, Target};
-use crate::verify::Snapshot;
+use hdrhistogram::Histogram;
+
+use crate::client::Target;
 
 #[derive(Debug, Serialize)]
 pub struct Latency {
@@ -173,4 +175,79 @@ impl Report {
             println!("  [{mark}] {}: {}", check.name, check.detail);
         }
     }
+}
+
+/// Latencies are tracked up to a minute, in microseconds.
+const MAX_LATENCY_MICROS: u64 = 60_000_000;
+
+/// What a run counted.
+pub struct Tally {
+    pub latency: Histogram<u64>,
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests that got no HTTP answer (refused, reset, timed out).
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Seats sold by first-time purchases answered 200.
+    pub seats_sold: u64,
+    /// First-time purchases answered 200.
+    pub sales: u64,
+    /// Repeated keys answered with `Idempotent-Replayed: true` and the first answer.
+    pub replays: u64,
+    /// Repeated keys that got anything else: an idempotency bug.
+    pub replay_mismatches: u64,
+    /// Requests sent again after no answer or a 502/503/504 (`--retry-failed`).
+    pub resent: u64,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            latency: Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 3).expect("bounds"),
+            statuses: BTreeMap::new(),
+            errors: 0,
+            first_error: None,
+            seats_sold: 0,
+            sales: 0,
+            replays: 0,
+            replay_mismatches: 0,
+            resent: 0,
+        }
+    }
+}
+
+impl Tally {
+    pub fn merge(&mut self, other: Tally) {
+        self.latency.add(other.latency).expect("same bounds");
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
+        self.errors += other.errors;
+        self.first_error = self.first_error.take().or(other.first_error);
+        self.seats_sold += other.seats_sold;
+        self.sales += other.sales;
+        self.replays += other.replays;
+        self.replay_mismatches += other.replay_mismatches;
+        self.resent += other.resent;
+    }
+
+    pub fn record_latency(&mut self, latency: Duration) {
+        let micros = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_MICROS);
+        self.latency.saturating_record(micros);
+    }
+
+    pub fn error(&mut self, e: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.statuses.values().sum::<u64>() + self.errors
+    }
+}
+
+/// An event's seats as the API reports them.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    pub total: i64,
+    pub sold: i64,
 }

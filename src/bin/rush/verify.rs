@@ -6,18 +6,12 @@ use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 use crate::Common;
-use crate::load::{Target, connect, get_request, send};
+use crate::client::{Target, connect, get_request, send};
+use crate::report::Snapshot;
 use crate::report::{Check, Report};
 
 /// How long the consumer gets to write every sale to PostgreSQL.
 const PERSIST_WAIT: Duration = Duration::from_secs(120);
-
-/// An event's seats as the API reports them.
-#[derive(Debug, Clone, Copy)]
-pub struct Snapshot {
-    pub total: i64,
-    pub sold: i64,
-}
 
 async fn get_json(target: &Target, path: &str) -> Result<serde_json::Value, String> {
     let mut sender = connect(target).await?;
@@ -125,7 +119,7 @@ async fn targets_first(common: &Common, report: &Report) -> Target {
             .cloned()
             .unwrap_or_else(|| common.urls[0].clone()),
     ];
-    crate::load::targets(&urls)
+    crate::client::targets(&urls)
         .await
         .ok()
         .and_then(|mut t| t.pop())
