@@ -11,7 +11,7 @@ use redis::streams::StreamRangeReply;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, buy_until_answered, rush};
+use crate::harness::{TestEnv, buy_until_answered, rush};
 use crate::processes::{Persistence, PrivateRedis, on_private_servers};
 
 fn ask(key: &str, quantity: u8) -> Ask {

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{BUYER_JWT_KEY, Reply, TestApp, TestEnv, buyer_token, buyer_token_signed};
+use crate::harness::{BUYER_JWT_KEY, Reply, TestApp, TestEnv, buyer_token, buyer_token_signed};
 
 async fn limited_event(app: &TestApp, seats: u32, limit: u32) -> Uuid {
     app.create_event_with(json!({

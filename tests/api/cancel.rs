@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, buyer_token};
+use crate::harness::{TestEnv, buyer_token};
 
 async fn cancelled_at(env: &TestEnv, purchase: &str) -> Option<chrono::DateTime<chrono::Utc>> {
     let (at,): (Option<chrono::DateTime<chrono::Utc>>,) =

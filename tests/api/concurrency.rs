@@ -4,7 +4,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, rush};
+use crate::harness::{TestEnv, rush};
 
 const CAPACITY: i64 = 1000;
 

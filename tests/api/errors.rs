@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::helpers::{ADMIN_TOKEN, Reply, TestApp, TestEnv, buyer_token};
+use crate::harness::{ADMIN_TOKEN, Reply, TestApp, TestEnv, buyer_token};
 
 /// Words of the parsers behind the API, which mean nothing to a client.
 const INTERNAL: &[&str] = &[

@@ -3,7 +3,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{ADMIN_TOKEN, TestEnv};
+use crate::harness::{ADMIN_TOKEN, TestEnv};
 
 #[tokio::test]
 async fn events_are_created_listed_and_sold_without_a_restart() {

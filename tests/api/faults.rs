@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::task::block_in_place;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, TestEnv, buy_until_answered, rush};
+use crate::harness::{TestApp, TestEnv, buy_until_answered, rush};
 use crate::processes::{Persistence, PrivatePostgres, PrivateRedis, bounded, on_private_servers};
 
 /// How long a buyer keeps retrying one key after the load has ended.

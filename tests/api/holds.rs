@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, TestEnv};
+use crate::harness::{TestApp, TestEnv};
 use crate::processes::{Persistence, PrivateRedis, on_private_servers};
 
 async fn seats(app: &TestApp, event: Uuid) -> (i64, i64, i64) {
@@ -20,7 +20,7 @@ async fn seats(app: &TestApp, event: Uuid) -> (i64, i64, i64) {
     )
 }
 
-fn hold_id(reply: &crate::helpers::Reply) -> String {
+fn hold_id(reply: &crate::harness::Reply) -> String {
     reply.body["holdId"].as_str().unwrap().to_owned()
 }
 
@@ -288,7 +288,7 @@ async fn a_rush_of_holds_on_three_replicas_holds_exactly_the_seats_there_are() {
                 .send()
                 .await
                 .unwrap();
-            crate::helpers::Reply::read(response).await
+            crate::harness::Reply::read(response).await
         });
     }
     let replies = tasks.join_all().await;
@@ -373,7 +373,7 @@ async fn hold_times_are_validated_against_the_servers_maximum() {
             .send(
                 app.client
                     .post(app.url("/api/v1/events"))
-                    .bearer_auth(crate::helpers::ADMIN_TOKEN)
+                    .bearer_auth(crate::harness::ADMIN_TOKEN)
                     .json(&json!({"name": "x", "totalSeats": 5, "holdSeconds": bad})),
             )
             .await;

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::helpers::{TestEnv, rush};
+use crate::harness::{TestEnv, rush};
 
 #[tokio::test]
 async fn a_repeated_request_gets_the_same_answer_and_sells_once() {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::helpers::TestEnv;
+use crate::harness::TestEnv;
 use crate::processes::{Persistence, PrivatePostgres, PrivateRedis, servers_available};
 
 const REDIS_PASSWORD: &str = "redis-pw-4d1e0a";

@@ -1,5 +1,5 @@
 //! Integration tests: real HTTP against app instances backed by real Redis and
-//! PostgreSQL (see `helpers` for how they are found and isolated).
+//! PostgreSQL (see `harness` for how they are found and isolated).
 
 mod batch;
 mod buyers;
@@ -8,7 +8,7 @@ mod concurrency;
 mod errors;
 mod events;
 mod faults;
-mod helpers;
+mod harness;
 mod holds;
 mod idempotency;
 mod limits;

@@ -1,7 +1,7 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::TestEnv;
+use crate::harness::TestEnv;
 
 const COMMITTED: &str = include_str!("../../openapi/openapi.json");
 

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::helpers::TestEnv;
+use crate::harness::TestEnv;
 
 #[tokio::test]
 async fn health_probes_answer() {

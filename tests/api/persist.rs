@@ -5,7 +5,7 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::TestEnv;
+use crate::harness::TestEnv;
 
 #[tokio::test]
 async fn sales_made_while_the_consumer_is_stopped_are_written_when_it_starts() {
@@ -454,7 +454,7 @@ async fn a_batch_in_flight_when_redis_loses_its_data_is_counted_by_the_recovery(
         let client = app.client.clone();
         let url = app.url(&format!("/api/v1/events/{event}/purchase"));
         tokio::spawn(async move {
-            crate::helpers::buy_until_answered(
+            crate::harness::buy_until_answered(
                 &client,
                 &url,
                 "after-the-loss",

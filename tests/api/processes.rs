@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::helpers::redis_answers;
+use crate::harness::redis_answers;
 
 /// Whether this machine can run private servers. When it cannot: a panic where they
 /// are required (CI must run every fault test), elsewhere a note on stderr and `false`.

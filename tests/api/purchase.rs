@@ -2,7 +2,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::TestEnv;
+use crate::harness::TestEnv;
 
 #[tokio::test]
 async fn a_purchase_sells_seats_and_reaches_postgres() {

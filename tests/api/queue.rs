@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{Reply, TestApp, TestEnv, buyer_token};
+use crate::harness::{Reply, TestApp, TestEnv, buyer_token};
 
 async fn queued_event(app: &TestApp, opens_in_ms: i64, rate: u32, admission: u32) -> Uuid {
     let opens_at = Utc::now() + chrono::Duration::milliseconds(opens_in_ms);
@@ -420,7 +420,7 @@ async fn waiting_room_times_are_checked() {
             .send(
                 app.client
                     .post(app.url("/api/v1/events"))
-                    .bearer_auth(crate::helpers::ADMIN_TOKEN)
+                    .bearer_auth(crate::harness::ADMIN_TOKEN)
                     .json(&json!({
                         "name": "bad-times",
                         "totalSeats": 5,

@@ -4,7 +4,7 @@ use boxoffice::reconcile::{self, Status};
 use redis::AsyncCommands;
 use reqwest::StatusCode;
 
-use crate::helpers::TestEnv;
+use crate::harness::TestEnv;
 
 #[tokio::test]
 async fn reconcile_sees_sales_in_flight_and_raises_a_redis_that_fell_behind() {

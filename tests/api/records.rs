@@ -8,7 +8,7 @@ use redis::AsyncCommands;
 use redis::streams::StreamRangeReply;
 use reqwest::StatusCode;
 
-use crate::helpers::TestEnv;
+use crate::harness::TestEnv;
 
 #[tokio::test]
 async fn what_the_script_writes_parses_in_rust() {

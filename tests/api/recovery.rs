@@ -45,7 +45,7 @@ use serde_json::Value;
 use tokio::task::block_in_place;
 use uuid::Uuid;
 
-use crate::helpers::{Reply, TestApp, TestEnv, buy_until_answered, rush};
+use crate::harness::{Reply, TestApp, TestEnv, buy_until_answered, rush};
 use crate::processes::{Persistence, PrivateRedis, on_private_servers};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

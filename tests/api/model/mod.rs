@@ -44,7 +44,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{ADMIN_TOKEN, BUYER_JWT_KEY, buyer_token_signed};
+use crate::harness::{ADMIN_TOKEN, BUYER_JWT_KEY, buyer_token_signed};
 use crate::processes::{on_private_servers, servers_available};
 use reference::{Answer, EventModel, HoldKnown, KeyModel, Reference, Row};
 use world::{Fault, World};

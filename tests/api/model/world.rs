@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{ADMIN_TOKEN, BUYER_JWT_KEY, TestEnv};
+use crate::harness::{ADMIN_TOKEN, BUYER_JWT_KEY, TestEnv};
 use crate::processes::{Persistence, PrivatePostgres, PrivateRedis, free_port, scratch_dir};
 
 /// The key replicas sign admission tokens with.
