@@ -1,4 +1,4 @@
--- A buyer joins an event's waiting room (src/queue.rs): one ticket per buyer, `p<n>`
+-- A buyer joins an event's waiting room (src/queue/): one ticket per buyer, `p<n>`
 -- for the n-th to join before the opening, `o<n>` after. Redis' clock alone decides
 -- which side of the opening a join falls, so no `p` ticket is issued once it opened.
 --

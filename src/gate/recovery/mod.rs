@@ -46,7 +46,7 @@
 //! | purchase records | sales of the last TTL, with their answer | written back, over a refusal an older snapshot holds for the same key |
 //! | cancellation markers | `cancelled_at` or an entry, of the last TTL | written back |
 //! | refusals (`SOLD_OUT`, over the limit) | nothing | gone: a retry is decided again (a refusal sold nothing) |
-//! | waiting room | its settings (`events`) | the room back, empty: tickets are gone, admissions already issued (signed tokens) still admit, and re-joiners are admitted at the rate from now (`src/queue.rs`) |
+//! | waiting room | its settings (`events`) | the room back, empty: tickets are gone, admissions already issued (signed tokens) still admit, and re-joiners are admitted at the rate from now (`src/queue/`) |
 //!
 //! Redis' own state is written over, not merged: it can only be equal or older. A
 //! hold that ended does not come back to life; one that was live comes back and can
