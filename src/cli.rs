@@ -164,12 +164,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
     let instance_id = args.common.instance_id();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|e| {
-            Error::Startup(format!(
-                "cannot listen on {} ({e}); set BOXOFFICE_WORKER_LISTEN to a free address",
-                args.listen
-            ))
-        })?;
+        .map_err(|e| crate::startup::listen_error(args.listen, "BOXOFFICE_WORKER_LISTEN", &e))?;
     tracing::info!(listen = %args.listen, "worker metrics and health probes");
     let probes = crate::api::worker::routes(crate::api::worker::WorkerState {
         redis: stores.redis.clone(),

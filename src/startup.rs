@@ -242,22 +242,23 @@ impl ShutdownHandle {
     }
 }
 
+/// Why a process cannot listen on `addr`, naming the `setting` that chose it.
+pub fn listen_error(addr: std::net::SocketAddr, setting: &str, e: &std::io::Error) -> Error {
+    Error::Startup(if e.kind() == std::io::ErrorKind::AddrInUse {
+        format!(
+            "cannot listen on {addr}: another process is listening there; stop it or set \
+             {setting} to a free address"
+        )
+    } else {
+        format!("cannot listen on {addr} ({e}); set {setting} to an address this host has")
+    })
+}
+
 /// Binds with an explicit accept backlog: tokio's default (1024) overflows when a
 /// flash crowd connects at once, and each dropped SYN costs the client a 1 s retry.
 async fn bind(serve: &ServeConfig) -> Result<TcpListener> {
     let addr = serve.listen;
-    let fail = |e: std::io::Error| {
-        Error::Startup(if e.kind() == std::io::ErrorKind::AddrInUse {
-            format!(
-                "cannot listen on {addr}: another process is listening there; stop it or \
-                 set BOXOFFICE_LISTEN to a free address"
-            )
-        } else {
-            format!(
-                "cannot listen on {addr} ({e}); set BOXOFFICE_LISTEN to an address this host has"
-            )
-        })
-    };
+    let fail = |e: std::io::Error| listen_error(addr, "BOXOFFICE_LISTEN", &e);
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {

@@ -323,8 +323,6 @@ fn ticket_not_found() -> ApiError {
     )
 }
 
-/// What a buyer is told about their ticket, joining or polling: where it stands, or,
-/// once admitted, the admission token.
 /// The first answer that tells a buyer of its admission: how late it came, and how
 /// long the buyer waited from joining.
 fn count_admission(held: &Held, room: &Room, admitted_at_ms: i64) {
@@ -336,6 +334,8 @@ fn count_admission(held: &Held, room: &Room, admitted_at_ms: i64) {
     );
 }
 
+/// What a buyer is told about their ticket, joining or polling: where it stands, or,
+/// once admitted, the admission token.
 fn render(
     state: &AppState,
     event: Uuid,

@@ -104,8 +104,8 @@ async fn buyer_seats(tx: &mut PgConnection, event: Uuid) -> Result<Vec<(String, 
     .await?)
 }
 
-/// The holds whose keys may still be retried (made within the TTL), and those of
-/// `holds` (named by the log), with how each ended.
+/// The holds that expired less than the TTL ago (their keys may still be retried),
+/// and those of `holds` (named by the log), with how each ended.
 async fn hold_rows(
     tx: &mut PgConnection,
     event: Uuid,

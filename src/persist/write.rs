@@ -18,8 +18,11 @@ use crate::records::Logged;
 /// How long a batch waits for its event's lock while a recovery holds it, before the
 /// consumer leaves it pending and goes on with other events.
 const LOCK_WAIT: &str = "SET LOCAL lock_timeout = '500ms'";
-/// Back to no bound, once the event's lock is held.
-const LOCK_WAIT_ENDED: &str = "SET LOCAL lock_timeout TO DEFAULT";
+/// How long a batch's writes may wait on row and table locks once the event's lock
+/// is held: long enough that a batch a recovery waits for lands rather than gives
+/// up, bounded so that a table locked from outside does not stall the consumer for
+/// good (the batch then fails and is retried).
+const WRITE_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '10s'";
 
 /// What became of a batch.
 enum Written {
@@ -118,10 +121,9 @@ impl Consumer {
             }
             locked => locked?,
         }
-        // The bound is for the recovery's lock only: the INSERT may wait on row or
-        // table locks as long as it must, or a batch a recovery is waiting for would
-        // give up and leave that recovery counting without it.
-        sqlx::query(LOCK_WAIT_ENDED).execute(&mut *tx).await?;
+        // The short bound is for the recovery's lock only: a batch a recovery waits
+        // for that gave up on a row or table lock would leave it counting without it.
+        sqlx::query(WRITE_LOCK_WAIT).execute(&mut *tx).await?;
         let ids: Vec<&str> = batch.iter().map(|(_, id)| id.as_str()).collect();
         if !self.still_pending(conn, stream, &ids).await? {
             crate::metrics::consumer_batch_dropped();
