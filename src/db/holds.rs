@@ -55,20 +55,8 @@ pub async fn release_holds<'c>(
     event: Uuid,
     releases: &[HoldReleased],
 ) -> Result<u64> {
-    let ids: Vec<Uuid> = releases.iter().map(|r| r.id).collect();
-    let at: Vec<i64> = releases.iter().map(|r| r.released_at_micros).collect();
-    let done = sqlx::query(
-        "UPDATE holds h
-         SET released_at = timestamptz 'epoch' + r.micros * interval '1 microsecond'
-         FROM UNNEST($2::uuid[], $3::int8[]) AS r(id, micros)
-         WHERE h.event_id = $1 AND h.id = r.id AND h.released_at IS NULL",
-    )
-    .bind(event)
-    .bind(&ids)
-    .bind(&at)
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected())
+    let marks = releases.iter().map(|r| (r.id, r.released_at_micros));
+    super::mark_once(db, "holds", "released_at", event, marks).await
 }
 
 /// Most hold rows one prune statement deletes, so that it never holds locks for long.

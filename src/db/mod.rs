@@ -113,3 +113,28 @@ pub fn refused_for_good(e: &Error) -> Option<String> {
         _ => None,
     }
 }
+
+/// Sets `column` of the rows of `event` in `table` to each one's time (Unix µs),
+/// where it is not set yet: a row already marked keeps its first time, so the write
+/// can be retried freely. Returns how many rows changed.
+async fn mark_once<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    table: &'static str,
+    column: &'static str,
+    event: Uuid,
+    marks: impl Iterator<Item = (Uuid, i64)>,
+) -> Result<u64> {
+    let (ids, at): (Vec<Uuid>, Vec<i64>) = marks.unzip();
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {table} t
+         SET {column} = timestamptz 'epoch' + m.micros * interval '1 microsecond'
+         FROM UNNEST($2::uuid[], $3::int8[]) AS m(id, micros)
+         WHERE t.event_id = $1 AND t.id = m.id AND t.{column} IS NULL"
+    )))
+    .bind(event)
+    .bind(&ids)
+    .bind(&at)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -116,18 +116,6 @@ pub async fn cancel_sales<'c>(
     event: Uuid,
     cancels: &[Cancellation],
 ) -> Result<u64> {
-    let ids: Vec<Uuid> = cancels.iter().map(|c| c.id).collect();
-    let at: Vec<i64> = cancels.iter().map(|c| c.cancelled_at_micros).collect();
-    let done = sqlx::query(
-        "UPDATE purchases p
-         SET cancelled_at = timestamptz 'epoch' + c.micros * interval '1 microsecond'
-         FROM UNNEST($2::uuid[], $3::int8[]) AS c(id, micros)
-         WHERE p.event_id = $1 AND p.id = c.id AND p.cancelled_at IS NULL",
-    )
-    .bind(event)
-    .bind(&ids)
-    .bind(&at)
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected())
+    let marks = cancels.iter().map(|c| (c.id, c.cancelled_at_micros));
+    super::mark_once(db, "purchases", "cancelled_at", event, marks).await
 }
