@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState, Stats};
+use crate::api::{self, AppState, Credentials, Instance, Policy, Stats};
 use crate::buyer::BuyerTokens;
 use crate::config::{CommonConfig, ConsumerConfig, ServeConfig, StoreConfig};
 use crate::db;
@@ -123,27 +123,33 @@ impl Application {
             gate,
             db: stores.db,
             redis: stores.redis,
-            default_event: default_event.id,
-            instance_id,
-            admin_token: serve.admin_token().map(str::to_owned),
-            buyer_tokens: serve
-                .buyer_jwt_key()
-                .map(BuyerTokens::from_key)
-                .transpose()?,
-            max_hold_seconds: serve.max_hold_seconds,
-            admissions: serve
-                .admission_keys()
-                .map(|(key, previous)| AdmissionTokens::new(key, previous))
-                .transpose()?,
             queue,
-            queue_poll_max_ms: serve.queue_poll_max_ms,
-            body_limit: serve.body_limit,
-            request_timeout: Duration::from_millis(serve.request_timeout_ms),
-            cors_origins: serve.cors_origins(),
-            stats: Stats::default(),
-            started: Instant::now(),
-            metrics: crate::metrics::install(),
-            draining: AtomicBool::new(false),
+            default_event: default_event.id,
+            credentials: Credentials {
+                admin_token: serve.admin_token().map(str::to_owned),
+                buyer_tokens: serve
+                    .buyer_jwt_key()
+                    .map(BuyerTokens::from_key)
+                    .transpose()?,
+                admissions: serve
+                    .admission_keys()
+                    .map(|(key, previous)| AdmissionTokens::new(key, previous))
+                    .transpose()?,
+            },
+            policy: Policy {
+                max_hold_seconds: serve.max_hold_seconds,
+                queue_poll_max_ms: serve.queue_poll_max_ms,
+                body_limit: serve.body_limit,
+                request_timeout: Duration::from_millis(serve.request_timeout_ms),
+                cors_origins: serve.cors_origins(),
+            },
+            instance: Instance {
+                id: instance_id,
+                stats: Stats::default(),
+                started: Instant::now(),
+                metrics: crate::metrics::install(),
+                draining: AtomicBool::new(false),
+            },
         });
         Ok(Self {
             listener,
@@ -193,7 +199,7 @@ impl Application {
             shutdown,
             ..
         } = self;
-        tracing::info!(port = self.port, instance = %state.instance_id, "serving");
+        tracing::info!(port = self.port, instance = %state.instance.id, "serving");
         let consumer = consumer.map(|c| tokio::spawn(c.run(shutdown.clone())));
         let watcher = redis_watch.map(|every| {
             let recovery = state.gate.recovery().clone();
@@ -233,7 +239,7 @@ pub struct ShutdownHandle {
 impl ShutdownHandle {
     pub async fn drain_and_stop(self, drain: Duration) {
         tracing::info!(?drain, "shutting down: not ready, draining");
-        self.state.draining.store(true, Ordering::Relaxed);
+        self.state.instance.draining.store(true, Ordering::Relaxed);
         tokio::select! {
             _ = tokio::time::sleep(drain) => {}
             _ = self.token.cancelled() => {}

@@ -34,7 +34,7 @@ pub enum BuyerAuth {
 /// Checks the admin token in constant time, so response timing does not reveal how
 /// much of a guess was right.
 pub fn authorize(state: &AppState, auth: &AdminAuth) -> Result<(), ApiError> {
-    let Some(expected) = &state.admin_token else {
+    let Some(expected) = &state.credentials.admin_token else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorCode::AdminDisabled,
@@ -71,7 +71,7 @@ impl Identity {
                 admitted: false,
             };
         };
-        let verified = match &state.buyer_tokens {
+        let verified = match &state.credentials.buyer_tokens {
             Some(tokens) => tokens.verify(&token.0.token).map_err(|e| e.to_string()),
             None => Err("the server has no BOXOFFICE_BUYER_JWT_KEY to check buyer tokens".into()),
         };
@@ -98,7 +98,7 @@ impl Identity {
         admission: Option<&str>,
     ) -> Self {
         let mut identity = Self::of(state, auth);
-        identity.admitted = match (&identity.buyer, admission, &state.admissions) {
+        identity.admitted = match (&identity.buyer, admission, &state.credentials.admissions) {
             (Some(buyer), Some(token), Some(admissions)) => admissions.admits(token, event, buyer),
             _ => false,
         };

@@ -272,10 +272,10 @@ fn settings_of(state: &AppState, new: &NewEvent) -> Result<db::EventSettings, Ap
             message,
         )
     };
-    if hold_seconds > state.max_hold_seconds {
+    if hold_seconds > state.policy.max_hold_seconds {
         return Err(invalid(format!(
             "holdSeconds must be from 1 to {} (BOXOFFICE_MAX_HOLD_SECONDS)",
-            state.max_hold_seconds
+            state.policy.max_hold_seconds
         )));
     }
     if let Some(queue) = &new.queue.0 {
@@ -289,13 +289,15 @@ fn settings_of(state: &AppState, new: &NewEvent) -> Result<db::EventSettings, Ap
             message,
         )
     };
-    if new.max_per_buyer.0.is_some() && state.buyer_tokens.is_none() {
+    if new.max_per_buyer.0.is_some() && state.credentials.buyer_tokens.is_none() {
         return Err(not_configured(
             "maxPerBuyer needs buyer tokens, and this server has no BOXOFFICE_BUYER_JWT_KEY: \
              set it, or create the event without maxPerBuyer",
         ));
     }
-    if new.queue.0.is_some() && (state.admissions.is_none() || state.buyer_tokens.is_none()) {
+    if new.queue.0.is_some()
+        && (state.credentials.admissions.is_none() || state.credentials.buyer_tokens.is_none())
+    {
         return Err(not_configured(
             "a queue needs admission and buyer tokens, and this server lacks \
              BOXOFFICE_ADMISSION_KEY or BOXOFFICE_BUYER_JWT_KEY: set both, or create the \

@@ -100,7 +100,7 @@ async fn handle<E: Endpoint>(ep: &E, mut req: Request, state: &AppState) -> Resp
     let has_body = req.headers().contains_key(header::CONTENT_LENGTH)
         || req.headers().contains_key(header::TRANSFER_ENCODING);
     let call = async {
-        if let Err(too_large) = limit_body(&mut req, state.body_limit).await {
+        if let Err(too_large) = limit_body(&mut req, state.policy.body_limit).await {
             return too_large;
         }
         match ep.call(req).await {
@@ -111,7 +111,7 @@ async fn handle<E: Endpoint>(ep: &E, mut req: Request, state: &AppState) -> Resp
     if !has_body {
         return call.await;
     }
-    let timeout = state.request_timeout;
+    let timeout = state.policy.request_timeout;
     tokio::time::timeout(timeout, call)
         .await
         .unwrap_or_else(|_| {
@@ -167,6 +167,7 @@ fn record(
     if path.starts_with("/api/") {
         let is_purchase = *method == Method::POST && route.ends_with("/purchase");
         state
+            .instance
             .stats
             .record(took, is_purchase.then_some(status == StatusCode::OK));
     }

@@ -35,19 +35,29 @@ pub struct AppState {
     pub db: PgPool,
     /// Pool for Redis work off the purchase path (readiness, stats).
     pub redis: deadpool_redis::Pool,
+    /// Waiting rooms in Redis.
+    pub queue: crate::queue::Queue,
     /// The event the seed-compatible endpoints act on.
     pub default_event: Uuid,
-    pub instance_id: String,
+    pub credentials: Credentials,
+    pub policy: Policy,
+    pub instance: Instance,
+}
+
+/// Who may do what: the admin token, and the keys that check buyers and admissions.
+pub struct Credentials {
     pub admin_token: Option<String>,
     /// Verifies buyer tokens; `None` when no key is configured.
     pub buyer_tokens: Option<crate::buyer::BuyerTokens>,
-    /// Longest `holdSeconds` an event may be created with.
-    pub max_hold_seconds: u32,
     /// Signs and checks admission tokens; `None` when no key is configured (no
     /// queued events then).
     pub admissions: Option<crate::queue::AdmissionTokens>,
-    /// Waiting rooms in Redis.
-    pub queue: crate::queue::Queue,
+}
+
+/// What this server takes from a client, and what it tells one.
+pub struct Policy {
+    /// Longest `holdSeconds` an event may be created with.
+    pub max_hold_seconds: u32,
     /// Longest a waiting buyer is told to wait between polls.
     pub queue_poll_max_ms: u64,
     pub body_limit: usize,
@@ -55,6 +65,11 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// Browser origins allowed by CORS; empty: CORS off.
     pub cors_origins: Vec<String>,
+}
+
+/// This process, as operators see it.
+pub struct Instance {
+    pub id: String,
     pub stats: Stats,
     pub started: Instant,
     /// Renders `/metrics`.
@@ -116,8 +131,8 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
     let service = service();
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
-    let cors_on = !state.cors_origins.is_empty();
-    let cors = cors(&state.cors_origins);
+    let cors_on = !state.policy.cors_origins.is_empty();
+    let cors = cors(&state.policy.cors_origins);
     Route::new()
         .nest("/", service)
         .nest("/docs", docs)

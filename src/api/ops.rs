@@ -131,7 +131,11 @@ impl OpsApi {
         operation_id = "healthReady"
     )]
     async fn ready(&self, state: Data<&Arc<AppState>>) -> ReadyResponse {
-        if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        if state
+            .instance
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::ServiceUnavailable,
@@ -166,7 +170,7 @@ impl OpsApi {
         operation_id = "metrics"
     )]
     async fn metrics(&self, state: Data<&Arc<AppState>>) -> PlainText<String> {
-        PlainText(state.metrics.render())
+        PlainText(state.instance.metrics.render())
     }
 
     /// Request counters and sales
@@ -179,7 +183,7 @@ impl OpsApi {
         operation_id = "stats"
     )]
     async fn stats(&self, state: Data<&Arc<AppState>>) -> Json<StatsBody> {
-        let local = state.stats.snapshot();
+        let local = state.instance.stats.snapshot();
         let global = match global(&state).await {
             Ok(global) => Some(global),
             Err(e) => {
@@ -192,8 +196,8 @@ impl OpsApi {
             success_purchases: local.success_purchases,
             failed_purchases: local.failed_purchases,
             p95_latency: local.p95_latency_ms,
-            instance_id: state.instance_id.clone(),
-            uptime_seconds: state.started.elapsed().as_secs(),
+            instance_id: state.instance.id.clone(),
+            uptime_seconds: state.instance.started.elapsed().as_secs(),
             global,
         })
     }
@@ -258,7 +262,7 @@ pub(super) async fn readiness(redis: &deadpool_redis::Pool, db: &sqlx::PgPool) -
 fn health(state: &AppState) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
-        instance_id: state.instance_id.clone(),
-        uptime_seconds: state.started.elapsed().as_secs(),
+        instance_id: state.instance.id.clone(),
+        uptime_seconds: state.instance.started.elapsed().as_secs(),
     })
 }

@@ -293,7 +293,7 @@ async fn standing(
         return Ok(Answer::Standing(standing));
     };
     let (served_ms, first) = state.queue.served(event, buyer, room.now_ms).await?;
-    let learn_within_ms = i64::try_from(Standing::longest_poll_ms(state.queue_poll_max_ms))
+    let learn_within_ms = i64::try_from(Standing::longest_poll_ms(state.policy.queue_poll_max_ms))
         .unwrap_or(i64::MAX)
         .saturating_add(LEARN_SLACK_MS);
     let expires_ms = admission_expires_ms(
@@ -355,7 +355,7 @@ fn render(
     };
     match stands {
         Answer::Standing(standing) => {
-            status.poll_after_ms = Some(standing.poll_after_ms(state.queue_poll_max_ms));
+            status.poll_after_ms = Some(standing.poll_after_ms(state.policy.queue_poll_max_ms));
             let (position, wait_ms) = match standing {
                 Standing::BeforeOpening {
                     in_draw,
@@ -375,7 +375,7 @@ fn render(
             if first {
                 count_admission(&held, room, admitted_at_ms);
             }
-            let admissions = state.admissions.as_ref().ok_or_else(|| {
+            let admissions = state.credentials.admissions.as_ref().ok_or_else(|| {
                 crate::Error::Startup("queued event, but no BOXOFFICE_ADMISSION_KEY".into())
             })?;
             status.admitted = true;
