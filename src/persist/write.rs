@@ -18,11 +18,12 @@ use crate::records::Logged;
 /// How long a batch waits for its event's lock while a recovery holds it, before the
 /// consumer leaves it pending and goes on with other events.
 const LOCK_WAIT: &str = "SET LOCAL lock_timeout = '500ms'";
-/// How long a batch's writes may wait on row and table locks once the event's lock
-/// is held: long enough that a batch a recovery waits for lands rather than gives
-/// up, bounded so that a table locked from outside does not stall the consumer for
-/// good (the batch then fails and is retried).
-const WRITE_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '10s'";
+/// Once the event's lock is held, the batch's writes wait on row and table locks as
+/// long as the server's setting says (none by default). A bound would not keep the
+/// consumer going — a table locked from outside fails every retry alike — and a batch
+/// that gave up while a recovery waited for it would leave the recovery counting
+/// without its sales, whose entries Redis may have lost meanwhile: sold twice.
+const WRITE_LOCK_WAIT: &str = "SET LOCAL lock_timeout TO DEFAULT";
 
 /// What became of a batch.
 enum Written {
@@ -121,8 +122,7 @@ impl Consumer {
             }
             locked => locked?,
         }
-        // The short bound is for the recovery's lock only: a batch a recovery waits
-        // for that gave up on a row or table lock would leave it counting without it.
+        // The short bound is for the recovery's lock only (see `WRITE_LOCK_WAIT`).
         sqlx::query(WRITE_LOCK_WAIT).execute(&mut *tx).await?;
         let ids: Vec<&str> = batch.iter().map(|(_, id)| id.as_str()).collect();
         if !self.still_pending(conn, stream, &ids).await? {
