@@ -52,155 +52,287 @@ enum Mode {
         users: usize,
     },
     /// Keep-alive connections for a duration, or at a fixed rate with `--rate`.
-    Sustained {
-        #[command(flatten)]
-        common: Common,
-        /// Concurrent keep-alive connections.
-        #[arg(long, short = 'c', default_value_t = 64)]
-        connections: usize,
-        /// How long to run, e.g. `10s`, `500ms`, `1m`.
-        #[arg(long, short = 'd', default_value = "10s", value_parser = parse_duration)]
-        duration: Duration,
-        /// Requests per second (open model). Without it each connection sends as
-        /// fast as it gets answers.
-        #[arg(long)]
-        rate: Option<u64>,
-        /// Stop after this many requests.
-        #[arg(long)]
-        requests: Option<u64>,
-        /// Share of requests (0–1) that repeat an earlier request's key and quantity;
-        /// they must get the same answer back, marked as replayed.
-        #[arg(long, default_value_t = 0.0)]
-        retry_share: f64,
-        /// Send `GET <path>` instead of purchases (to measure the framework alone).
-        #[arg(long)]
-        get: Option<String>,
-        /// Retry a request that got no answer or a 502/503/504 up to this many times,
-        /// with the same Idempotency-Key, as a careful client would.
-        #[arg(long, default_value_t = 0)]
-        retry_failed: u32,
-    },
+    Sustained(SustainedArgs),
     /// The seat lifecycle on an event of its own: holds confirmed, released or
     /// abandoned, direct purchases, cancellations, buyers with tokens and a limit.
-    Holds {
-        /// Base URL of a replica; repeat to spread connections round-robin.
-        #[arg(long = "url", default_value = "http://127.0.0.1:3000")]
-        urls: Vec<String>,
-        /// The servers' ADMIN_TOKEN (the run creates its event and cancels sales).
-        #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
-        admin_token: String,
-        /// The servers' BOXOFFICE_BUYER_JWT_KEY, an HS256 secret, to sign buyer
-        /// tokens with. Without it: no tokens and no limit.
-        #[arg(long, env = "BOXOFFICE_BUYER_JWT_KEY", hide_env_values = true)]
-        buyer_key: Option<String>,
-        /// Seats of the event.
-        #[arg(long, default_value_t = 2_000)]
-        seats: u32,
-        /// Hold time of the event, in seconds.
-        #[arg(long, default_value_t = 2)]
-        hold_seconds: u32,
-        /// Seats one buyer may have; 0: no limit.
-        #[arg(long, default_value_t = 4)]
-        max_per_buyer: u32,
-        /// Number of distinct buyers.
-        #[arg(long, default_value_t = 500)]
-        buyers: usize,
-        /// Concurrent keep-alive connections.
-        #[arg(long, short = 'c', default_value_t = 32)]
-        connections: usize,
-        /// How long to run.
-        #[arg(long, short = 'd', default_value = "5s", value_parser = parse_duration)]
-        duration: Duration,
-        /// Share of actions that are direct purchases (the rest are holds).
-        #[arg(long, default_value_t = 0.2)]
-        purchase_share: f64,
-        /// Share of holds confirmed.
-        #[arg(long, default_value_t = 0.5)]
-        confirm_share: f64,
-        /// Share of holds released (the rest are abandoned to expire).
-        #[arg(long, default_value_t = 0.25)]
-        release_share: f64,
-        /// Share of sales cancelled after the run.
-        #[arg(long, default_value_t = 0.05)]
-        cancel_share: f64,
-        /// PostgreSQL URL (default: DATABASE_URL, as the server); when given, waits
-        /// for the consumer and checks the rows. Empty: no check.
-        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        database_url: Option<String>,
-        /// Give up on one request after this long.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        timeout: Duration,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Holds(HoldsArgs),
     /// A crowd in front of a queued event of its own: join before and after the
     /// opening, poll as told, buy once admitted; checks fairness and the rate.
-    Queue {
-        /// Base URL of a replica; repeat to spread requests round-robin.
-        #[arg(long = "url", default_value = "http://127.0.0.1:3000")]
-        urls: Vec<String>,
-        /// The servers' ADMIN_TOKEN (the run creates its event).
-        #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
-        admin_token: String,
-        /// The servers' BOXOFFICE_BUYER_JWT_KEY (HS256), to sign buyer tokens.
-        #[arg(long, env = "BOXOFFICE_BUYER_JWT_KEY", hide_env_values = true)]
-        buyer_key: String,
-        /// Number of buyers.
-        #[arg(long, default_value_t = 2_000)]
-        buyers: usize,
-        /// Share of buyers who join before the opening.
-        #[arg(long, default_value_t = 0.5)]
-        early_share: f64,
-        /// When the event opens, from the start of the run.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        opens_in: Duration,
-        /// Buyers admitted per second.
-        #[arg(long, default_value_t = 500)]
-        rate: u32,
-        /// How long an admission lasts, in seconds.
-        #[arg(long, default_value_t = 120)]
-        admission_seconds: u32,
-        /// Seats of the event (default: one per buyer).
-        #[arg(long)]
-        seats: Option<u32>,
-        /// Share of buyers who first try to buy without admission (must get 403).
-        #[arg(long, default_value_t = 0.05)]
-        sneak_share: f64,
-        /// Requests in flight at most, over pooled keep-alive connections.
-        #[arg(long, short = 'c', default_value_t = 64)]
-        connections: usize,
-        /// Redis of the servers, to report its CPU per request.
-        #[arg(long)]
-        redis_url: Option<String>,
-        /// Give up on one request after this long.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        timeout: Duration,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Queue(QueueArgs),
     /// The purchase script straight against Redis: sales/s of one event.
-    Ceiling {
-        /// Redis to drive; the run uses keys of its own and deletes them after.
-        #[arg(long, default_value = "redis://127.0.0.1:6379")]
-        redis_url: String,
-        /// Purchases per script call.
-        #[arg(long, default_value_t = 128)]
-        batch: usize,
-        /// Redis connections.
-        #[arg(long, short = 'c', default_value_t = 4)]
-        connections: usize,
-        /// Calls in flight on each connection.
-        #[arg(long, default_value_t = 2)]
-        in_flight: usize,
-        /// How long to run, e.g. `5s`.
-        #[arg(long, short = 'd', default_value = "5s", value_parser = parse_duration)]
-        duration: Duration,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Ceiling(CeilingArgs),
+}
+
+/// Options of `rush sustained`.
+#[derive(Debug, Args)]
+struct SustainedArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Concurrent keep-alive connections.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    connections: usize,
+    /// How long to run, e.g. `10s`, `500ms`, `1m`.
+    #[arg(long, short = 'd', default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Requests per second (open model). Without it each connection sends as
+    /// fast as it gets answers.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Stop after this many requests.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Share of requests (0–1) that repeat an earlier request's key and quantity;
+    /// they must get the same answer back, marked as replayed.
+    #[arg(long, default_value_t = 0.0)]
+    retry_share: f64,
+    /// Send `GET <path>` instead of purchases (to measure the framework alone).
+    #[arg(long)]
+    get: Option<String>,
+    /// Retry a request that got no answer or a 502/503/504 up to this many times,
+    /// with the same Idempotency-Key, as a careful client would.
+    #[arg(long, default_value_t = 0)]
+    retry_failed: u32,
+}
+
+impl SustainedArgs {
+    fn plan(&self) -> load::Plan {
+        load::Plan {
+            connections: self.connections.max(1),
+            duration: self.duration,
+            rate: self.rate,
+            requests: self.requests,
+            retry_share: self.retry_share.clamp(0.0, 1.0),
+            get: self.get.clone(),
+            retry_failed: self.retry_failed,
+        }
+    }
+}
+
+/// Options of `rush holds`.
+#[derive(Debug, Args)]
+struct HoldsArgs {
+    /// Base URL of a replica; repeat to spread connections round-robin.
+    #[arg(long = "url", default_value = "http://127.0.0.1:3000")]
+    urls: Vec<String>,
+    /// The servers' ADMIN_TOKEN (the run creates its event and cancels sales).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// The servers' BOXOFFICE_BUYER_JWT_KEY, an HS256 secret, to sign buyer
+    /// tokens with. Without it: no tokens and no limit.
+    #[arg(long, env = "BOXOFFICE_BUYER_JWT_KEY", hide_env_values = true)]
+    buyer_key: Option<String>,
+    /// Seats of the event.
+    #[arg(long, default_value_t = 2_000)]
+    seats: u32,
+    /// Hold time of the event, in seconds.
+    #[arg(long, default_value_t = 2)]
+    hold_seconds: u32,
+    /// Seats one buyer may have; 0: no limit.
+    #[arg(long, default_value_t = 4)]
+    max_per_buyer: u32,
+    /// Number of distinct buyers.
+    #[arg(long, default_value_t = 500)]
+    buyers: usize,
+    /// Concurrent keep-alive connections.
+    #[arg(long, short = 'c', default_value_t = 32)]
+    connections: usize,
+    /// How long to run.
+    #[arg(long, short = 'd', default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Share of actions that are direct purchases (the rest are holds).
+    #[arg(long, default_value_t = 0.2)]
+    purchase_share: f64,
+    /// Share of holds confirmed.
+    #[arg(long, default_value_t = 0.5)]
+    confirm_share: f64,
+    /// Share of holds released (the rest are abandoned to expire).
+    #[arg(long, default_value_t = 0.25)]
+    release_share: f64,
+    /// Share of sales cancelled after the run.
+    #[arg(long, default_value_t = 0.05)]
+    cancel_share: f64,
+    /// PostgreSQL URL (default: DATABASE_URL, as the server); when given, waits
+    /// for the consumer and checks the rows. Empty: no check.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Give up on one request after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl HoldsArgs {
+    fn plan(self) -> holds::Plan {
+        let Self {
+            urls,
+            admin_token,
+            buyer_key,
+            seats,
+            hold_seconds,
+            max_per_buyer,
+            buyers,
+            connections,
+            duration,
+            purchase_share,
+            confirm_share,
+            release_share,
+            cancel_share,
+            database_url,
+            timeout,
+            ..
+        } = self;
+        let share = |x: f64| x.clamp(0.0, 1.0);
+
+        holds::Plan {
+            urls,
+            admin_token,
+            max_per_buyer: if buyer_key.is_some() {
+                max_per_buyer
+            } else {
+                0
+            },
+            buyer_key,
+            seats: seats.max(1),
+            hold_seconds: hold_seconds.max(1),
+            buyers: buyers.max(1),
+            connections: connections.max(1),
+            duration,
+            purchase_share: share(purchase_share),
+            confirm_share: share(confirm_share),
+            release_share: share(release_share),
+            cancel_share: share(cancel_share),
+            database_url: database_url.filter(|url| !url.is_empty()),
+            timeout,
+        }
+    }
+}
+
+/// Options of `rush queue`.
+#[derive(Debug, Args)]
+struct QueueArgs {
+    /// Base URL of a replica; repeat to spread requests round-robin.
+    #[arg(long = "url", default_value = "http://127.0.0.1:3000")]
+    urls: Vec<String>,
+    /// The servers' ADMIN_TOKEN (the run creates its event).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// The servers' BOXOFFICE_BUYER_JWT_KEY (HS256), to sign buyer tokens.
+    #[arg(long, env = "BOXOFFICE_BUYER_JWT_KEY", hide_env_values = true)]
+    buyer_key: String,
+    /// Number of buyers.
+    #[arg(long, default_value_t = 2_000)]
+    buyers: usize,
+    /// Share of buyers who join before the opening.
+    #[arg(long, default_value_t = 0.5)]
+    early_share: f64,
+    /// When the event opens, from the start of the run.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    opens_in: Duration,
+    /// Buyers admitted per second.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// How long an admission lasts, in seconds.
+    #[arg(long, default_value_t = 120)]
+    admission_seconds: u32,
+    /// Seats of the event (default: one per buyer).
+    #[arg(long)]
+    seats: Option<u32>,
+    /// Share of buyers who first try to buy without admission (must get 403).
+    #[arg(long, default_value_t = 0.05)]
+    sneak_share: f64,
+    /// Requests in flight at most, over pooled keep-alive connections.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    connections: usize,
+    /// Redis of the servers, to report its CPU per request.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Give up on one request after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl QueueArgs {
+    fn plan(self) -> queue::Plan {
+        let Self {
+            urls,
+            admin_token,
+            buyer_key,
+            buyers,
+            early_share,
+            opens_in,
+            rate,
+            admission_seconds,
+            seats,
+            sneak_share,
+            connections,
+            redis_url,
+            timeout,
+            ..
+        } = self;
+        queue::Plan {
+            urls,
+            admin_token,
+            buyer_key,
+            buyers: buyers.max(1),
+            early_share: early_share.clamp(0.0, 1.0),
+            opens_in,
+            rate: rate.max(1),
+            admission_seconds: admission_seconds.max(1),
+            seats,
+            sneak_share: sneak_share.clamp(0.0, 1.0),
+            connections: connections.max(1),
+            redis_url,
+            timeout,
+        }
+    }
+}
+
+/// Options of `rush ceiling`.
+#[derive(Debug, Args)]
+struct CeilingArgs {
+    /// Redis to drive; the run uses keys of its own and deletes them after.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Purchases per script call.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Redis connections.
+    #[arg(long, short = 'c', default_value_t = 4)]
+    connections: usize,
+    /// Calls in flight on each connection.
+    #[arg(long, default_value_t = 2)]
+    in_flight: usize,
+    /// How long to run, e.g. `5s`.
+    #[arg(long, short = 'd', default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CeilingArgs {
+    fn plan(self) -> ceiling::Plan {
+        let Self {
+            redis_url,
+            batch,
+            connections,
+            in_flight,
+            duration,
+            ..
+        } = self;
+        ceiling::Plan {
+            redis_url,
+            batch: batch.clamp(1, 1024),
+            connections: connections.max(1),
+            in_flight: in_flight.max(1),
+            duration,
+        }
+    }
 }
 
 /// Options shared by every mode.
@@ -284,119 +416,24 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.mode {
-        Mode::Ceiling {
-            redis_url,
-            batch,
-            connections,
-            in_flight,
-            duration,
-            json,
-        } => {
-            let plan = ceiling::Plan {
-                redis_url,
-                batch: batch.clamp(1, 1024),
-                connections: connections.max(1),
-                in_flight: in_flight.max(1),
-                duration,
-            };
-            return ceiling_report(ceiling::run(&plan).await, json);
+        Mode::Ceiling(args) => {
+            let json = args.json;
+            return ceiling_report(ceiling::run(&args.plan()).await, json);
         }
-        Mode::Holds {
-            urls,
-            admin_token,
-            buyer_key,
-            seats,
-            hold_seconds,
-            max_per_buyer,
-            buyers,
-            connections,
-            duration,
-            purchase_share,
-            confirm_share,
-            release_share,
-            cancel_share,
-            database_url,
-            timeout,
-            json,
-        } => {
-            let share = |x: f64| x.clamp(0.0, 1.0);
-            let plan = holds::Plan {
-                urls,
-                admin_token,
-                max_per_buyer: if buyer_key.is_some() {
-                    max_per_buyer
-                } else {
-                    0
-                },
-                buyer_key,
-                seats: seats.max(1),
-                hold_seconds: hold_seconds.max(1),
-                buyers: buyers.max(1),
-                connections: connections.max(1),
-                duration,
-                purchase_share: share(purchase_share),
-                confirm_share: share(confirm_share),
-                release_share: share(release_share),
-                cancel_share: share(cancel_share),
-                database_url: database_url.filter(|url| !url.is_empty()),
-                timeout,
-            };
-            return finish(holds::run(plan).await, json);
+        Mode::Holds(args) => {
+            let json = args.json;
+            return finish(holds::run(args.plan()).await, json);
         }
-        Mode::Queue {
-            urls,
-            admin_token,
-            buyer_key,
-            buyers,
-            early_share,
-            opens_in,
-            rate,
-            admission_seconds,
-            seats,
-            sneak_share,
-            connections,
-            redis_url,
-            timeout,
-            json,
-        } => {
-            let plan = queue::Plan {
-                urls,
-                admin_token,
-                buyer_key,
-                buyers: buyers.max(1),
-                early_share: early_share.clamp(0.0, 1.0),
-                opens_in,
-                rate: rate.max(1),
-                admission_seconds: admission_seconds.max(1),
-                seats,
-                sneak_share: sneak_share.clamp(0.0, 1.0),
-                connections: connections.max(1),
-                redis_url,
-                timeout,
-            };
-            return finish(queue::run(plan).await, json);
+        Mode::Queue(args) => {
+            let json = args.json;
+            return finish(queue::run(args.plan()).await, json);
         }
         Mode::Seed { common, users } => load::seed(&common, users).await.map(|r| (common, r)),
-        Mode::Sustained {
-            common,
-            connections,
-            duration,
-            rate,
-            requests,
-            retry_share,
-            get,
-            retry_failed,
-        } => {
-            let plan = load::Plan {
-                connections: connections.max(1),
-                duration,
-                rate,
-                requests,
-                retry_share: retry_share.clamp(0.0, 1.0),
-                get,
-                retry_failed,
-            };
-            load::sustained(&common, &plan).await.map(|r| (common, r))
+        Mode::Sustained(args) => {
+            let plan = args.plan();
+            load::sustained(&args.common, &plan)
+                .await
+                .map(|r| (args.common, r))
         }
     };
     match result {
