@@ -30,7 +30,8 @@
 -- src/records.rs):
 --   purchase, hold: 'N' and the new record, 'R' and the record replayed, 'A' when the
 --                   event is queued and the request was not admitted, 'T' when the
---                   event has a limit and no buyer was given (nothing recorded)
+--                   event has a limit and no buyer was given; a refusal ('N' and 'X'
+--                   or 'L', 'HX', 'HL') is answered but not recorded
 --   confirm:        'N' or 'R' and the sale's record, 'E' and 'expired' or
 --                   'released', 'G' when there is no such hold
 --   release:        'N', 'R' and the state it already had, 'F' when it was
@@ -45,8 +46,9 @@
 -- event is not on sale).
 --
 -- Each request is decided exactly as if it had its own call, in the order given: a
--- key repeated later in the batch replays what the earlier one got; a refusal (3
--- asked, 2 left) does not stop a later, smaller purchase.
+-- key repeated later in the batch replays the sale or hold the earlier one got (a
+-- refused key is decided again); a refusal (3 asked, 2 left) does not stop a later,
+-- smaller purchase.
 --
 -- Invariants after every call: sold + held <= total, checked wherever either grows;
 -- a hold moves only forward (held -> confirmed | released | expired); a buyer's
@@ -257,10 +259,10 @@ end
 
 local function purchase_or_hold(r)
   local record = stored[r.key]
-  -- A sale or hold recorded is final. A refusal ('X', 'L', 'HX', 'HL') is replayed
-  -- only once the event is checked: an older snapshot may hold one for a key that
-  -- sold since, and recovery writes the sale over it.
-  if record and (not string.find(record, '^H?[XL]') or is_on_sale()) then
+  -- A sale or hold recorded is final. A refusal is not recorded (one written before
+  -- this rule, 'X', 'L', 'HX' or 'HL', reads as none): it sold nothing, so the key is
+  -- decided anew, and a flood of refused requests leaves nothing behind.
+  if record and not string.find(record, '^H?[XL]') then
     return 'R' .. record
   elseif not is_on_sale() then
     return 'C'
@@ -272,6 +274,8 @@ local function purchase_or_hold(r)
   record = refusal(r, r.op == 'H' and 'H' or '')
   if record then
     rejected = rejected + 1
+    changed = true
+    return 'N' .. record
   elseif r.op == 'P' then
     now()
     sold, purchases = sold + r.quantity, purchases + 1

@@ -39,11 +39,11 @@ for round in $(seq 1 "$ROUNDS"); do
         bin=${bins[0]}
         [[ $side == b ]] && bin=${bins[1]}
         REDIS_URL="redis://127.0.0.1:6379/$RDB" DATABASE_URL="$PG/boxoffice_ab_$side" \
-            BOXOFFICE_LISTEN=127.0.0.1:$PORT ADMIN_TOKEN=ab RUST_LOG=warn BOXOFFICE_LOG_FORMAT=json \
+            BOXOFFICE_LISTEN=127.0.0.1:$PORT ADMIN_TOKEN=ab-admin-token-of-32-bytes-or-more RUST_LOG=warn BOXOFFICE_LOG_FORMAT=json \
             "$bin" serve >/dev/null 2>&1 &
         pid=$!
         for _ in $(seq 1 100); do curl -fs "$URL/health/ready" >/dev/null && break; sleep 0.1; done
-        event=$(curl -fs -X POST "$URL/api/v1/events" -H 'Authorization: Bearer ab' \
+        event=$(curl -fs -X POST "$URL/api/v1/events" -H 'Authorization: Bearer ab-admin-token-of-32-bytes-or-more' \
             -H 'Content-Type: application/json' -d '{"name":"ab","totalSeats":1000000}' | jq -r .id)
         target/release/rush sustained --url "$URL" --event "$event" -c 64 -d "$DURATION" --json \
             >"$OUT/${side}_r$round.json"

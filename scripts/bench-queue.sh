@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KEY="bench-queue-buyer-key-$$-of-32-bytes!"
-ADMIN="bench-queue-admin-$$"
+ADMIN="bench-queue-admin-$$-token-of-32-bytes"
 PREFIX="bench-queue-$$"
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 DB="$PG/boxoffice_bench_queue"

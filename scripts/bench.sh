@@ -48,7 +48,7 @@ BATCH_DB_URL="$PG/boxoffice_bench_batch"
 DB_URL="$PG/boxoffice_bench"
 DRAIN_DB_URL="$PG/boxoffice_bench_drain"
 PREFIX="bench-$$"
-TOKEN="bench-$$"
+TOKEN="bench-$$-admin-token-of-32-bytes-or-more"
 OUT=bench
 mkdir -p "$OUT"
 RAW="$OUT/raw"

@@ -3,7 +3,8 @@
 
     scripts/check-imports.py [ROOT]    (default: src, the library; src/bin/* skipped)
 
-Reads `crate::a::b` and `super::x` paths in every .rs file under ROOT, resolves each
+Reads `crate::a::b` and `super::x` paths in every .rs file under ROOT (braced groups
+such as `use crate::{a, b::{c, d}}` expanded first), resolves each
 to the longest module it names, and reports every strongly connected set of two or
 more modules. A parent's `mod` declarations are not imports: children may use their
 parent's items, and what a module declares it owns.
@@ -23,6 +24,35 @@ for dp,_,fs in os.walk(root):
             p=os.path.join(dp,f); mods[modname(p)]=open(p).read()
 def top(m, depth):
     return '::'.join(m.split('::')[:depth])
+def split_top(body):
+    items,depth,cur=[],0,''
+    for ch in body:
+        if ch=='{': depth+=1
+        elif ch=='}': depth-=1
+        if ch==',' and depth==0: items.append(cur); cur=''
+        else: cur+=ch
+    items.append(cur)
+    return [i.strip() for i in items if i.strip()]
+def expand(prefix, body):
+    out=[]
+    for item in split_top(body):
+        item=re.sub(r'\s+as\s+\w+$','',item)
+        if item=='self': out.append(prefix); continue
+        m=re.match(r'^([\w:]*?)::\{(.*)\}$', item, re.S)
+        if m: out+=expand(prefix+'::'+m.group(1), m.group(2))
+        else: out.append(prefix+'::'+item)
+    return out
+def expand_groups(src):
+    # Rewrites every `crate::{…}` / `super::{…}` group as the paths it names.
+    while True:
+        m=re.search(r'\b(crate|super)((?:::\w+)*)::\{', src)
+        if not m: return src
+        start,depth,i=m.end(),1,m.end()
+        while depth:
+            depth+= {'{':1,'}':-1}.get(src[i],0); i+=1
+        paths=expand(m.group(1)+m.group(2), src[start:i-1])
+        src=src[:m.start()]+' '.join(paths)+src[i:]
+mods={m:expand_groups(src) for m,src in mods.items()}
 edges=set()
 for m,src in mods.items():
     for ref in re.findall(r'crate::([a-z_]+(?:::[a-z_]+)*)', src):

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PROJECT=boxoffice-ci
-TOKEN=docker-test-$$
+TOKEN=docker-test-$$-admin-token-of-32-bytes
 RUSH=${RUSH:-target/debug/rush}
 started_at=$(date +%s)
 log=$(mktemp)

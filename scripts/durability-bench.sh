@@ -41,12 +41,12 @@ for mode in none everysec always; do
     pids+=("$redis")
     until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
     BOXOFFICE_LISTEN=127.0.0.1:$APP_PORT REDIS_URL=redis://127.0.0.1:$REDIS_PORT DATABASE_URL=$DB_URL \
-        ADMIN_TOKEN=durability BOXOFFICE_LOG_FORMAT=json target/release/boxoffice serve \
+        ADMIN_TOKEN=durability-admin-token-of-32-bytes-or-more BOXOFFICE_LOG_FORMAT=json target/release/boxoffice serve \
         >>"$work/app.log" 2>&1 &
     app=$!
     pids+=("$app")
     until curl -fs "127.0.0.1:$APP_PORT/health/ready" >/dev/null 2>&1; do sleep 0.1; done
-    event=$(curl -fs -X POST "127.0.0.1:$APP_PORT/api/v1/events" -H 'Authorization: Bearer durability' \
+    event=$(curl -fs -X POST "127.0.0.1:$APP_PORT/api/v1/events" -H 'Authorization: Bearer durability-admin-token-of-32-bytes-or-more' \
         -H 'Content-Type: application/json' -d '{"name":"durability","totalSeats":1000000}' | jq -r .id)
     target/release/rush sustained --url "http://127.0.0.1:$APP_PORT" --event "$event" -c 64 \
         -d "$DURATION" --json >"$work/$mode.json"

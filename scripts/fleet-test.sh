@@ -14,7 +14,7 @@ BIN_DIR=${BIN_DIR:-target/debug}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 export DATABASE_URL="$PG/boxoffice_fleet_test"
 export BOXOFFICE_KEY_PREFIX="fleet-test-$$"
-export ADMIN_TOKEN="fleet-test-$$"
+export ADMIN_TOKEN="fleet-test-$$-admin-token-of-32-bytes"
 export BOXOFFICE_LOG_FORMAT=json
 export BOXOFFICE_SHUTDOWN_DRAIN_MS=1000
 # The killed replica's pending sales are taken over after this (default 30 s).

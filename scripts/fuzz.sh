@@ -11,7 +11,7 @@ MAX_EXAMPLES=${MAX_EXAMPLES:-50}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 DB_URL="$PG/boxoffice_fuzz"
 PREFIX="fuzz-$$"
-TOKEN="fuzz-$$"
+TOKEN="fuzz-$$-admin-token-of-32-bytes-or-more"
 
 server=
 cleanup() {

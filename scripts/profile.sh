@@ -38,7 +38,7 @@ profile() { # label, batch cap, rush args...
     shift 2
     psql "$PG/postgres" -qAtc "DROP DATABASE IF EXISTS boxoffice_profile WITH (FORCE)" 2>/dev/null
     REDIS_URL=redis://127.0.0.1:6379 BOXOFFICE_LISTEN=127.0.0.1:$PORT DATABASE_URL=$PG/boxoffice_profile \
-        BOXOFFICE_KEY_PREFIX=$PREFIX ADMIN_TOKEN=profile BOXOFFICE_LOG_FORMAT=json BOXOFFICE_CONSUMER=false \
+        BOXOFFICE_KEY_PREFIX=$PREFIX ADMIN_TOKEN=profile-admin-token-of-32-bytes-or-more BOXOFFICE_LOG_FORMAT=json BOXOFFICE_CONSUMER=false \
         BOXOFFICE_PURCHASE_BATCH=$cap BOXOFFICE_REDIS_TIMEOUT_MS=20000 \
         valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/$label.callgrind" \
         "$BIN/boxoffice" serve >"$OUT/$label.log" 2>&1 &
@@ -48,7 +48,7 @@ profile() { # label, batch cap, rush args...
         sleep 0.2
     done
     local event
-    event=$(curl -fs -X POST "localhost:$PORT/api/v1/events" -H 'Authorization: Bearer profile' \
+    event=$(curl -fs -X POST "localhost:$PORT/api/v1/events" -H 'Authorization: Bearer profile-admin-token-of-32-bytes-or-more' \
         -H 'Content-Type: application/json' -d '{"name":"profile","totalSeats":1000000}' | jq -r .id)
     # Warm up (connections, first-use paths), then count a fixed number of requests.
     "$BIN/rush" sustained --url "http://127.0.0.1:$PORT" --event "$event" -c 32 -d 120s --requests 500 --timeout 60s "$@" >/dev/null

@@ -180,6 +180,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
             max_connections: 64,
             header_timeout: std::time::Duration::from_secs(5),
             max_header_bytes: crate::server::MIN_HEADER_BYTES,
+            write_timeout: std::time::Duration::from_secs(5),
         },
         shutdown.clone(),
         std::time::Duration::from_secs(1),

@@ -50,7 +50,7 @@ impl fmt::Display for IdempotencyKey {
 
 /// A buyer: the verified `sub` claim of their token, 1–255 bytes without control
 /// characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Buyer(String);
 
 impl Buyer {

@@ -42,6 +42,12 @@ pub enum Error {
     #[error("Redis awaits recovery, which just failed: {0}")]
     RecoveryPending(String),
 
+    /// Redis is fuller than `BOXOFFICE_REDIS_MEMORY_SHARE` of its `maxmemory`: new
+    /// purchases and holds without a buyer token wait, and past halfway to the limit
+    /// those with one too (see `gate::memory`).
+    #[error("Redis is nearly full ({used} of {max} bytes of maxmemory)")]
+    RedisNearlyFull { used: u64, max: u64 },
+
     /// A dependency is unreachable at startup; the message says how to fix it.
     #[error("{0}")]
     Startup(String),
@@ -65,6 +71,7 @@ impl Error {
             Error::Redis(_)
             | Error::RedisPool(_)
             | Error::RecoveryPending(_)
+            | Error::RedisNearlyFull { .. }
             | Error::Startup(_) => true,
             Error::Db(sqlx::Error::Database(e)) => {
                 // SQLSTATE classes 08 (connection exception) and 57 (operator

@@ -22,6 +22,7 @@ const CONSUMER_ERRORS: &str = "boxoffice_consumer_errors_total";
 const PARKED: &str = "boxoffice_consumer_parked_total";
 const ENTRIES_LOST: &str = "boxoffice_consumer_entries_lost_total";
 const POSTGRES_UP: &str = "boxoffice_postgres_up";
+const REDIS_MEMORY: &str = "boxoffice_redis_memory_used_ratio";
 const CONSUMER_BATCHES_NOT_PENDING: &str = "boxoffice_consumer_batches_not_pending_total";
 const HOLDS: &str = "boxoffice_holds_total";
 const HOLDS_EXPIRED_BY_SWEEP: &str = "boxoffice_holds_swept_total";
@@ -209,6 +210,13 @@ pub fn entries_lost(how: &'static str, entries: usize) {
 /// Whether PostgreSQL answered this process' last readiness check (1) or not (0).
 pub fn postgres_up(up: bool) {
     ::metrics::gauge!(POSTGRES_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Redis' `used_memory / maxmemory` as last read; not exported without a limit.
+pub fn redis_memory(share: Option<f64>) {
+    if let Some(share) = share {
+        ::metrics::gauge!(REDIS_MEMORY).set(share);
+    }
 }
 
 fn status_label(status: u16) -> &'static str {

@@ -10,12 +10,14 @@ use std::fmt;
 use redis::streams::StreamId;
 use uuid::Uuid;
 
-/// The outcome recorded under an `Idempotency-Key`, replayed to every repeat of the
-/// request. A purchase's: `S<quantity>:<seats left>:<purchase id>` for a sale,
-/// `X<quantity>` for a refusal for lack of seats, `L<quantity>` over the buyer's
-/// limit. A hold's: `H<quantity>:<seats left>:<hold id>:<expiry, Unix ms>`, `HX…`,
-/// `HL…`. One key space for both, so a key used for a purchase and then for a hold
-/// (or the other way) is a reused key. A sale's record is at most 44 bytes (32 hex
+/// The outcome of a purchase or hold, as the gate script answers it. A purchase's:
+/// `S<quantity>:<seats left>:<purchase id>` for a sale, `X<quantity>` for a refusal
+/// for lack of seats, `L<quantity>` over the buyer's limit. A hold's:
+/// `H<quantity>:<seats left>:<hold id>:<expiry, Unix ms>`, `HX…`, `HL…`. Sales and
+/// holds are recorded under the `Idempotency-Key` and replayed to every repeat of
+/// the request; refusals are answered and not kept (they sold nothing; see
+/// [`Record::kept`]). One key space for both, so a key used for a purchase and then
+/// for a hold (or the other way) is a reused key. A sale's record is at most 44 bytes (32 hex
 /// digits for the id), which Redis stores inline with its object header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Record {
@@ -45,6 +47,15 @@ pub enum Record {
 }
 
 impl Record {
+    /// Whether `stored`, the value under an idempotency key, is a kept decision (a
+    /// sale or a hold). A refusal an earlier version recorded reads as none, as the
+    /// gate script reads it (`lua/purchase.lua`, `purchase_or_hold`).
+    pub fn kept(stored: Option<&str>) -> bool {
+        stored.is_some_and(|s| {
+            !(s.starts_with(['X', 'L']) || s.starts_with("HX") || s.starts_with("HL"))
+        })
+    }
+
     pub fn parse(record: &str) -> Option<Self> {
         let (kind, rest) = record.split_at_checked(1)?;
         match kind {
@@ -168,7 +179,7 @@ pub struct Cancellation {
 
 /// A hold as the gate made it: what recovery needs to bring it back, or to know it
 /// ended, after Redis lost it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct HoldMade {
     /// The hold's id; its sale, once confirmed, has the same id.
     pub id: Uuid,

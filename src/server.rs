@@ -3,12 +3,16 @@
 //!
 //! poem's own `Server` leaves hyper's HTTP/1 settings at their defaults: no deadline
 //! for a client to send its headers (a slow client holds its connection forever),
-//! ~400 KiB of headers, no bound on connections. This loop sets them; everything above
+//! ~400 KiB of headers, no bound on connections, and no deadline for a client to take
+//! its answers (one that pipelines requests and never reads holds its connection,
+//! and a slot of `max_connections`, forever). This loop sets them; everything above
 //! the connection (routing, middleware, the API) is still poem.
 
 use std::convert::Infallible;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +22,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, Request};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +37,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Bytes of request line and headers at most; more gets 431.
     pub max_header_bytes: usize,
+    /// Time an answer may wait for the client to take any of it (its socket buffer
+    /// full); then the connection is closed.
+    pub write_timeout: Duration,
 }
 
 /// hyper refuses a read buffer smaller than this.
@@ -77,6 +85,7 @@ where
         };
         let _ = stream.set_nodelay(true);
         let service = service(endpoint.clone(), local.clone(), remote);
+        let stream = WriteDeadline::new(stream, limits.write_timeout);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             // Errors here are the client's (reset, timeout, malformed request).
@@ -124,4 +133,89 @@ fn service<E: Endpoint + 'static>(
             Ok::<_, Infallible>(Answer::from(response))
         }
     })
+}
+
+/// A connection whose writes fail once the client has taken nothing for `limit`: a
+/// client that stops reading cannot keep its connection by leaving answers unread.
+struct WriteDeadline {
+    stream: TcpStream,
+    limit: Duration,
+    /// Set while a write waits for room in the socket; reset by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadline {
+    fn new(stream: TcpStream, limit: Duration) -> Self {
+        Self {
+            stream,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// What a write (or flush) that returned `poll` means under the deadline.
+    fn deadline<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took none of its answer in time",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for WriteDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteDeadline {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.deadline(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.deadline(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.stream).poll_flush(cx);
+        self.deadline(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

@@ -103,6 +103,7 @@ impl Application {
         serve: &ServeConfig,
         consumer: &ConsumerConfig,
     ) -> Result<Self> {
+        serve.check_secrets()?;
         let instance_id = common.instance_id();
         let block = Duration::from_millis(consumer.consumer_block_ms);
         let stores = Stores::connect(&common.store, block).await?;
@@ -125,30 +126,15 @@ impl Application {
             redis: stores.redis,
             queue,
             default_event: default_event.id,
-            credentials: Credentials {
-                admin_token: serve.admin_token().map(str::to_owned),
-                buyer_tokens: serve
-                    .buyer_jwt_key()
-                    .map(BuyerTokens::from_key)
-                    .transpose()?,
-                admissions: serve
-                    .admission_keys()
-                    .map(|(key, previous)| AdmissionTokens::new(key, previous))
-                    .transpose()?,
-            },
-            policy: Policy {
-                max_hold_seconds: serve.max_hold_seconds,
-                queue_poll_max_ms: serve.queue_poll_max_ms,
-                body_limit: serve.body_limit,
-                request_timeout: Duration::from_millis(serve.request_timeout_ms),
-                cors_origins: serve.cors_origins(),
-            },
+            credentials: credentials(serve)?,
+            policy: policy(serve),
             instance: Instance {
                 id: instance_id,
                 stats: Stats::default(),
                 started: Instant::now(),
                 metrics: crate::metrics::install(),
                 draining: AtomicBool::new(false),
+                reads: Default::default(),
             },
         });
         Ok(Self {
@@ -205,6 +191,11 @@ impl Application {
             let recovery = state.gate.recovery().clone();
             tokio::spawn(recovery.watch_redis(every, shutdown.clone()))
         });
+        // Memory is read at the watch interval, or every second without a watcher.
+        let memory = tokio::spawn(state.gate.clone().watch_memory(
+            redis_watch.unwrap_or(Duration::from_secs(1)),
+            shutdown.clone(),
+        ));
         let sweeper = hold_sweep.map(|every| {
             let gate = state.gate.clone();
             tokio::spawn(gate.sweep_holds(every, shutdown.clone()))
@@ -221,6 +212,7 @@ impl Application {
         if let Some(consumer) = consumer {
             let _ = consumer.await;
         }
+        let _ = memory.await;
         for task in [watcher, sweeper].into_iter().flatten() {
             let _ = task.await;
         }
@@ -291,4 +283,31 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// The keys and tokens requests are checked against, from the configuration.
+fn credentials(serve: &ServeConfig) -> Result<Credentials> {
+    Ok(Credentials {
+        admin_token: serve.admin_token().map(str::to_owned),
+        buyer_tokens: serve
+            .buyer_jwt_key()
+            .map(BuyerTokens::from_key)
+            .transpose()?,
+        admissions: serve
+            .admission_keys()
+            .map(|(key, previous)| AdmissionTokens::new(key, previous))
+            .transpose()?,
+    })
+}
+
+/// The limits a client meets, from the configuration.
+fn policy(serve: &ServeConfig) -> Policy {
+    Policy {
+        max_hold_seconds: serve.max_hold_seconds,
+        queue_poll_max_ms: serve.queue_poll_max_ms,
+        body_limit: serve.body_limit,
+        request_timeout: Duration::from_millis(serve.request_timeout_ms),
+        cors_origins: serve.cors_origins(),
+        rate_limits: crate::api::rate::RateLimits::new(&serve.rate_limits),
+    }
 }

@@ -9,7 +9,8 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
-use crate::domain::Buyer;
+use crate::domain::{Buyer, IdempotencyKey, Quantity};
+use crate::gate::Claim;
 
 /// Admin token, configured on the server as `ADMIN_TOKEN`.
 #[derive(SecurityScheme)]
@@ -61,6 +62,16 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// A purchase or hold of `quantity` seats under `key`, as this buyer.
+    pub fn claim(&self, key: &IdempotencyKey, quantity: Quantity) -> Claim {
+        Claim {
+            key: key.clone(),
+            quantity,
+            buyer: self.buyer.clone(),
+            admitted: self.admitted,
+        }
+    }
+
     /// Reads the buyer token. A refused token is not an error yet: only an event with
     /// a limit needs a buyer, and the gate says whether it has one.
     pub fn of(state: &AppState, auth: &BuyerAuth) -> Self {

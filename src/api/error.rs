@@ -78,6 +78,9 @@ pub enum ErrorCode {
     InvalidEventSetting,
     /// The admin API is disabled because no admin token is configured.
     AdminDisabled,
+    /// Too many write requests from this client (buyer or address): nothing was
+    /// done or recorded; retry after `Retry-After` seconds.
+    RateLimited,
     /// Redis or PostgreSQL is unreachable; retry after `Retry-After` seconds.
     ServiceUnavailable,
     /// A bug; the details are in the server's log under the request id.
@@ -278,6 +281,29 @@ impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         match err {
             Error::EventNotFound(_) => Self::event_not_found(),
+            Error::RedisNearlyFull { used, max } => {
+                tracing::warn!(
+                    request_id = super::request_id(),
+                    used,
+                    max,
+                    "claim refused: Redis nearly full"
+                );
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::ServiceUnavailable,
+                    "Redis is nearly full: new purchases and holds wait (without a buyer \
+                     token first); retry with the same Idempotency-Key after Retry-After",
+                )
+            }
+            Error::Redis(e) if e.code() == Some("OOM") => {
+                tracing::error!(request_id = super::request_id(), error = %e, "Redis is out of memory");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::ServiceUnavailable,
+                    "Redis is out of memory: nothing was done; retry with the same \
+                     Idempotency-Key after Retry-After",
+                )
+            }
             e if e.is_unavailable() => {
                 tracing::warn!(request_id = super::request_id(), error = %e, "dependency unavailable");
                 Self::new(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use poem::http::StatusCode;
 use poem::web::Data;
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use uuid::Uuid;
@@ -18,10 +18,11 @@ use crate::db::{self, EventRow};
 use crate::domain::{DEFAULT_HOLD_SECONDS, HoldSeconds, SeatLimit, Seats};
 use crate::queue::QueueSettings;
 
+#[derive(Default)]
 pub struct EventsApi;
 
 /// An event and its seats.
-#[derive(Debug, Object)]
+#[derive(Debug, Clone, Object)]
 #[oai(rename_all = "camelCase")]
 pub struct Event {
     pub id: Uuid,
@@ -108,9 +109,16 @@ api_errors!(EventResponse {
 #[derive(ApiResponse)]
 #[oai(bad_request_handler = "bad_request")]
 pub enum EventListResponse {
-    /// Every event, oldest first.
+    /// A page of events, oldest first (seat counts at most a second old). When more
+    /// follow, `Link` names the next page (`rel="next"`).
     #[oai(status = 200)]
-    Ok(Json<Vec<Event>>),
+    Ok(Json<Vec<Event>>, #[oai(header = "Link")] Option<String>),
+    /// `INVALID_PARAMETER`: `limit` is not 1–500, or `after` is not a UUID.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// `EVENT_NOT_FOUND`: `after` names no event.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -120,6 +128,8 @@ pub enum EventListResponse {
 }
 
 api_errors!(EventListResponse {
+    400 => BadRequest,
+    404 => NotFound,
     unavailable => Unavailable,
     internal => Internal,
 });
@@ -153,6 +163,9 @@ pub enum CreateEventResponse {
     /// hours or the next 366 days.
     #[oai(status = 422)]
     NotConfigured(Json<ErrorBody>),
+    /// `RATE_LIMITED`: too many writes from this client; nothing done. Retry after `Retry-After` s.
+    #[oai(status = 429)]
+    RateLimited(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -203,15 +216,40 @@ impl EventsApi {
         event_response(&state, id.0).await
     }
 
-    /// All events
+    /// Events, a page at a time
+    ///
+    /// Oldest first, `limit` per page (default 100); follow `Link: <…>; rel="next"`,
+    /// or pass the last id of a page as `after`. Each page is computed at most once a
+    /// second per replica, so its seat counts may be up to a second old; an event's
+    /// own `GET` is exact.
     #[oai(
         path = "/api/v1/events",
         method = "get",
         tag = "Tag::Events",
         operation_id = "listEvents"
     )]
-    async fn events(&self, state: Data<&Arc<AppState>>) -> EventListResponse {
-        respond(list_events(&state).await)
+    async fn events(
+        &self,
+        /// Events per page, 1–500.
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<u32>>,
+        /// The id of the last event of the previous page.
+        after: Query<Option<Uuid>>,
+        state: Data<&Arc<AppState>>,
+    ) -> EventListResponse {
+        let limit = limit.0.unwrap_or(DEFAULT_PAGE);
+        let page = state
+            .instance
+            .reads
+            .events
+            .get((after.0, limit), || page(&state, after.0, limit))
+            .await;
+        respond(page.map(|page| {
+            let next = page
+                .next
+                .map(|last| format!("</api/v1/events?after={last}&limit={limit}>; rel=\"next\""));
+            EventListResponse::Ok(Json(page.events), next)
+        }))
     }
 
     /// Create an event (admin)
@@ -231,12 +269,39 @@ impl EventsApi {
     }
 }
 
-async fn list_events(state: &AppState) -> Result<EventListResponse, ApiError> {
-    let mut events = Vec::new();
-    for row in db::events(&state.db).await? {
+/// Events per page of `GET /api/v1/events` when the request names no `limit`.
+const DEFAULT_PAGE: u32 = 100;
+
+/// A page of events, and the id to continue after when more follow.
+#[derive(Clone)]
+pub struct Page {
+    events: Vec<Event>,
+    next: Option<Uuid>,
+}
+
+/// Up to `limit` events after `after`, with their seats: one query and `limit` reads
+/// of counters at most.
+async fn page(state: &AppState, after: Option<Uuid>, limit: u32) -> Result<Page, ApiError> {
+    // One more row than asked says whether another page follows.
+    let mut rows = db::events_page(&state.db, after, i64::from(limit) + 1).await?;
+    if let Some(after) = after
+        && rows.is_empty()
+        && db::event(&state.db, after).await?.is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::EventNotFound,
+            format!("after names no event ({after}): pass the id of the last event of a page"),
+        ));
+    }
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
         events.push(with_seats(state, row).await?);
     }
-    Ok(EventListResponse::Ok(Json(events)))
+    let next = more.then(|| events.last().map(|e| e.id)).flatten();
+    Ok(Page { events, next })
 }
 
 async fn create_event(

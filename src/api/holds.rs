@@ -21,6 +21,7 @@ use super::{AppState, Tag};
 use crate::domain::{IdempotencyKey, Quantity};
 use crate::gate::{Confirmation, Held, HoldState, HoldView, Outcome, Release};
 
+#[derive(Default)]
 pub struct HoldsApi;
 
 /// What to hold.
@@ -103,22 +104,22 @@ pub enum HoldResponse {
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
     /// `SOLD_OUT`: fewer seats are available than requested; or `BUYER_LIMIT`.
-    /// Nothing was held; repeats get the same answer.
+    /// Nothing was held and nothing is kept under the key: a repeat is decided again.
     #[oai(status = 409)]
-    SoldOut(
-        Json<ErrorBody>,
-        #[oai(header = "Idempotent-Replayed")] Option<bool>,
-    ),
+    SoldOut(Json<ErrorBody>),
     /// `PAYLOAD_TOO_LARGE`.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
     /// `UNSUPPORTED_MEDIA_TYPE`.
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
-    /// `IDEMPOTENCY_KEY_REUSED`: the key was first used with another quantity or for
-    /// a purchase; nothing was held.
+    /// `IDEMPOTENCY_KEY_REUSED`: the key's hold was made with another quantity, or
+    /// the key bought seats; nothing was held.
     #[oai(status = 422)]
     KeyReused(Json<ErrorBody>),
+    /// `RATE_LIMITED`: too many writes from this client; nothing done. Retry after `Retry-After` s.
+    #[oai(status = 429)]
+    RateLimited(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -132,6 +133,7 @@ api_errors!(HoldResponse {
     401 => Unauthorized,
     403 => Forbidden,
     404 => NotFound,
+    409 => SoldOut,
     413 => PayloadTooLarge,
     415 => UnsupportedMediaType,
     422 => KeyReused,
@@ -185,6 +187,9 @@ pub enum ConfirmResponse {
     /// `HOLD_EXPIRED`: the hold expired or was released; nothing was sold.
     #[oai(status = 410)]
     Gone(Json<ErrorBody>),
+    /// `RATE_LIMITED`: too many writes from this client; nothing done. Retry after `Retry-After` s.
+    #[oai(status = 429)]
+    RateLimited(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -218,6 +223,9 @@ pub enum ReleaseResponse {
     /// `HOLD_CONFIRMED`: the hold became a sale, which stands.
     #[oai(status = 409)]
     Confirmed(Json<ErrorBody>),
+    /// `RATE_LIMITED`: too many writes from this client; nothing done. Retry after `Retry-After` s.
+    #[oai(status = 429)]
+    RateLimited(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -240,7 +248,8 @@ impl HoldsApi {
     ///
     /// Sets seats aside for the event's hold time (`holdSeconds`), then they go back
     /// on sale unless confirmed. Send a fresh `Idempotency-Key` per intended hold and
-    /// repeat it on retries: a repeat gets the first answer back and never holds twice.
+    /// repeat it on retries: a repeat gets the hold back and never holds twice (a
+    /// refusal is not kept: a repeat is decided again).
     #[oai(
         path = "/api/v1/events/:id/holds",
         method = "post",
@@ -360,13 +369,7 @@ async fn hold(
 ) -> Result<HoldResponse, ApiError> {
     let decision = state
         .gate
-        .hold(
-            event,
-            key,
-            quantity,
-            identity.buyer.as_ref(),
-            identity.admitted,
-        )
+        .hold(event, &identity.claim(key, quantity))
         .await?;
     let replayed = decision.replayed.then_some(true);
     crate::metrics::hold(label(&decision.outcome, "held"));
@@ -374,10 +377,6 @@ async fn hold(
         Outcome::Done(held) => Ok(HoldResponse::Created(
             Body(created(event, &held)),
             format!("/api/v1/events/{event}/holds/{}", held.hold_id),
-            replayed,
-        )),
-        refused @ (Outcome::SoldOut | Outcome::BuyerLimit) => Ok(HoldResponse::SoldOut(
-            Json(refusal(refused, identity).body),
             replayed,
         )),
         refused => Err(refusal(refused, identity)),

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::AppState;
-use super::error::{ApiError, RETRY_AFTER_SECS};
+use super::error::{ApiError, ErrorCode, RETRY_AFTER_SECS};
 
 /// Longest `X-Request-Id` taken from a client; longer or non-ASCII ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -124,6 +124,40 @@ async fn handle<E: Endpoint>(ep: &E, mut req: Request, state: &AppState) -> Resp
                 ),
             ))
         })
+}
+
+/// Answers a write request from a client over its limit (see [`super::rate`]) with
+/// 429 before the route reads its body. It runs inside CORS, so that a browser may
+/// read the answer and its `Retry-After`.
+pub(super) async fn rate_limit<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    state: Arc<AppState>,
+) -> poem::Result<Response> {
+    let limits = &state.policy.rate_limits;
+    if limits.applies(&req) {
+        let buyer = limits
+            .limits_buyers()
+            .then(|| super::rate::bearer(&req))
+            .flatten()
+            .and_then(|token| state.credentials.buyer_tokens.as_ref()?.verify(token).ok());
+        if let Err(wait) = limits.check(&req, buyer) {
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut response = json_error(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::RateLimited,
+                format!(
+                    "too many write requests from this client: nothing was done; retry \
+                     after {seconds} s"
+                ),
+            ));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            return Ok(response);
+        }
+    }
+    ep.call(req).await.map(IntoResponse::into_response)
 }
 
 /// An error poem raised (no route, wrong method, a limit) as the API's JSON error; a

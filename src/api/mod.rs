@@ -5,12 +5,14 @@ pub mod body;
 pub mod error;
 
 mod auth;
+mod cache;
 mod events;
 mod holds;
 mod middleware;
 mod ops;
 mod purchase;
 mod queue;
+pub mod rate;
 mod sale;
 mod sales;
 mod stats;
@@ -65,6 +67,8 @@ pub struct Policy {
     pub request_timeout: std::time::Duration,
     /// Browser origins allowed by CORS; empty: CORS off.
     pub cors_origins: Vec<String>,
+    /// Write requests per client.
+    pub rate_limits: rate::RateLimits,
 }
 
 /// This process, as operators see it.
@@ -76,6 +80,30 @@ pub struct Instance {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Set when shutdown begins: readiness answers 503 while requests are still served.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Recent answers of the reads whose cost grows with the number of events.
+    pub reads: Reads,
+}
+
+/// How long an answer of `/api/v1/stats` or a page of `/api/v1/events` is kept.
+const READ_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Distinct pages of `/api/v1/events` kept at once (each at most `READ_CACHE_TTL`).
+const EVENT_PAGES_KEPT: usize = 64;
+
+/// Recent answers of the public reads that cost O(events) (see `cache`).
+pub struct Reads {
+    global: cache::Cache<(), ops::GlobalSales>,
+    /// Pages by (`after`, `limit`).
+    events: cache::Cache<(Option<Uuid>, u32), events::Page>,
+}
+
+impl Default for Reads {
+    fn default() -> Self {
+        Self {
+            global: cache::Cache::new(READ_CACHE_TTL, 1),
+            events: cache::Cache::new(READ_CACHE_TTL, EVENT_PAGES_KEPT),
+        }
+    }
 }
 
 #[derive(Tags)]
@@ -104,15 +132,7 @@ type Apis = (
 );
 
 fn service() -> OpenApiService<Apis, ()> {
-    let apis = (
-        purchase::PurchaseApi,
-        holds::HoldsApi,
-        queue::QueueApi,
-        sales::SalesApi,
-        events::EventsApi,
-        ops::OpsApi,
-    );
-    OpenApiService::new(apis, "boxoffice", env!("CARGO_PKG_VERSION"))
+    OpenApiService::new(Apis::default(), "boxoffice", env!("CARGO_PKG_VERSION"))
         .description(
             "Sells seats to a flash crowd without overselling. Every error body is \
              `{\"error\": CODE, \"message\": text}`; the codes are listed in `ErrorCode`.",
@@ -138,6 +158,10 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint<Output = Response> {
         .nest("/docs", docs)
         .at("/openapi.json", spec)
         .data(state.clone())
+        .around({
+            let state = state.clone();
+            move |ep, req| middleware::rate_limit(ep, req, state.clone())
+        })
         .with_if(cors_on, cors)
         .into_endpoint()
         .around(move |ep, req| middleware::observe(ep, req, state.clone()))

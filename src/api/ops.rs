@@ -16,6 +16,7 @@ use crate::persist;
 /// How long a readiness probe waits for each dependency.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
+#[derive(Default)]
 pub struct OpsApi;
 
 /// The process is up.
@@ -32,12 +33,20 @@ pub struct Health {
 #[derive(Debug, Object)]
 #[oai(rename_all = "camelCase")]
 pub struct Ready {
-    /// `ready`, or `degraded` while PostgreSQL does not answer: purchases go on
-    /// (sales wait in the stream and are written when it is back), but creating
-    /// events and recovering an event after a loss of Redis data wait for it.
+    /// `ready`, or `degraded` while PostgreSQL does not answer (purchases go on,
+    /// sales wait in the stream and are written when it is back, but creating events
+    /// and recovering an event after a loss of Redis data wait for it) or while Redis
+    /// is nearly full (`redisMemory`).
     pub status: String,
     pub redis: bool,
     pub postgres: bool,
+    /// Share of Redis' `maxmemory` in use (0–1), as last read; absent when Redis has
+    /// no limit. Above `BOXOFFICE_REDIS_MEMORY_SHARE`, purchases and holds without a
+    /// buyer token get 503.
+    #[oai(skip_serializing_if_is_none)]
+    pub redis_memory: Option<f64>,
+    /// Redis is above that share.
+    pub redis_nearly_full: bool,
 }
 
 #[derive(ApiResponse)]
@@ -61,7 +70,7 @@ api_errors!(ReadyResponse {
 
 /// Sales across every replica, from Redis; absent from the stats while Redis is
 /// unreachable.
-#[derive(Debug, Object)]
+#[derive(Debug, Clone, Object)]
 #[oai(rename_all = "camelCase")]
 pub struct GlobalSales {
     /// Events loaded in Redis.
@@ -152,10 +161,19 @@ impl OpsApi {
             )
             .into();
         }
+        let memory = state.gate.memory();
+        let nearly_full = memory.full().is_some();
         ReadyResponse::Ok(Json(Ready {
-            status: if postgres { "ready" } else { "degraded" }.into(),
+            status: if postgres && !nearly_full {
+                "ready"
+            } else {
+                "degraded"
+            }
+            .into(),
             redis,
             postgres,
+            redis_memory: memory.used_share(),
+            redis_nearly_full: nearly_full,
         }))
     }
 
@@ -184,7 +202,7 @@ impl OpsApi {
     )]
     async fn stats(&self, state: Data<&Arc<AppState>>) -> Json<StatsBody> {
         let local = state.instance.stats.snapshot();
-        let global = match global(&state).await {
+        let global = match state.instance.reads.global.get((), || global(&state)).await {
             Ok(global) => Some(global),
             Err(e) => {
                 tracing::warn!(error = %e, "global stats unavailable");
@@ -203,10 +221,17 @@ impl OpsApi {
     }
 }
 
+/// Events whose counters one pipeline reads.
+const GLOBAL_CHUNK: usize = 500;
+
+/// Every event's counters and backlog, added up: pipelined on a pooled connection
+/// (never the one purchases share), `GLOBAL_CHUNK` events per round trip. Counters
+/// are read as Redis has them, without recovering an event that lacks them.
 async fn global(state: &AppState) -> crate::Result<GlobalSales> {
     let keys = state.gate.keys();
     let mut conn = state.redis.get().await?;
     let ids: Vec<String> = redis::AsyncCommands::smembers(&mut *conn, keys.events()).await?;
+    let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
     let mut global = GlobalSales {
         events: 0,
         seats_sold: 0,
@@ -214,13 +239,30 @@ async fn global(state: &AppState) -> crate::Result<GlobalSales> {
         sold_out: 0,
         persistence_lag: 0,
     };
-    for id in ids.iter().filter_map(|id| id.parse().ok()) {
-        let inventory = state.gate.inventory(id).await?;
-        global.events += 1;
-        global.seats_sold += inventory.sold;
-        global.purchases += inventory.purchases;
-        global.sold_out += inventory.rejected;
-        global.persistence_lag += persist::backlog(&mut conn, &keys.stream(id)).await?;
+    for chunk in ids.chunks(GLOBAL_CHUNK) {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for id in chunk {
+            pipe.cmd("HMGET")
+                .arg(keys.inventory(*id))
+                .arg(&["sold", "purchases", "rejected"]);
+            pipe.cmd("XINFO").arg("GROUPS").arg(keys.stream(*id));
+        }
+        // A stream not made yet answers XINFO with an error: that event has no backlog.
+        let replies: Vec<redis::Value> = pipe.query_async(&mut *conn).await?;
+        for pair in replies.chunks(2) {
+            let counters: Vec<Option<i64>> =
+                redis::from_redis_value_ref(&pair[0]).unwrap_or_default();
+            if counters.iter().all(Option::is_none) {
+                continue;
+            }
+            let counter = |i: usize| counters.get(i).copied().flatten().unwrap_or(0);
+            global.events += 1;
+            global.seats_sold += counter(0);
+            global.purchases += counter(1);
+            global.sold_out += counter(2);
+            global.persistence_lag += pair.get(1).map_or(0, persist::group_backlog);
+        }
     }
     Ok(global)
 }

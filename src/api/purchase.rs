@@ -18,6 +18,7 @@ use super::{AppState, Tag};
 use crate::domain::{IdempotencyKey, Quantity};
 use crate::gate::Outcome;
 
+#[derive(Default)]
 pub struct PurchaseApi;
 
 /// What to buy.
@@ -53,24 +54,23 @@ pub enum PurchaseResponse {
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
     /// `SOLD_OUT`: fewer seats remain than requested; or `BUYER_LIMIT`: the buyer
-    /// would have more seats than the event allows one buyer. Nothing was sold.
-    /// Repeats of the request keep getting this answer (with
-    /// `Idempotent-Replayed: true`).
+    /// would have more seats than the event allows one buyer. Nothing was sold and
+    /// nothing is kept under the key: a repeat is decided again.
     #[oai(status = 409)]
-    SoldOut(
-        Json<ErrorBody>,
-        #[oai(header = "Idempotent-Replayed")] Option<bool>,
-    ),
+    SoldOut(Json<ErrorBody>),
     /// `PAYLOAD_TOO_LARGE`.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
     /// `UNSUPPORTED_MEDIA_TYPE`.
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
-    /// `IDEMPOTENCY_KEY_REUSED`: the key was first used with another quantity; nothing
-    /// was sold.
+    /// `IDEMPOTENCY_KEY_REUSED`: the key's sale was made with another quantity (or
+    /// the key holds seats); nothing was sold.
     #[oai(status = 422)]
     KeyReused(Json<ErrorBody>),
+    /// `RATE_LIMITED`: too many writes from this client; nothing done. Retry after `Retry-After` s.
+    #[oai(status = 429)]
+    RateLimited(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -84,6 +84,7 @@ api_errors!(PurchaseResponse {
     401 => Unauthorized,
     403 => Forbidden,
     404 => NotFound,
+    409 => SoldOut,
     413 => PayloadTooLarge,
     415 => UnsupportedMediaType,
     422 => KeyReused,
@@ -96,8 +97,8 @@ impl PurchaseApi {
     /// Buy seats of the default event
     ///
     /// The seed-compatible purchase. Send a fresh `Idempotency-Key` per intended
-    /// purchase and repeat it on retries: a repeat gets the first answer back and never
-    /// sells twice.
+    /// purchase and repeat it on retries: a repeat gets the sale back and never sells
+    /// twice (a refusal is not kept: a repeat is decided again).
     #[oai(
         path = "/api/v1/purchase",
         method = "post",
@@ -161,23 +162,13 @@ async fn buy(
 ) -> Result<PurchaseResponse, ApiError> {
     let decision = state
         .gate
-        .purchase(
-            event,
-            key,
-            quantity,
-            identity.buyer.as_ref(),
-            identity.admitted,
-        )
+        .purchase(event, &identity.claim(key, quantity))
         .await?;
     let replayed = decision.replayed.then_some(true);
     record_outcome(&decision);
     match decision.outcome {
         Outcome::Done(sale) => Ok(PurchaseResponse::Ok(
             Body(PurchaseOk::new(event, &sale)),
-            replayed,
-        )),
-        refused @ (Outcome::SoldOut | Outcome::BuyerLimit) => Ok(PurchaseResponse::SoldOut(
-            Json(refusal(refused, identity).body),
             replayed,
         )),
         refused => Err(refusal(refused, identity)),

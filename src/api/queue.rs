@@ -20,6 +20,7 @@ use crate::domain::Buyer;
 use crate::gate::recovery::Mode;
 use crate::queue::{Held, Room, Standing, Ticket, admission_expires_ms};
 
+#[derive(Default)]
 pub struct QueueApi;
 
 /// Where a buyer stands in the waiting room.
@@ -77,6 +78,9 @@ pub enum JoinResponse {
     /// `EVENT_NOT_QUEUED`: anyone may hold and buy at once.
     #[oai(status = 409)]
     NotQueued(Json<ErrorBody>),
+    /// `RATE_LIMITED`: too many writes from this client; nothing done. Retry after `Retry-After` s.
+    #[oai(status = 429)]
+    RateLimited(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),

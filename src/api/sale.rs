@@ -38,9 +38,8 @@ impl PurchaseOk {
     }
 }
 
-/// The error for a purchase or hold that was not done. The caller answers the
-/// refusals recorded under the key (`SOLD_OUT`, `BUYER_LIMIT`) itself, with their
-/// `Idempotent-Replayed` header.
+/// The error for a purchase or hold that was not done: a refusal (`SOLD_OUT`,
+/// `BUYER_LIMIT`) is a 409 like any other error, kept nowhere.
 pub fn refusal<T>(outcome: Outcome<T>, identity: &Identity) -> ApiError {
     match outcome {
         Outcome::Done(_) => unreachable!("a refusal"),

@@ -4,6 +4,7 @@
 //! happened).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use poem::http::StatusCode;
@@ -19,6 +20,7 @@ use super::{AppState, Tag};
 use crate::db::{self, PurchaseRow};
 use crate::records::Entry;
 
+#[derive(Default)]
 pub struct SalesApi;
 
 /// A sale as the record holds it.
@@ -83,11 +85,15 @@ pub enum CancelResponse {
     /// `PURCHASE_NOT_FOUND`.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
+    /// `RATE_LIMITED`: too many writes from this client; nothing done. Retry after `Retry-After` s.
+    #[oai(status = 429)]
+    RateLimited(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// `INTERNAL_ERROR`.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// `SERVICE_UNAVAILABLE`: retry after `Retry-After` seconds (also while a sale
-    /// just made is on its way to PostgreSQL); a repeat never returns the seats twice.
+    /// `SERVICE_UNAVAILABLE`: retry after `Retry-After` seconds (also when a sale
+    /// just made is not in PostgreSQL after 2 s); a repeat never returns the seats
+    /// twice.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
 }
@@ -164,18 +170,7 @@ async fn cancel(
     purchase: Uuid,
 ) -> Result<CancelResponse, ApiError> {
     authorize(state, auth)?;
-    let Some(row) = db::purchase(&state.db, event, purchase).await? else {
-        // Cancelling works from the row, which alone is certain to have the sale's
-        // seats and buyer; a sale on its way there is a moment away.
-        if state.gate.unrecorded_sale(event, purchase).await?.is_some() {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::ServiceUnavailable,
-                "the sale was just made and is on its way to the record; retry in a moment",
-            ));
-        }
-        return Err(not_found());
-    };
+    let row = recorded(state, event, purchase).await?;
     if let Some(at) = row.cancelled_at {
         return Ok(CancelResponse::Ok(Json(info(&row, Some(at)))));
     }
@@ -190,6 +185,36 @@ async fn cancel(
     }
     let at = DateTime::from_timestamp_micros(cancelled.at_micros).unwrap_or_default();
     Ok(CancelResponse::Ok(Json(info(&row, Some(at)))))
+}
+
+/// How long a cancellation waits for a sale on its way to PostgreSQL (the consumer
+/// writes one within milliseconds while it runs) before it answers 503.
+const RECORD_WAIT: Duration = Duration::from_secs(2);
+
+/// The sale's row. Cancelling works from the row, which alone is certain to have the
+/// sale's seats and buyer; a sale still in the stream is waited for a moment.
+async fn recorded(state: &AppState, event: Uuid, purchase: Uuid) -> Result<PurchaseRow, ApiError> {
+    if let Some(row) = db::purchase(&state.db, event, purchase).await? {
+        return Ok(row);
+    }
+    if state.gate.unrecorded_sale(event, purchase).await?.is_none() {
+        // Written (and trimmed from the stream) between the two reads, or no such sale.
+        return db::purchase(&state.db, event, purchase)
+            .await?
+            .ok_or_else(not_found);
+    }
+    let give_up = Instant::now() + RECORD_WAIT;
+    while Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(row) = db::purchase(&state.db, event, purchase).await? {
+            return Ok(row);
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::ServiceUnavailable,
+        "the sale was just made and is still on its way to the record; retry in a moment",
+    ))
 }
 
 fn not_found() -> ApiError {

@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use super::{EventRow, RecentSale, recent_sales};
 use crate::error::Result;
+use crate::records::HoldMade;
 
 /// What PostgreSQL holds of one event, read in one snapshot (see [`books`]).
 #[derive(Debug, Clone, Default)]
@@ -30,13 +31,9 @@ pub struct Books {
 /// A hold as PostgreSQL has it.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct HoldRow {
-    pub id: Uuid,
-    pub idempotency_key: String,
-    pub quantity: i16,
-    pub buyer: Option<String>,
-    pub seats_remaining: i32,
-    pub held_at_micros: i64,
-    pub expires_at_ms: i64,
+    /// The hold as its log entry tells of it.
+    #[sqlx(flatten)]
+    pub made: HoldMade,
     pub released_at_micros: Option<i64>,
     /// Whether `purchases` has its sale (it was confirmed).
     pub confirmed: bool,

@@ -124,6 +124,23 @@ pub async fn events(pool: &PgPool) -> Result<Vec<EventRow>> {
     .await?)
 }
 
+/// Up to `limit` events in creation order, after the event `after` (none: from the
+/// first; an id of no event: none).
+pub async fn events_page(pool: &PgPool, after: Option<Uuid>, limit: i64) -> Result<Vec<EventRow>> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        event_columns!(),
+        " FROM events
+         WHERE $1::uuid IS NULL
+            OR (created_at, id) > (SELECT created_at, id FROM events WHERE id = $1)
+         ORDER BY created_at, id LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// The default event, which the seed-compatible endpoints sell from. It is recorded
 /// in `default_event` once, by the first replica to start on an empty database
 /// (which creates it with `name` and `seats`); every replica then reads the same one.

@@ -84,9 +84,11 @@ impl<D: Decide> Coalescer<D> {
 
     /// Has `request` decided in the next call for `event` and returns its answer.
     ///
-    /// A request whose caller stops waiting is still decided: like a request whose
-    /// client hung up after the call was sent, its outcome is recorded under its key,
-    /// and a retry gets it back.
+    /// A request whose caller stops waiting before its call is sent (a client that
+    /// timed out behind a slow call) is dropped undecided: a retry on another replica
+    /// may meanwhile have been refused, and a refusal keeps nothing a late decision
+    /// could see, so deciding it later could sell under a key whose last answer was
+    /// 409. Once its call is sent it is decided, and a retry gets the outcome back.
     pub async fn submit(&self, event: Uuid, request: D::Request) -> Result<D::Answer> {
         let (answer, answered) = oneshot::channel();
         let start_sender = match self.shared.queues().entry(event) {
@@ -126,9 +128,13 @@ async fn send_batches<D: Decide>(shared: Arc<Shared<D>>, event: Uuid) {
                 queues.remove(&event);
                 return;
             }
+            queue.retain(|(_, answer)| !answer.is_closed());
             let take = queue.len().min(shared.cap);
             queue.drain(..take).collect()
         };
+        if batch.is_empty() {
+            continue;
+        }
         let (requests, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let results = shared.decider.decide(event, requests).await;
         // A missing result drops its sender, and `submit` reports that.
@@ -214,6 +220,27 @@ mod tests {
         // A request that finds nothing in flight goes at once, alone.
         assert_eq!(coalescer.submit(event, 99).await.unwrap(), 99);
         assert_eq!(decider.batches.lock().unwrap().last(), Some(&1));
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_caller_left_before_its_call_was_sent_is_not_decided() {
+        let decider = echo(None);
+        let coalescer = Coalescer::new(decider.clone(), 8);
+        let event = Uuid::now_v7();
+        let first = tokio::spawn({
+            let coalescer = coalescer.clone();
+            async move { coalescer.submit(event, 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await; // 1's call is in flight
+        let gone = tokio::spawn({
+            let coalescer = coalescer.clone();
+            async move { coalescer.submit(event, 2).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        gone.abort();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(coalescer.submit(event, 3).await.unwrap(), 3);
+        assert_eq!(*decider.batches.lock().unwrap(), [1, 1], "2 was decided");
     }
 
     #[tokio::test]

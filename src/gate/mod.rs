@@ -22,18 +22,21 @@
 //! | [`recovery`] | the one way an event's state comes (back) into Redis |
 
 pub mod batch;
+pub mod memory;
 pub mod outcome;
 mod reads;
 pub mod recovery;
 pub mod script;
 mod sweeper;
 
+use std::time::Duration;
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::StoreConfig;
-use crate::domain::{Buyer, IdempotencyKey, Quantity};
 use crate::error::{Error, Result, redact_url};
 use crate::keys::Keys;
 use crate::records::Record;
@@ -42,6 +45,7 @@ pub use outcome::{
     Cancelled, Confirmation, Decision, Held, HoldState, HoldView, Inventory, Outcome, Release, Sale,
 };
 use recovery::Recovery;
+pub use script::Claim;
 use script::{Ask, Reply, Seller, decision, sale, server_changed, unexpected};
 
 /// Reconnect attempts of the shared connection before a command fails; kept low so a
@@ -58,6 +62,7 @@ pub struct Gate {
     /// request then sends its own call at once, and calls pipeline on the connection.
     coalescer: Option<Coalescer<Seller>>,
     recovery: Recovery,
+    memory: memory::Memory,
 }
 
 impl Gate {
@@ -85,6 +90,7 @@ impl Gate {
         };
         Ok(Self {
             recovery: Recovery::new(conn, db, keys, store.idempotency_ttl),
+            memory: memory::Memory::new(store.redis_memory_share),
             coalescer: (store.purchase_batch > 1)
                 .then(|| Coalescer::new(seller.clone(), usize::from(store.purchase_batch))),
             seller,
@@ -126,53 +132,71 @@ impl Gate {
         &self.recovery
     }
 
-    /// Sells `quantity` seats of `event` under `key`, or replays what that key got before.
-    pub async fn purchase(
-        &self,
-        event: Uuid,
-        key: &IdempotencyKey,
-        quantity: Quantity,
-        buyer: Option<&Buyer>,
-        admitted: bool,
-    ) -> Result<Decision> {
+    /// Redis' memory as last read, and the share above which anonymous claims wait.
+    pub fn memory(&self) -> &memory::Memory {
+        &self.memory
+    }
+
+    /// Reads Redis' memory every `every` until shutdown (see [`memory`]).
+    pub async fn watch_memory(self, every: Duration, stop: CancellationToken) {
+        let conn = self.seller.conn.clone();
+        self.memory.watch(conn, every, stop).await
+    }
+
+    /// Whether a purchase or hold may go to Redis: an anonymous one with a key not
+    /// answered before waits while Redis is fuller than the configured share, so
+    /// that buyers with tokens and the ends of holds still find room; past halfway
+    /// to the limit, one with a token waits too (see [`memory`]). A key that sold or
+    /// held before is let through to be replayed, which writes nothing. The one check
+    /// both take.
+    async fn admit(&self, event: Uuid, claim: &Claim) -> Result<()> {
+        let Some(full) = self.memory.full() else {
+            return Ok(());
+        };
+        if claim.buyer.is_some() && !full.critical {
+            return Ok(());
+        }
+        let record = self.keys().idempotency(event, claim.key.as_str());
+        let stored: Option<String> =
+            redis::AsyncCommands::get(&mut self.seller.conn.clone(), record).await?;
+        if Record::kept(stored.as_deref()) {
+            return Ok(());
+        }
+        Err(Error::RedisNearlyFull {
+            used: full.used,
+            max: full.max,
+        })
+    }
+
+    /// Sells the claimed seats of `event`, or replays what the claim's key got before.
+    pub async fn purchase(&self, event: Uuid, claim: &Claim) -> Result<Decision> {
+        self.admit(event, claim).await?;
         let purchase_id = Uuid::now_v7();
         let reply = self
             .decide_on_sale(event, || Ask::Purchase {
-                key: key.clone(),
-                quantity,
+                claim: claim.clone(),
                 purchase_id,
-                buyer: buyer.cloned(),
-                admitted,
             })
             .await?;
-        decision(reply, quantity, |record| match record {
+        decision(reply, claim.quantity, |record| match record {
             Record::Refused { .. } => Some(Outcome::SoldOut),
             Record::OverLimit { .. } => Some(Outcome::BuyerLimit),
             sold => sale(sold).map(Outcome::Done),
         })
     }
 
-    /// Holds `quantity` seats of `event` for the event's hold time under `key`, or
-    /// replays what that key got before.
-    pub async fn hold(
-        &self,
-        event: Uuid,
-        key: &IdempotencyKey,
-        quantity: Quantity,
-        buyer: Option<&Buyer>,
-        admitted: bool,
-    ) -> Result<Decision<Held>> {
+    /// Holds the claimed seats of `event` for the event's hold time, or replays what
+    /// the claim's key got before.
+    pub async fn hold(&self, event: Uuid, claim: &Claim) -> Result<Decision<Held>> {
+        self.admit(event, claim).await?;
         let hold_id = Uuid::now_v7();
         let reply = self
             .decide_on_sale(event, || Ask::Hold {
-                key: key.clone(),
-                quantity,
+                claim: claim.clone(),
                 hold_id,
-                buyer: buyer.cloned(),
-                admitted,
             })
             .await?;
-        decision(reply, quantity, |record| match record {
+        decision(reply, claim.quantity, |record| match record {
             Record::Held {
                 quantity,
                 seats_remaining,

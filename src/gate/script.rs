@@ -16,24 +16,28 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::records::{self, Record};
 
+/// What a purchase or a hold asks for: seats under an idempotency key, for a buyer.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub key: IdempotencyKey,
+    pub quantity: Quantity,
+    pub buyer: Option<Buyer>,
+    /// Carries a valid admission token for `buyer` (queued events need one).
+    pub admitted: bool,
+}
+
 /// One request as the script takes it (the layout is in `lua/purchase.lua`).
 #[derive(Debug, Clone)]
 pub enum Ask {
     Purchase {
-        key: IdempotencyKey,
-        quantity: Quantity,
+        claim: Claim,
         /// The id of the sale if one is made; unused when the key replays.
         purchase_id: Uuid,
-        buyer: Option<Buyer>,
-        /// Carries a valid admission token for `buyer` (queued events need one).
-        admitted: bool,
     },
     Hold {
-        key: IdempotencyKey,
-        quantity: Quantity,
+        claim: Claim,
+        /// The id of the hold if one is made; unused when the key replays.
         hold_id: Uuid,
-        buyer: Option<Buyer>,
-        admitted: bool,
     },
     Confirm {
         hold_id: Uuid,
@@ -53,11 +57,13 @@ impl Ask {
     /// A purchase without a buyer.
     pub fn purchase(key: IdempotencyKey, quantity: Quantity, purchase_id: Uuid) -> Self {
         Ask::Purchase {
-            key,
-            quantity,
+            claim: Claim {
+                key,
+                quantity,
+                buyer: None,
+                admitted: false,
+            },
             purchase_id,
-            buyer: None,
-            admitted: false,
         }
     }
 }
@@ -88,6 +94,46 @@ pub struct Seller {
 }
 
 impl Seller {
+    /// A seller of its own on `redis_url`, outside any [`Gate`](super::Gate): for
+    /// measuring the script alone (`rush ceiling`).
+    pub async fn connect(redis_url: &str, keys: Keys, idempotency_ttl: u32) -> Result<Self> {
+        let conn = ConnectionManager::new(redis::Client::open(redis_url)?).await?;
+        Ok(Self {
+            conn,
+            keys,
+            idempotency_ttl,
+            script: script(),
+        })
+    }
+
+    /// Puts `event` on sale in this Redis alone, with `total` seats and no row in
+    /// PostgreSQL behind it, marked as checked against this server the way recovery
+    /// marks an event it restored. Only for measuring the script (`rush ceiling`): a
+    /// real event is made with [`Gate::create_event`](super::Gate::create_event). An
+    /// event Redis has already is refused, never reset.
+    pub async fn stage_event(&self, event: Uuid, total: u64) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let inventory = self.keys.inventory(event);
+        let fresh: bool = redis::cmd("HSETNX")
+            .arg(&inventory)
+            .arg("total")
+            .arg(total)
+            .query_async(&mut conn)
+            .await?;
+        if !fresh {
+            return Err(Error::Startup(format!(
+                "event {event} exists in Redis already: only a new event is staged"
+            )));
+        }
+        let run = super::recovery::server_run_id(&mut conn).await?;
+        redis::cmd("HSET")
+            .arg(&inventory)
+            .arg(&[("sold", "0"), ("run", run.as_str())])
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     /// Decides `asks` of `event` in one call, in order, after returning expired holds.
     pub async fn call(&self, event: Uuid, asks: &[Ask]) -> Result<Vec<Reply>> {
         crate::metrics::script_batch("purchase", asks.len());
@@ -139,7 +185,7 @@ impl Decide for Seller {
 }
 
 /// The purchase script, `lua/purchase.lua`.
-pub fn script() -> Script {
+pub(super) fn script() -> Script {
     crate::lua_script!("purchase.lua")
 }
 
@@ -149,7 +195,7 @@ pub fn script() -> Script {
 ///
 /// Built as one command rather than a `ScriptInvocation`, which holds every key and
 /// argument in an allocation of its own and copies them into a command on each call.
-pub fn invocation(
+pub(super) fn invocation(
     script: &Script,
     keys: &Keys,
     idempotency_ttl: u32,
@@ -187,11 +233,11 @@ impl Ask {
     /// Its keys, as the table in `lua/purchase.lua` lists them.
     fn push_keys(&self, cmd: &mut Cmd, keys: &Keys, event: Uuid) {
         match self {
-            Ask::Purchase { key, .. } => {
-                cmd.arg(Formatted(keys.idempotency_name(event, key.as_str())));
+            Ask::Purchase { claim, .. } => {
+                cmd.arg(Formatted(keys.idempotency_name(event, claim.key.as_str())));
             }
-            Ask::Hold { key, hold_id, .. } => {
-                cmd.arg(Formatted(keys.idempotency_name(event, key.as_str())))
+            Ask::Hold { claim, hold_id } => {
+                cmd.arg(Formatted(keys.idempotency_name(event, claim.key.as_str())))
                     .arg(Formatted(keys.hold_name(event, *hold_id)));
             }
             Ask::Confirm { hold_id } | Ask::Release { hold_id } => {
@@ -207,29 +253,20 @@ impl Ask {
     fn push_args(&self, cmd: &mut Cmd) {
         match self {
             Ask::Purchase {
-                key,
-                quantity,
+                claim,
                 purchase_id: id,
-                buyer,
-                admitted,
             }
-            | Ask::Hold {
-                key,
-                quantity,
-                hold_id: id,
-                buyer,
-                admitted,
-            } => {
+            | Ask::Hold { claim, hold_id: id } => {
                 let op = if matches!(self, Ask::Hold { .. }) {
                     'H'
                 } else {
                     'P'
                 };
-                cmd.arg(Formatted(format_args!("{op}{}", quantity.get())))
+                cmd.arg(Formatted(format_args!("{op}{}", claim.quantity.get())))
                     .arg(Formatted(records::purchase_id_arg(*id)))
-                    .arg(key.as_str())
-                    .arg(buyer.as_ref().map_or("", Buyer::as_str))
-                    .arg(if *admitted { "1" } else { "" });
+                    .arg(claim.key.as_str())
+                    .arg(claim.buyer.as_ref().map_or("", Buyer::as_str))
+                    .arg(if claim.admitted { "1" } else { "" });
             }
             Ask::Confirm { hold_id } => {
                 cmd.arg("C")
@@ -253,7 +290,7 @@ impl Ask {
 }
 
 /// Sends `call` (an `EVALSHA` of `script`), loading the script first if Redis lacks it.
-pub async fn run_script<T: FromRedisValue>(
+pub(super) async fn run_script<T: FromRedisValue>(
     script: &Script,
     call: &Cmd,
     conn: &mut impl ConnectionLike,
@@ -276,9 +313,6 @@ impl<T: std::fmt::Display> ToRedisArgs for Formatted<T> {
     }
 }
 
-/// The outcome of a purchase or hold from the script's reply: `kind` reads the
-/// records of the request's own kind; any other record under the key means the key
-/// was used for the other kind of request.
 /// The sale a record tells of, whether a purchase or a hold's confirmation made it.
 pub(super) fn sale(record: Record) -> Option<Sale> {
     match record {
@@ -295,6 +329,9 @@ pub(super) fn sale(record: Record) -> Option<Sale> {
     }
 }
 
+/// The outcome of a purchase or hold from the script's reply: `kind` reads the
+/// records of the request's own kind; any other record under the key means the key
+/// was used for the other kind of request.
 pub(super) fn decision<T>(
     reply: Reply,
     quantity: Quantity,

@@ -276,21 +276,37 @@ async fn pause(shutdown: &CancellationToken, duration: Duration) {
     }
 }
 
-/// Sales not yet in PostgreSQL for one stream: delivered but unacknowledged
-/// (`pending`) plus not yet delivered (`lag`).
-pub async fn backlog(conn: &mut Connection, stream: &str) -> Result<i64> {
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await?;
+/// Sales not yet in PostgreSQL in `streams`: delivered but unacknowledged (`pending`)
+/// plus not yet delivered (`lag`). Pipelined, `BACKLOG_CHUNK` streams per round
+/// trip: one round trip per stream, every second, cost Redis a quarter of a core in
+/// system time with 10,000 events and no sale at all.
+pub async fn backlog(conn: &mut Connection, streams: &[String]) -> Result<i64> {
+    const BACKLOG_CHUNK: usize = 500;
+    let mut backlog = 0;
+    for chunk in streams.chunks(BACKLOG_CHUNK) {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for stream in chunk {
+            pipe.cmd("XINFO").arg("GROUPS").arg(stream);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+        backlog += replies.iter().map(group_backlog).sum::<i64>();
+    }
+    Ok(backlog)
+}
+
+/// The consumer group's backlog (pending + lag) in an `XINFO GROUPS` reply; 0 for
+/// anything else (no such group, or an error in its place in a pipeline).
+pub fn group_backlog(groups: &redis::Value) -> i64 {
+    let groups: Vec<HashMap<String, redis::Value>> =
+        redis::from_redis_value_ref(groups).unwrap_or_default();
     let field = |group: &HashMap<String, redis::Value>, name: &str| match group.get(name) {
         Some(redis::Value::Int(n)) => *n,
         _ => 0,
     };
-    Ok(groups
+    groups
         .iter()
         .filter(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == CONSUMER_GROUP.as_bytes()))
         .map(|g| field(g, "pending") + field(g, "lag"))
-        .sum())
+        .sum()
 }

@@ -33,15 +33,13 @@ impl Consumer {
             .map(|id| self.keys.stream(id))
             .collect();
         cursor.refreshed = Some(Instant::now());
-        let mut pending = 0;
         for stream in &cursor.streams {
             if !cursor.grouped.contains(stream) {
                 ensure_group(conn, stream).await?;
                 cursor.grouped.insert(stream.clone());
             }
-            pending += backlog(conn, stream).await.unwrap_or(0);
         }
-        crate::metrics::stream_backlog(pending);
+        crate::metrics::stream_backlog(backlog(conn, &cursor.streams).await?);
         Ok(())
     }
 

@@ -225,9 +225,12 @@ impl Standing {
     }
 }
 
-/// A keyed pseudo-random permutation of `0..size`: a four-round Feistel network over
-/// the smallest even power of two at least `size`, walking the cycle until the value
-/// falls inside. Every replica computes the same place from the same seed, and the
+/// A keyed pseudo-random permutation of `0..size`: an eight-round Feistel network
+/// over the smallest even power of two at least `size`, walking the cycle until the
+/// value falls inside. (Four rounds over halves of a few bits are not random enough:
+/// over 2,000 seeds, the rank correlation of 1,000 places with the joining order
+/// spread 0.040 instead of a random permutation's 0.032, and 9 seeds passed 4
+/// standard errors, which `rush queue` fails on; eight rounds: 0.032 and 1.) Every replica computes the same place from the same seed, and the
 /// function of the ticket number is a bijection, so no two early tickets share a
 /// place. (splitmix64 as the round function: fixed, unlike std's hasher.)
 pub fn permute(x: u64, size: u64, seed: u64) -> u64 {
@@ -240,7 +243,7 @@ pub fn permute(x: u64, size: u64, seed: u64) -> u64 {
     let mut value = x;
     loop {
         let (mut left, mut right) = (value >> half, value & mask);
-        for round in 0..4u64 {
+        for round in 0..8u64 {
             let f = splitmix64(seed ^ (round << 56) ^ right) & mask;
             (left, right) = (right, left ^ f);
         }

@@ -124,7 +124,7 @@ async fn a_buyers_limit_holds_across_replicas_purchases_and_holds() {
         8
     );
 
-    // A refusal is recorded like SOLD_OUT: the same key gets it again.
+    // A refusal keeps nothing: the same key is decided again, and refused again.
     let (i, refused) = replies
         .iter()
         .find(|(i, r)| i % 2 == 0 && !r.status.is_success())
@@ -140,7 +140,7 @@ async fn a_buyers_limit_holds_across_replicas_purchases_and_holds() {
                 .json(&json!({"quantity": 1})),
         )
         .await;
-    assert!(again.replayed);
+    assert!(!again.replayed);
     assert_eq!(again.body, refused.body);
 
     // Releasing one of alice's holds gives her a seat back; confirming does not.

@@ -155,6 +155,11 @@ async fn a_sale_on_its_way_to_postgresql_can_be_read_and_is_cancelled_once_recor
     env.wait_for_rows(event, 1, Duration::from_secs(10)).await;
     assert_eq!(worker.cancel(event, &id).await.status, StatusCode::OK);
     assert_eq!(worker.event(event).await["seatsRemaining"], 5);
+
+    // With the consumer running, a cancellation right after the sale waits for its row.
+    let next = worker.purchase_event(event, "in-transit-2", 1).await;
+    let next = next.body["purchaseId"].as_str().unwrap().to_owned();
+    assert_eq!(worker.cancel(event, &next).await.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,8 @@ fn hint(code: &str) -> &'static [&'static str] {
         "ADMIN_DISABLED" => &["ADMIN_TOKEN"],
         "SERVICE_UNAVAILABLE" => &["retry"],
         "INTERNAL_ERROR" => &["X-Request-Id"],
-        _ => &[""],
+        "RATE_LIMITED" => &["retry after"],
+        other => panic!("{other}: list what its message must name"),
     }
 }
 
@@ -95,7 +96,12 @@ async fn every_error_code_names_what_to_change_in_the_apis_words() {
             c.serve.admission_key = None;
         })
         .await;
-    let no_admin = env.spawn_app_with(|c| c.serve.admin_token = None).await;
+    let no_admin = env
+        .spawn_app_with(|c| {
+            c.serve.admin_token = None;
+            c.serve.rate_limits.address = 1; // bursts of 2
+        })
+        .await;
     let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut note = |reply: Reply| {
         if reply.status.is_success() {
@@ -297,6 +303,15 @@ async fn every_error_code_names_what_to_change_in_the_apis_words() {
     let limited_body = json!({"name": "e", "totalSeats": 1, "maxPerBuyer": 1});
     note(create_event(&keyless, ADMIN_TOKEN, &limited_body).await);
     note(create_event(&no_admin, "any", &limited_body).await);
+    // A client over its rate limit.
+    for i in 0..20 {
+        let reply = no_admin.purchase(&format!("limited-{i}"), 1).await;
+        let limited = reply.status == StatusCode::TOO_MANY_REQUESTS;
+        note(reply);
+        if limited {
+            break;
+        }
+    }
 
     // A body that does not arrive in time.
     let address = app.address.trim_start_matches("http://").to_owned();
@@ -367,4 +382,38 @@ async fn create_event(app: &TestApp, token: &str, body: &Value) -> Reply {
             .json(body),
     )
     .await
+}
+
+#[tokio::test]
+async fn a_server_refuses_to_start_with_a_short_admin_token_or_an_example_secret() {
+    use boxoffice::startup::Application;
+    let env = TestEnv::new().await;
+    let start = |change: &dyn Fn(&mut boxoffice::cli::ServeArgs)| {
+        let mut config = env.config();
+        change(&mut config);
+        async move {
+            Application::build(&config.common, &config.serve, &config.consumer)
+                .await
+                .err()
+                .map(|e| e.to_string())
+        }
+    };
+    let short = start(&|c| c.serve.admin_token = Some("change".into())).await;
+    let short = short.expect("a 6-byte admin token is refused");
+    assert!(short.contains("ADMIN_TOKEN is 6 bytes"), "{short}");
+    assert!(short.contains("BOXOFFICE_INSECURE_DEV"), "{short}");
+    let example = "change-me-to-a-secret-of-32-bytes-or-more";
+    let shipped = start(&|c| c.serve.buyer_jwt_key = Some(example.into())).await;
+    let shipped = shipped.expect("k8s/secret.yaml's buyer key is refused");
+    assert!(
+        shipped.contains("BOXOFFICE_BUYER_JWT_KEY is an example value"),
+        "{shipped}"
+    );
+
+    let laptop = start(&|c| {
+        c.serve.admin_token = Some("change".into());
+        c.serve.insecure_dev = true;
+    })
+    .await;
+    assert_eq!(laptop, None, "BOXOFFICE_INSECURE_DEV accepts it");
 }

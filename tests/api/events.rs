@@ -186,3 +186,58 @@ async fn settings_the_server_is_not_configured_for_get_a_documented_422() {
         "422 is not in the spec: {create}"
     );
 }
+
+#[tokio::test]
+async fn events_come_a_page_at_a_time_following_link_and_each_page_is_kept_a_second() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app().await;
+    let mut made = Vec::new();
+    for i in 0..4 {
+        made.push(app.create_event(&format!("page {i}"), 5).await.to_string());
+    }
+
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/events?limit=2".to_owned();
+    loop {
+        let response = app.client.get(app.url(&path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let link = response
+            .headers()
+            .get("link")
+            .map(|l| l.to_str().unwrap().to_owned());
+        let page: serde_json::Value = response.json().await.unwrap();
+        let page = page.as_array().unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(page.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        let Some(link) = link else { break };
+        assert!(link.ends_with("; rel=\"next\""), "{link}");
+        path = link[1..link.find('>').unwrap()].to_owned();
+    }
+    assert_eq!(seen.len(), 5, "the default event and four more, once each");
+    assert_eq!(&seen[1..], &made[..], "oldest first");
+
+    // A page is kept for a second: a sale shows on it after that, at once on the event.
+    let first = format!("/api/v1/events?limit=5&after={}", seen[0]);
+    assert_eq!(app.get(&first).await.body[0]["seatsSold"], 0);
+    let event = made[0].parse().unwrap();
+    assert_eq!(
+        app.purchase_event(event, "paged", 2).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(app.event(event).await["seatsSold"], 2);
+    assert_eq!(app.get(&first).await.body[0]["seatsSold"], 0);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(app.get(&first).await.body[0]["seatsSold"], 2);
+
+    for bad in ["limit=0", "limit=501", "after=not-a-uuid"] {
+        let reply = app.get(&format!("/api/v1/events?{bad}")).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(reply.code(), "INVALID_PARAMETER", "{bad}");
+    }
+    // A cursor naming no event is a missing resource, not a malformed request: an
+    // empty page would read as the last one.
+    let unknown = format!("/api/v1/events?after={}", uuid::Uuid::now_v7());
+    let reply = app.get(&unknown).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.code(), "EVENT_NOT_FOUND");
+}

@@ -35,19 +35,36 @@ async fn a_key_reused_with_another_quantity_is_refused_and_sells_nothing() {
 }
 
 #[tokio::test]
-async fn a_replayed_sold_out_stays_sold_out() {
+async fn a_refusal_keeps_nothing_and_a_retry_is_decided_again() {
     let env = TestEnv::new().await;
     let app = env.spawn_app().await;
     let event = app.create_event("tiny", 1).await;
+    let held = app.hold(event, "holder", 1, None).await;
+    let hold = held.body["holdId"].as_str().unwrap().to_owned();
 
-    let refused = app.purchase_event(event, "too-many", 2).await;
+    let refused = app.purchase_event(event, "later", 1).await;
     assert_eq!(refused.code(), "SOLD_OUT");
     assert!(!refused.replayed);
+    let mut redis = env.redis_now().await;
+    let kept: bool = redis::AsyncCommands::exists(&mut redis, env.record_key(event, "later"))
+        .await
+        .unwrap();
+    assert!(!kept, "a refusal keeps a record");
 
-    let again = app.purchase_event(event, "too-many", 2).await;
+    // While the event stays sold out, the retry gets the same answer, decided again.
+    let again = app.purchase_event(event, "later", 1).await;
     assert_eq!((again.status, &again.body), (refused.status, &refused.body));
-    assert!(again.replayed);
-    assert_eq!(app.event(event).await["seatsRemaining"], 1);
+    assert!(!again.replayed);
+
+    // Seats came back: the refused key sold nothing, so it may buy them, once.
+    assert_eq!(app.release(event, &hold).await.0, StatusCode::NO_CONTENT);
+    let bought = app.purchase_event(event, "later", 1).await;
+    assert_eq!(bought.status, StatusCode::OK, "{}", bought.body);
+    assert!(!bought.replayed);
+    let replay = app.purchase_event(event, "later", 1).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.body["purchaseId"], bought.body["purchaseId"]);
+    assert_eq!(app.event(event).await["seatsSold"], 1);
 }
 
 #[tokio::test]

@@ -236,3 +236,43 @@ async fn a_client_uploading_a_body_over_the_limit_reads_the_413() {
     let reply = app.purchase("big-body", 1).await;
     assert_eq!((reply.status, reply.replayed), (StatusCode::OK, false));
 }
+
+#[tokio::test]
+async fn a_client_that_sends_requests_and_never_reads_the_answers_is_disconnected() {
+    let env = TestEnv::new().await;
+    let app = env
+        .spawn_app_with(|c| {
+            c.serve.write_timeout_ms = 500;
+            c.serve.max_connections = 2;
+        })
+        .await;
+    // Two connections (every slot) pipeline requests for the spec, a large answer,
+    // and read nothing: once the socket buffers are full their answers stall.
+    let request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(400);
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        let mut hog = connect(&app).await;
+        let (_, mut writer) = hog.split();
+        // The server stops reading once its answers stall; so may this write.
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer.write_all(&request)).await;
+        hogs.push(hog);
+    }
+
+    // The stalled connections are closed, so a prompt client gets a slot.
+    let started = Instant::now();
+    let fresh = reqwest::Client::new();
+    let live = tokio::time::timeout(
+        Duration::from_secs(10),
+        fresh.get(app.url("/health/live")).send(),
+    )
+    .await
+    .expect("answered: the stalled connections gave their slots back")
+    .unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(hogs);
+}

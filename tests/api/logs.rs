@@ -16,7 +16,7 @@ use crate::processes::{Persistence, PrivatePostgres, PrivateRedis, servers_avail
 
 const REDIS_PASSWORD: &str = "redis-pw-4d1e0a";
 const PG_PASSWORD: &str = "pg-pw-9b7c2f";
-const ADMIN_TOKEN: &str = "admin-token-77f1c3";
+const ADMIN_TOKEN: &str = "admin-token-77f1c3-of-32-bytes-or-more";
 const WRONG_TOKEN: &str = "wrong-token-31aa8d";
 const IDEMPOTENCY_KEY: &str = "idem-key-5c2e91";
 

@@ -46,6 +46,20 @@ async fn stats_count_this_instance_and_all_replicas() {
     assert_eq!(global["purchases"], 2);
     assert_eq!(global["soldOut"], 1);
     assert_eq!(global["events"], 1);
+
+    // The totals across replicas are computed at most once a second per replica.
+    let event = a.create_event("later", 5).await;
+    assert_eq!(
+        a.purchase_event(event, "st-4", 1).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(a.get("/api/v1/stats").await.body["global"]["seatsSold"], 3);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let global = &a.get("/api/v1/stats").await.body["global"];
+    assert_eq!(
+        (&global["seatsSold"], &global["events"]),
+        (&4.into(), &2.into())
+    );
 }
 
 #[tokio::test]

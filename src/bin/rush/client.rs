@@ -2,6 +2,7 @@
 //! request sent and timed.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,10 +10,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{SendRequest, handshake};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
+use serde_json::Value;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
-
-use crate::Common;
 
 /// One replica to send to.
 #[derive(Debug, Clone)]
@@ -91,20 +92,6 @@ pub fn purchase_request(
             "{{\"quantity\":{quantity}}}"
         ))))
         .expect("valid request")
-}
-
-/// Buyer tokens for `--buyers` buyers when `--buyer-key` is given: request `n` is
-/// sent as buyer `n % buyers`.
-pub fn buyer_tokens(common: &Common, run: &str) -> Result<Vec<String>, String> {
-    match &common.buyer_key {
-        Some(key) => sign_buyer_tokens(
-            key,
-            run,
-            common.buyers.max(1),
-            Duration::from_secs(24 * 3600),
-        ),
-        None => Ok(Vec::new()),
-    }
 }
 
 /// HS256 tokens for buyers `rush-<run>-0` … `rush-<run>-<count − 1>`, valid for
@@ -211,4 +198,92 @@ pub async fn send(
 /// A short random id, so the keys of one run never collide with another's.
 pub fn run_id() -> String {
     Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// Kept-alive connections shared by many tasks, spread over the replicas, with a
+/// bound on requests in flight.
+pub struct Pool {
+    targets: Vec<Target>,
+    idle: std::sync::Mutex<Vec<(usize, Sender)>>,
+    permits: Semaphore,
+    next: AtomicU64,
+    timeout: Duration,
+    requests: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(targets: Vec<Target>, in_flight: usize, timeout: Duration) -> Self {
+        Self {
+            targets,
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: Semaphore::new(in_flight.max(1)),
+            next: AtomicU64::new(0),
+            timeout,
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests sent so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Sends one request (`body` as JSON); its status and JSON body (`null` if none).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Result<(u16, Value), String> {
+        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+        // A pooled connection the server closed while idle is dropped, and the
+        // request is sent once more on a fresh one.
+        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some((t, mut sender)) = pooled.filter(|(_, s)| !s.is_closed())
+            && let Ok(answer) = self
+                .send_on(t, &mut sender, &method, path, headers, &body)
+                .await
+        {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((t, sender));
+            return Ok(answer);
+        }
+        let t = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.targets.len();
+        let mut sender = connect(&self.targets[t]).await?;
+        let answer = self
+            .send_on(t, &mut sender, &method, path, headers, &body)
+            .await?;
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((t, sender));
+        Ok(answer)
+    }
+
+    async fn send_on(
+        &self,
+        t: usize,
+        sender: &mut Sender,
+        method: &Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &Option<Value>,
+    ) -> Result<(u16, Value), String> {
+        let request = request(
+            &self.targets[t],
+            method.clone(),
+            path,
+            headers,
+            body.as_ref(),
+        );
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let answer: Answer = send(sender, request, self.timeout).await?;
+        Ok((
+            answer.status,
+            serde_json::from_slice(&answer.body).unwrap_or_default(),
+        ))
+    }
 }

@@ -106,9 +106,8 @@ pub async fn take_off_sale(
 /// for it to sell (see the module docs).
 pub async fn server_run_id(conn: &mut impl redis::aio::ConnectionLike) -> Result<String> {
     let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
-    info.lines()
-        .find_map(|line| line.strip_prefix("run_id:"))
-        .map(|id| id.trim().to_owned())
+    crate::gate::memory::info_field(&info, "run_id")
+        .map(str::to_owned)
         .ok_or_else(|| Error::UnexpectedReply("INFO server without run_id".into()))
 }
 

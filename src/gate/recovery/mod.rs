@@ -45,7 +45,7 @@
 //! | buyers' counts | sales and live holds per buyer | exactly that |
 //! | purchase records | sales of the last TTL, with their answer | written back, over a refusal an older snapshot holds for the same key |
 //! | cancellation markers | `cancelled_at` or an entry, of the last TTL | written back |
-//! | refusals (`SOLD_OUT`, over the limit) | nothing | gone: a retry is decided again (a refusal sold nothing) |
+//! | refusals (`SOLD_OUT`, over the limit) | nothing | never kept (a refusal sold nothing): a retry is decided again |
 //! | waiting room | its settings (`events`) | the room back, empty: tickets are gone, admissions already issued (signed tokens) still admit, and re-joiners are admitted at the rate from now (`src/queue/`) |
 //!
 //! Redis' own state is written over, not merged: it can only be equal or older. A
@@ -341,21 +341,19 @@ impl Recovery {
         lock: &mut sqlx::PgConnection,
     ) -> Result<Option<(usize, i64)>> {
         let attempt_id = Uuid::new_v4().simple().to_string();
-        let attempt = restore::Attempt {
-            id: &attempt_id,
-            token: &begun.token,
-            run: &begun.run,
-        };
-        let written = restore::write(
-            &mut self.conn.clone(),
-            &self.keys,
-            &self.restore,
+        let mut writer = restore::Writer {
+            conn: self.conn.clone(),
+            keys: &self.keys,
+            scripts: &self.restore,
             event,
-            rebuilt,
-            &attempt,
-            self.idempotency_ttl,
-        )
-        .await?;
+            attempt: restore::Attempt {
+                id: &attempt_id,
+                token: &begun.token,
+                run: &begun.run,
+            },
+            ttl: self.idempotency_ttl,
+        };
+        let written = writer.write(rebuilt).await?;
         let Some(records) = written else {
             return Ok(None);
         };

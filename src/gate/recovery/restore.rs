@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::ledger::{HoldEnd, Rebuilt, RebuiltHold};
 use crate::error::Result;
 use crate::keys::Keys;
+use crate::records::Record;
 
 /// Commands per pipeline, and holds or set members per script call.
 const CHUNK: usize = 500;
@@ -46,137 +47,124 @@ impl Scripts {
     }
 }
 
-/// Writes everything but the counters; returns how many records it wrote back, or
-/// `None` when the attempt no longer owns the event (another finished it, or the
-/// server changed).
-pub async fn write(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    scripts: &Scripts,
-    event: Uuid,
-    rebuilt: &Rebuilt,
-    attempt: &Attempt<'_>,
-    ttl: u32,
-) -> Result<Option<usize>> {
-    write_records(conn, keys, event, rebuilt).await?;
-    let owned = write_holds(conn, keys, scripts, event, rebuilt, attempt, ttl).await?
-        && write_sets(conn, keys, scripts, event, rebuilt, attempt).await?;
-    Ok(owned.then_some(rebuilt.records.len()))
+/// One attempt's writes of one event: where they go and what fences them.
+pub struct Writer<'a> {
+    pub conn: ConnectionManager,
+    pub keys: &'a Keys,
+    pub scripts: &'a Scripts,
+    pub event: Uuid,
+    pub attempt: Attempt<'a>,
+    /// The idempotency TTL, seconds.
+    pub ttl: u32,
 }
 
-/// Idempotency records and cancellation markers, written over what Redis has.
-async fn write_records(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    event: Uuid,
-    rebuilt: &Rebuilt,
-) -> Result<()> {
-    let mut commands: Vec<redis::Cmd> = Vec::new();
-    for restored in &rebuilt.records {
-        let (key, record) = &restored.value;
-        commands.push(set(
-            keys.idempotency(event, key),
-            record.to_string(),
-            restored.ttl_secs,
-        ));
+impl Writer<'_> {
+    /// Writes everything but the counters; returns how many records it wrote back,
+    /// or `None` when the attempt no longer owns the event (another finished it, or
+    /// the server changed).
+    pub async fn write(&mut self, rebuilt: &Rebuilt) -> Result<Option<usize>> {
+        self.records(rebuilt).await?;
+        let owned = self.holds(rebuilt).await? && self.sets(rebuilt).await?;
+        Ok(owned.then_some(rebuilt.records.len()))
     }
-    for restored in &rebuilt.cancellations {
-        let (id, at) = restored.value;
-        commands.push(set(
-            keys.cancellation(event, id),
-            at.to_string(),
-            restored.ttl_secs,
-        ));
-    }
-    for chunk in commands.chunks(CHUNK) {
-        let mut pipe = redis::pipe();
-        for command in chunk {
-            pipe.add_command(command.clone()).ignore();
-        }
-        let _: () = pipe.query_async(conn).await?;
-    }
-    Ok(())
-}
 
-/// Hold hashes, fenced by the attempt's token; `false` when it no longer owns the
-/// event.
-async fn write_holds(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    scripts: &Scripts,
-    event: Uuid,
-    rebuilt: &Rebuilt,
-    attempt: &Attempt<'_>,
-    ttl: u32,
-) -> Result<bool> {
-    let inventory = keys.inventory(event);
-    for chunk in rebuilt.holds.chunks(CHUNK) {
-        let mut call = scripts.holds.key(&inventory);
-        call.arg(attempt.token).arg(attempt.run);
-        for hold in chunk {
-            call.key(keys.hold(event, hold.id));
-            hold_fields(&mut call, hold, ttl);
+    /// Idempotency records and cancellation markers, written over what Redis has.
+    async fn records(&mut self, rebuilt: &Rebuilt) -> Result<()> {
+        let (keys, event) = (self.keys, self.event);
+        let records = rebuilt.records.iter().map(|restored| {
+            let (key, record) = &restored.value;
+            set(
+                keys.idempotency(event, key),
+                record.to_string(),
+                restored.ttl_secs,
+            )
+        });
+        let cancellations = rebuilt.cancellations.iter().map(|restored| {
+            let (id, at) = restored.value;
+            set(
+                keys.cancellation(event, id),
+                at.to_string(),
+                restored.ttl_secs,
+            )
+        });
+        let commands: Vec<redis::Cmd> = records.chain(cancellations).collect();
+        for chunk in commands.chunks(CHUNK) {
+            let mut pipe = redis::pipe();
+            for command in chunk {
+                pipe.add_command(command.clone()).ignore();
+            }
+            let _: () = pipe.query_async(&mut self.conn).await?;
         }
-        let written: i64 = call.invoke_async(conn).await?;
-        if written == 0 {
-            return Ok(false);
-        }
+        Ok(())
     }
-    Ok(true)
-}
 
-/// The attempt's own copies of the live holds and the buyers' counts, which step 4
-/// puts in place; `false` when it no longer owns the event.
-async fn write_sets(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    scripts: &Scripts,
-    event: Uuid,
-    rebuilt: &Rebuilt,
-    attempt: &Attempt<'_>,
-) -> Result<bool> {
-    let inventory = keys.inventory(event);
-    let live: Vec<(i64, String)> = rebuilt
-        .live_holds()
-        .map(|h| (h.expires_at_ms, h.member()))
-        .collect();
-    let counts: Vec<(&String, &i64)> = rebuilt.buyers.iter().collect();
-    let sets = [
-        (
-            keys.rebuild(event, attempt.id, "holds"),
-            "zset",
-            pairs(&live),
-        ),
-        (
-            keys.rebuild(event, attempt.id, "buyers"),
-            "hash",
-            pairs(&counts),
-        ),
-    ];
-    for (key, kind, members) in &sets {
-        // At least one call, which sets the TTL even of a set left empty.
-        let mut chunks: Vec<&[String]> = members.chunks(2 * CHUNK).collect();
-        if chunks.is_empty() {
-            chunks.push(&[]);
-        }
-        for chunk in chunks {
-            let written: i64 = scripts
-                .set
-                .key(&inventory)
-                .key(key)
-                .arg(attempt.token)
-                .arg(attempt.run)
-                .arg(*kind)
-                .arg(ATTEMPT_KEYS_TTL_SECS)
-                .arg(chunk)
-                .invoke_async(conn)
-                .await?;
+    /// Hold hashes, fenced by the attempt's token; `false` when it no longer owns the
+    /// event.
+    async fn holds(&mut self, rebuilt: &Rebuilt) -> Result<bool> {
+        let inventory = self.keys.inventory(self.event);
+        for chunk in rebuilt.holds.chunks(CHUNK) {
+            let mut call = self.scripts.holds.key(&inventory);
+            call.arg(self.attempt.token).arg(self.attempt.run);
+            for hold in chunk {
+                call.key(self.keys.hold(self.event, hold.id));
+                hold_fields(&mut call, hold, self.ttl);
+            }
+            let written: i64 = call.invoke_async(&mut self.conn).await?;
             if written == 0 {
                 return Ok(false);
             }
         }
+        Ok(true)
     }
-    Ok(true)
+
+    /// The attempt's own copies of the live holds and the buyers' counts, which step
+    /// 4 puts in place; `false` when it no longer owns the event.
+    async fn sets(&mut self, rebuilt: &Rebuilt) -> Result<bool> {
+        let (keys, event, attempt) = (self.keys, self.event, &self.attempt);
+        let inventory = keys.inventory(event);
+        let live: Vec<(i64, String)> = rebuilt
+            .live_holds()
+            .map(|h| (h.expires_at_ms, h.member()))
+            .collect();
+        let counts: Vec<(&String, &i64)> = rebuilt.buyers.iter().collect();
+        let sets = [
+            (
+                keys.rebuild(event, attempt.id, "holds"),
+                "zset",
+                pairs(&live),
+            ),
+            (
+                keys.rebuild(event, attempt.id, "buyers"),
+                "hash",
+                pairs(&counts),
+            ),
+        ];
+        for (key, kind, members) in &sets {
+            // At least one call, which sets the TTL even of a set left empty.
+            let mut chunks: Vec<&[String]> = members.chunks(2 * CHUNK).collect();
+            if chunks.is_empty() {
+                chunks.push(&[]);
+            }
+            for chunk in chunks {
+                let written: i64 = self
+                    .scripts
+                    .set
+                    .key(&inventory)
+                    .key(key)
+                    .arg(attempt.token)
+                    .arg(attempt.run)
+                    .arg(*kind)
+                    .arg(ATTEMPT_KEYS_TTL_SECS)
+                    .arg(chunk)
+                    .invoke_async(&mut self.conn)
+                    .await?;
+                if written == 0 {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Pairs as a flat list of arguments.
@@ -231,12 +219,11 @@ fn hold_fields(call: &mut redis::ScriptInvocation<'_>, hold: &RebuiltHold, ttl: 
 pub async fn count_missing(conn: &mut ConnectionManager, keys: &[String]) -> Result<usize> {
     let mut missing = 0;
     for chunk in keys.chunks(CHUNK) {
-        let mut pipe = redis::pipe();
-        for key in chunk {
-            pipe.exists(key);
-        }
-        let exists: Vec<bool> = pipe.query_async(conn).await?;
-        missing += exists.iter().filter(|e| !**e).count();
+        let stored: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query_async(conn).await?;
+        missing += stored
+            .iter()
+            .filter(|s| !Record::kept(s.as_deref()))
+            .count();
     }
     Ok(missing)
 }

@@ -192,6 +192,11 @@ impl TestEnv {
         delete_keys(&self.redis_url, &self.prefix).await;
     }
 
+    /// The Redis key of an Idempotency-Key's record.
+    pub fn record_key(&self, event: Uuid, key: &str) -> String {
+        format!("{}:{{{event}}}:idem:{key}", self.prefix)
+    }
+
     pub fn stream_key(&self, event: Uuid) -> String {
         format!("{}:{{{event}}}:log", self.prefix)
     }

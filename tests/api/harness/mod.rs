@@ -21,7 +21,7 @@ const LOCAL_REDIS: &str = "redis://127.0.0.1:6379";
 
 const LOCAL_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
 
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-of-32-bytes-or-more";
 
 /// The key every test app verifies buyer tokens with (HS256).
 pub const BUYER_JWT_KEY: &str = "test-buyer-key-of-at-least-32-bytes!";

@@ -23,7 +23,7 @@
 //!
 //! Checked: no seat oversold (in answers, `GET`, rows); each key at most one sale;
 //! every 200 (purchase or confirmation) exactly one row with its id; a replay is
-//! the first answer byte for byte (refusals may be decided anew after a data loss);
+//! the first answer byte for byte (a refusal keeps nothing and is decided anew);
 //! no hold confirms once released or expired, and a live one always can; no buyer
 //! over the limit; every acknowledged cancellation shown, in the row and counted
 //! out; sold + held + remaining = total; the waiting room admits no faster than its
@@ -655,6 +655,7 @@ impl Run {
             }
         }
         self.check_cancellations_shown().await;
+        self.check_refusals_kept_nothing().await;
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, event_id, idempotency_key, quantity, buyer, via_hold, cancelled_at
              FROM purchases",
@@ -677,6 +678,31 @@ impl Run {
         self.model.check_admission_rate();
         self.stats.sales = self.model.sales.len();
         self.stats.holds = self.model.holds.len();
+    }
+
+    /// A refusal keeps no record under its key (docs/api.md): nothing in Redis for a
+    /// key whose last answer was a 409.
+    async fn check_refusals_kept_nothing(&mut self) {
+        let mut redis = self.world.env.redis_now().await;
+        let refused: Vec<(String, Uuid)> = self
+            .model
+            .keys
+            .iter()
+            .filter(|(_, k)| matches!(k.decided, Some((409, _))) && !k.pending)
+            .map(|(key, k)| (key.clone(), self.model.events[k.event].id))
+            .collect();
+        for (key, event) in refused {
+            let record = self.world.env.record_key(event, &key);
+            let kept: bool = redis::AsyncCommands::exists(&mut redis, &record)
+                .await
+                .unwrap();
+            if kept {
+                self.model
+                    .violation
+                    .get_or_insert(format!("{key}: its refusal was kept ({record})"));
+                return;
+            }
+        }
     }
 
     async fn settle_round(&mut self) {

@@ -4,8 +4,8 @@
 //! Uncertainty is explicit. A request that got no answer, or a 503, may or may not
 //! have been decided: it is *pending* until a retry with the same key (or hold, or
 //! sale) settles it. Seat counts are checked against bounds that pending requests
-//! widen. A data-loss fault starts a new *epoch*: refusals recorded before it may be
-//! decided anew (docs/operations.md: refusals are not restored; a refusal sold nothing), tickets
+//! widen. A refusal keeps nothing (docs/api.md): a retry of a refused key is decided
+//! anew and is never marked replayed. A data-loss fault starts a new *epoch*: tickets
 //! of the waiting room may be gone; nothing else may change.
 
 use std::collections::{BTreeMap, HashMap};
@@ -70,8 +70,9 @@ pub struct KeyModel {
     pub buyer: Option<usize>,
     /// The admission token sent with it, and when that token expires (Unix ms).
     pub admission: Option<(String, i64)>,
-    /// What the key's first decision answered (status, body), and in which epoch.
-    pub decided: Option<(u16, String, u32)>,
+    /// What the key's last decision answered (status, body): its sale or hold, or the
+    /// latest refusal.
+    pub decided: Option<(u16, String)>,
     pub pending: bool,
 }
 
@@ -145,7 +146,6 @@ impl Reference {
 
     /// The answer to a purchase or hold under `key` (first or retried).
     pub fn purchase_answered(&mut self, key: &str, answer: &Answer) {
-        let epoch = self.epoch;
         let k = self.keys[key].clone();
         if answer.indefinite() {
             self.keys.get_mut(key).unwrap().pending = true;
@@ -161,12 +161,9 @@ impl Reference {
                     .admission
                     .as_ref()
                     .is_some_and(|(_, expires)| *expires > answer.sent_ms + 1_000);
-                // A recorded decision replays before admission is looked at, except a
-                // refusal forgotten with Redis' data: that key is decided anew.
-                let replays = k
-                    .decided
-                    .as_ref()
-                    .is_some_and(|(status, _, epoch)| *status != 409 || *epoch == self.epoch);
+                // A recorded decision replays before admission is looked at; a
+                // refusal is not recorded.
+                let replays = k.decided.as_ref().is_some_and(|(status, _)| *status != 409);
                 if !queued || valid || replays {
                     self.violate(format!(
                         "{key}: ADMISSION_REQUIRED (queued {queued}, valid admission {valid}, \
@@ -189,16 +186,19 @@ impl Reference {
                 return;
             }
         }
-        if let Some((first_status, first_body, first_epoch)) = &k.decided {
-            let refusal_forgotten = *first_status == 409 && *first_epoch != epoch;
+        if status == 409 && answer.replayed {
+            return self.violate(format!("{key}: a refusal was kept and replayed"));
+        }
+        if let Some((first_status, first_body)) = &k.decided {
+            let refused = *first_status == 409;
             if *first_status == status && *first_body == answer.body {
-                if !answer.replayed && !refusal_forgotten {
+                if !answer.replayed && !refused {
                     self.violate(format!("{key}: a replay without Idempotent-Replayed"));
                 }
                 self.keys.get_mut(key).unwrap().pending = false;
                 return;
             }
-            if !refusal_forgotten {
+            if !refused {
                 self.violate(format!(
                     "{key}: first answered {first_status} {first_body}, now {status} {}",
                     answer.body
@@ -213,7 +213,7 @@ impl Reference {
         }
         {
             let k = self.keys.get_mut(key).unwrap();
-            k.decided = Some((status, answer.body.clone(), epoch));
+            k.decided = Some((status, answer.body.clone()));
             k.pending = false;
         }
         if status == 409 {

@@ -101,9 +101,9 @@ pub(super) fn holds(log: &Log, books: &Books, now_ms: i64) -> Vec<RebuiltHold> {
     let mut holds: HashMap<Uuid, RebuiltHold> = HashMap::new();
     let mut ends: HashMap<Uuid, HoldEnd> = HashMap::new();
     for row in &books.holds {
-        holds.insert(row.id, from_row(row));
+        holds.insert(row.made.id, made_hold(&row.made));
         if let Some(end) = row_end(row) {
-            ends.insert(row.id, end);
+            ends.insert(row.made.id, end);
         }
     }
     for (entry, _) in log.unique() {
@@ -150,52 +150,16 @@ pub(super) fn holds(log: &Log, books: &Books, now_ms: i64) -> Vec<RebuiltHold> {
     holds
 }
 
+/// A hold as made, before anything read of how it ended.
 fn made_hold(made: &HoldMade) -> RebuiltHold {
-    live_hold(
-        made.id,
-        &made.idempotency_key,
-        i64::from(made.quantity),
-        &made.buyer,
-        (
-            i64::from(made.seats_remaining),
-            made.held_at_micros,
-            made.expires_at_ms,
-        ),
-    )
-}
-
-fn from_row(row: &HoldRow) -> RebuiltHold {
-    live_hold(
-        row.id,
-        &row.idempotency_key,
-        i64::from(row.quantity),
-        &row.buyer,
-        (
-            i64::from(row.seats_remaining),
-            row.held_at_micros,
-            row.expires_at_ms,
-        ),
-    )
-}
-
-/// A hold as made, before anything read of how it ended: `made` is the seats left
-/// after it, when it was made (Unix µs) and its expiry (Unix ms).
-fn live_hold(
-    id: Uuid,
-    idempotency_key: &str,
-    quantity: i64,
-    buyer: &Option<String>,
-    made: (i64, i64, i64),
-) -> RebuiltHold {
-    let (seats_remaining, held_at_micros, expires_at_ms) = made;
     RebuiltHold {
-        id,
-        idempotency_key: idempotency_key.to_owned(),
-        quantity: u8::try_from(quantity).unwrap_or(u8::MAX),
-        buyer: buyer.clone(),
-        seats_remaining,
-        held_at_ms: held_at_micros / 1000,
-        expires_at_ms,
+        id: made.id,
+        idempotency_key: made.idempotency_key.clone(),
+        quantity: u8::try_from(made.quantity).unwrap_or(u8::MAX),
+        buyer: made.buyer.clone(),
+        seats_remaining: i64::from(made.seats_remaining),
+        held_at_ms: made.held_at_micros / 1000,
+        expires_at_ms: made.expires_at_ms,
         end: HoldEnd::Live,
     }
 }

@@ -190,13 +190,15 @@ fn holds_never_push_sold_plus_held_over_the_total() {
 fn a_row_says_how_a_hold_ended_even_when_the_log_has_only_its_making() {
     let id = Uuid::now_v7();
     let row = HoldRow {
-        id,
-        idempotency_key: "k".into(),
-        quantity: 2,
-        buyer: None,
-        seats_remaining: 5,
-        held_at_micros: (NOW - 5_000) * 1000,
-        expires_at_ms: NOW + 60_000,
+        made: HoldMade {
+            id,
+            idempotency_key: "k".into(),
+            quantity: 2,
+            buyer: None,
+            seats_remaining: 5,
+            held_at_micros: (NOW - 5_000) * 1000,
+            expires_at_ms: NOW + 60_000,
+        },
         released_at_micros: Some((NOW - 1_000) * 1000),
         confirmed: false,
         sale_seats_remaining: None,

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use hdrhistogram::Histogram;
 
+use crate::check::{Check, Verdict};
 use crate::client::Target;
 
 #[derive(Debug, Serialize)]
@@ -18,22 +19,6 @@ pub struct Latency {
     pub p999: f64,
     pub max: f64,
     pub mean: f64,
-}
-
-/// One verification and whether it held.
-#[derive(Debug, Serialize)]
-pub struct Check {
-    pub name: &'static str,
-    pub ok: bool,
-    pub detail: String,
-}
-
-/// Prints checks one to a line, as the lifecycle and queue modes report them.
-pub fn print_checks(checks: &[Check]) {
-    for check in checks {
-        let mark = if check.ok { "ok  " } else { "FAIL" };
-        println!("  {mark} {}: {}", check.name, check.detail);
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -113,19 +98,14 @@ impl Report {
             before,
         }
     }
+}
 
-    pub fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.ok)
+impl Verdict for Report {
+    fn checks(&self) -> &[Check] {
+        &self.checks
     }
 
-    pub fn print(&self, json: bool) {
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(self).expect("serializable")
-            );
-            return;
-        }
+    fn print_summary(&self) {
         let failed = self.requests - self.statuses.get("200").copied().unwrap_or(0);
         let breakdown: Vec<String> = self
             .statuses
@@ -169,10 +149,6 @@ impl Report {
         }
         if let Some(after) = self.persisted_after_s {
             println!("  PostgreSQL held every sale {after:.2} s after the run");
-        }
-        for check in &self.checks {
-            let mark = if check.ok { "ok  " } else { "FAIL" };
-            println!("  [{mark}] {}: {}", check.name, check.detail);
         }
     }
 }
@@ -233,6 +209,15 @@ impl Tally {
     pub fn record_latency(&mut self, latency: Duration) {
         let micros = (latency.as_micros() as u64).clamp(1, MAX_LATENCY_MICROS);
         self.latency.saturating_record(micros);
+    }
+
+    /// A first-time purchase of `quantity` seats answered `status`.
+    pub fn answered(&mut self, status: u16, quantity: u8) {
+        *self.statuses.entry(status).or_default() += 1;
+        if status == 200 {
+            self.seats_sold += u64::from(quantity);
+            self.sales += 1;
+        }
     }
 
     pub fn error(&mut self, e: String) {

@@ -1,14 +1,13 @@
 //! Checks after a run: what the API says was sold, and what PostgreSQL recorded.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-use crate::Common;
+use super::Common;
+use super::report::{Report, Snapshot};
+use crate::check::{Check, Rows, wait_for_rows};
 use crate::client::{Target, connect, get_request, send};
-use crate::report::Snapshot;
-use crate::report::{Check, Report};
 
 /// How long the consumer gets to write every sale to PostgreSQL.
 const PERSIST_WAIT: Duration = Duration::from_secs(120);
@@ -56,8 +55,8 @@ pub async fn snapshot(target: &Target, event: Uuid) -> Result<Snapshot, String> 
     })
 }
 
-/// Runs every check that applies and records it in the report. Returns whether all held.
-pub async fn run(common: &Common, report: &mut Report) -> bool {
+/// Runs every check that applies and records it in the report.
+pub async fn checked(common: &Common, mut report: Report) -> Report {
     let mut checks = Vec::new();
     checks.push(Check {
         name: "every request answered",
@@ -76,7 +75,7 @@ pub async fn run(common: &Common, report: &mut Report) -> bool {
         detail: format!("{server_errors} answers with 5xx"),
     });
     if let Some(before) = report.before {
-        match snapshot(&targets_first(common, report).await, report.event).await {
+        match snapshot(&targets_first(common, &report).await, report.event).await {
             Ok(after) => {
                 let sold = after.sold - before.sold;
                 checks.push(Check {
@@ -104,11 +103,11 @@ pub async fn run(common: &Common, report: &mut Report) -> bool {
             });
         }
         if let Some(url) = common.database_url.as_deref().filter(|url| !url.is_empty()) {
-            checks.push(persisted(url, report).await);
+            checks.push(persisted(url, &mut report).await);
         }
     }
     report.checks = checks;
-    report.passed()
+    report
 }
 
 async fn targets_first(common: &Common, report: &Report) -> Target {
@@ -128,57 +127,36 @@ async fn targets_first(common: &Common, report: &Report) -> Target {
 
 /// Waits until PostgreSQL holds one row per sale of this run, with the same seats.
 async fn persisted(url: &str, report: &mut Report) -> Check {
-    let name = "one PostgreSQL row per sale";
-    let pool = match PgPoolOptions::new().max_connections(1).connect(url).await {
-        Ok(pool) => pool,
-        Err(e) => {
-            return Check {
-                name,
-                ok: false,
-                detail: format!("cannot connect: {e}"),
-            };
-        }
-    };
-    let started = Instant::now();
     let pattern = format!("rush-{}-%", report.run);
-    loop {
-        let counted: Result<(i64, i64, i64), _> = sqlx::query_as(
-            "SELECT count(*), count(DISTINCT idempotency_key), COALESCE(SUM(quantity), 0)::int8
-             FROM purchases WHERE event_id = $1 AND idempotency_key LIKE $2",
-        )
-        .bind(report.event)
-        .bind(&pattern)
-        .fetch_one(&pool)
-        .await;
-        let (rows, keys, seats) = match counted {
-            Ok(counted) => counted,
-            Err(e) => {
-                return Check {
-                    name,
-                    ok: false,
-                    detail: e.to_string(),
-                };
+    let (event, sales, seats_sold) = (report.event, report.sales as i64, report.seats_sold as i64);
+    let (check, took) = wait_for_rows(
+        "one PostgreSQL row per sale",
+        url,
+        (Duration::from_millis(20), PERSIST_WAIT),
+        |pool| {
+            let pattern = pattern.clone();
+            async move {
+                let (rows, keys, seats): (i64, i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(DISTINCT idempotency_key), COALESCE(SUM(quantity), 0)::int8
+                 FROM purchases WHERE event_id = $1 AND idempotency_key LIKE $2",
+            )
+            .bind(event)
+            .bind(&pattern)
+            .fetch_one(&pool)
+            .await?;
+                let detail =
+                    format!("{rows} rows ({keys} distinct keys) for {sales} sales, {seats} seats");
+                Ok(if rows == sales && keys == rows && seats == seats_sold {
+                    Rows::Complete(detail)
+                } else if rows > sales {
+                    Rows::Wrong(detail)
+                } else {
+                    Rows::Behind(detail)
+                })
             }
-        };
-        let detail = format!(
-            "{rows} rows ({keys} distinct keys) for {} sales, {seats} seats",
-            report.sales
-        );
-        if rows == report.sales as i64 && keys == rows && seats == report.seats_sold as i64 {
-            report.persisted_after_s = Some(started.elapsed().as_secs_f64());
-            return Check {
-                name,
-                ok: true,
-                detail,
-            };
-        }
-        if rows > report.sales as i64 || started.elapsed() > PERSIST_WAIT {
-            return Check {
-                name,
-                ok: false,
-                detail,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        },
+    )
+    .await;
+    report.persisted_after_s = took.map(|t| t.as_secs_f64());
+    check
 }

@@ -8,6 +8,9 @@ use clap::{Args, ValueEnum};
 
 use crate::domain::{MAX_HOLD_SECONDS, MAX_IDEMPOTENCY_TTL, MAX_SEATS};
 
+mod rate;
+pub use rate::RateLimitConfig;
+
 /// Where the service finds Redis and PostgreSQL and how it names its keys.
 #[derive(Debug, Clone, Args)]
 pub struct StoreConfig {
@@ -68,6 +71,18 @@ pub struct StoreConfig {
         value_parser = clap::value_parser!(u16).range(1..=1024)
     )]
     pub purchase_batch: u16,
+
+    /// Percent of Redis' `maxmemory` above which new purchases and holds without a
+    /// buyer token get 503 (buyers with tokens, confirmations, releases and
+    /// cancellations go on), so that a flood cannot fill Redis and stop every sale.
+    /// 100: off (Redis' own refusal, at maxmemory, is answered 503 too).
+    #[arg(
+        long,
+        env = "BOXOFFICE_REDIS_MEMORY_SHARE",
+        default_value_t = 90,
+        value_parser = clap::value_parser!(u8).range(1..=100)
+    )]
+    pub redis_memory_share: u8,
 }
 
 impl StoreConfig {
@@ -177,6 +192,15 @@ pub struct ServeConfig {
     #[arg(long, env = "BOXOFFICE_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
 
+    /// Milliseconds an answer may wait for the client to take any of it (a client
+    /// that sends requests and never reads the answers); then the connection is
+    /// closed.
+    #[arg(long, env = "BOXOFFICE_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+
+    #[command(flatten)]
+    pub rate_limits: RateLimitConfig,
+
     /// Origins allowed to call the API from a browser (comma-separated, e.g.
     /// `https://shop.example`). Unset: no CORS headers, browsers refuse other origins.
     #[arg(long, env = "BOXOFFICE_CORS_ORIGINS", value_delimiter = ',')]
@@ -216,6 +240,50 @@ pub struct ServeConfig {
     /// startup either.
     #[arg(long, env = "BOXOFFICE_REDIS_WATCH_MS", default_value_t = 1000)]
     pub redis_watch_ms: u64,
+
+    /// Accept an `ADMIN_TOKEN` shorter than 32 bytes and the example secrets of the
+    /// shipped files, with a warning at every start. For a laptop, never for a
+    /// deployment.
+    #[arg(
+        long,
+        env = "BOXOFFICE_INSECURE_DEV",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub insecure_dev: bool,
+}
+
+/// The shortest admin token accepted (as the HS256 keys: 32 bytes).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Secrets everyone can read: the example values of `k8s/secret.yaml` (a unit test
+/// keeps this list and that file together) and of the docs' examples (which start
+/// the server with `BOXOFFICE_INSECURE_DEV=1`), and anything that still says to
+/// change it.
+const EXAMPLE_SECRETS: &[&str] = &[
+    "change-me-too",
+    "change-me-to-a-secret-of-32-bytes-or-more",
+    "change-me-to-another-secret-of-32-bytes",
+    "dev-admin-token-for-this-laptop-only",
+    "a-buyer-key-of-at-least-32-bytes!!",
+    "an-admission-key-of-at-least-32-bytes",
+];
+
+/// Why `value`, the secret of `setting`, must not be used; `None` when it may.
+fn weak_secret(setting: &str, value: &str, min_bytes: usize) -> Option<String> {
+    if EXAMPLE_SECRETS.contains(&value) || value.to_ascii_lowercase().contains("change-me") {
+        return Some(format!(
+            "{setting} is an example value from the documentation or the shipped files: \
+             anyone can read it; set a secret of your own (e.g. `openssl rand -hex 32`)"
+        ));
+    }
+    (value.len() < min_bytes).then(|| {
+        format!(
+            "{setting} is {} bytes: use at least {min_bytes} (e.g. `openssl rand -hex 32`)",
+            value.len()
+        )
+    })
 }
 
 /// A secret as configured; set but empty (`ADMIN_TOKEN=`) means unset.
@@ -224,6 +292,43 @@ fn secret(value: &Option<String>) -> Option<&str> {
 }
 
 impl ServeConfig {
+    /// Refuses an admin token shorter than [`MIN_SECRET_BYTES`] and the known example
+    /// secrets (the keys' own length rules are checked where they are read), unless
+    /// `BOXOFFICE_INSECURE_DEV` is set, which logs a warning instead.
+    pub fn check_secrets(&self) -> crate::Result<()> {
+        let keys = [
+            ("BOXOFFICE_BUYER_JWT_KEY", self.buyer_jwt_key()),
+            ("BOXOFFICE_ADMISSION_KEY", secret(&self.admission_key)),
+            (
+                "BOXOFFICE_ADMISSION_KEY_PREVIOUS",
+                secret(&self.admission_key_previous),
+            ),
+        ];
+        let admin = self
+            .admin_token()
+            .and_then(|token| weak_secret("ADMIN_TOKEN", token, MIN_SECRET_BYTES));
+        let weak: Vec<String> = admin
+            .into_iter()
+            .chain(keys.into_iter().filter_map(|(setting, value)| {
+                // A PEM public key is not a secret; its length says nothing.
+                weak_secret(setting, value?, 0)
+            }))
+            .collect();
+        if weak.is_empty() {
+            return Ok(());
+        }
+        if self.insecure_dev {
+            for why in &weak {
+                tracing::warn!("BOXOFFICE_INSECURE_DEV is set, so this is accepted: {why}");
+            }
+            return Ok(());
+        }
+        Err(crate::Error::Startup(format!(
+            "{} (BOXOFFICE_INSECURE_DEV=1 accepts it on a laptop)",
+            weak.join("; ")
+        )))
+    }
+
     /// The admin token, if one is set.
     pub fn admin_token(&self) -> Option<&str> {
         secret(&self.admin_token)
@@ -267,6 +372,7 @@ impl ServeConfig {
             max_connections: self.max_connections.max(1),
             header_timeout: Duration::from_millis(self.header_timeout_ms),
             max_header_bytes: self.max_header_bytes as usize,
+            write_timeout: Duration::from_millis(self.write_timeout_ms.max(1)),
         }
     }
 }
@@ -305,5 +411,36 @@ impl CommonConfig {
             let suffix = uuid::Uuid::new_v4().simple().to_string();
             format!("{host}-{}", &suffix[..8])
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_example_secret_of_the_shipped_files_is_refused() {
+        let secret_yaml = include_str!("../../k8s/secret.yaml");
+        for setting in [
+            "ADMIN_TOKEN",
+            "BOXOFFICE_BUYER_JWT_KEY",
+            "BOXOFFICE_ADMISSION_KEY",
+        ] {
+            let value = secret_yaml
+                .lines()
+                .find_map(|line| line.trim().strip_prefix(setting)?.strip_prefix(": "))
+                .unwrap_or_else(|| panic!("k8s/secret.yaml has no {setting}"));
+            assert!(EXAMPLE_SECRETS.contains(&value), "{value} is not listed");
+            assert!(weak_secret(setting, value, 0).is_some(), "{value}");
+        }
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused_and_a_long_random_one_accepted() {
+        assert!(weak_secret("ADMIN_TOKEN", "x", MIN_SECRET_BYTES).is_some());
+        let why = weak_secret("ADMIN_TOKEN", "short", MIN_SECRET_BYTES).unwrap();
+        assert!(why.contains("5 bytes") && why.contains("32"), "{why}");
+        let random = "3f9c1a7be0d24c5f8a61b7e2d94c0a1f";
+        assert_eq!(weak_secret("ADMIN_TOKEN", random, MIN_SECRET_BYTES), None);
     }
 }

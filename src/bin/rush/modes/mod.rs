@@ -1,0 +1,7 @@
+//! One module per mode; each owns its options (`…Args`, parsed by clap), its run, and
+//! the checks it ends with.
+
+pub mod ceiling;
+pub mod holds;
+pub mod load;
+pub mod queue;
