@@ -14,7 +14,9 @@
 --         '<hold id>:<quantity>:<buyer>', score the expiry in Unix milliseconds
 -- KEYS[4] seats sold or held per buyer (hash; kept only when the event has a limit)
 -- then each request's keys, in request order
--- ARGV[1] idempotency record TTL in seconds; then each request's arguments:
+-- ARGV[1] idempotency record TTL in seconds; ARGV[2] seconds a hold that ended
+--         without a sale keeps its hash and record (at most ARGV[1]; see Retention in
+--         src/gate/retention.rs); then each request's arguments:
 --
 --   op        ARGV                                                 KEYS
 --   purchase  'P'..quantity, id, client key, buyer, admitted       idempotency record
@@ -68,8 +70,9 @@ local DEFAULT_HOLD_SECONDS = 600
 
 -- Arguments ------------------------------------------------------------------------
 
-local ttl = tonumber(ARGV[1])
+local ttl, ended_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local valid = ttl and ttl >= 1 and ttl % 1 == 0 and ttl <= 1e12
+  and ended_ttl and ended_ttl >= 1 and ended_ttl % 1 == 0 and ended_ttl <= ttl
 local KEY_COUNT = { P = 1, H = 2, C = 1, D = 1, K = 1 }
 local ARG_COUNT = { P = 5, H = 5, C = 2, D = 2, K = 3 }
 local COUNTED = { P = true, H = true, K = true }
@@ -93,7 +96,7 @@ local function parse_request(a, k)
 end
 
 local requests = {}
-local a, k = 2, 5
+local a, k = 3, 5
 while valid and a <= #ARGV do
   local r
   r, a, k = parse_request(a, k)
@@ -255,6 +258,24 @@ local function refusal(r, prefix)
   return nil
 end
 
+-- A hold's hash and its request's record live together, until `seconds` after `ms`:
+-- its expiry while it may still be confirmed or has ended without a sale, its
+-- release, or its confirmation, which makes it a sale kept for the idempotency TTL.
+-- The same rule as RebuiltHold::kept_until_ms (src/gate/recovery/ledger/holds.rs).
+local function kept_until(ms, seconds)
+  return ms + seconds * 1000
+end
+
+-- The record of a hold's request is named from its key ('k' in the hash): a
+-- confirmation or release names only the hold. Every key of the event is
+-- '<prefix>:{<event>}:<kind>' (src/keys.rs), so it shares KEYS[1]'s hash tag and slot.
+local function keep_hold(r, hold, until_ms)
+  redis.call('PEXPIREAT', r.key, until_ms)
+  if hold.k then
+    redis.call('PEXPIREAT', string.sub(KEYS[1], 1, -4) .. 'idem:' .. hold.k, until_ms)
+  end
+end
+
 -- Operations: each returns its reply line -------------------------------------------
 
 local function purchase_or_hold(r)
@@ -290,7 +311,7 @@ local function purchase_or_hold(r)
     local left = total - sold - held
     redis.call('HSET', r.hold_key, 's', 'held', 'q', r.quantity, 'b', r.buyer, 'k', r.client_key,
       'x', expires, 'c', now_ms, 'l', left)
-    redis.call('PEXPIREAT', r.hold_key, expires + ttl * 1000)
+    redis.call('PEXPIREAT', r.hold_key, kept_until(expires, ended_ttl))
     redis.call('ZADD', KEYS[3], expires, member_of(r.id, r.quantity, r.buyer))
     append({ 'p', r.id, 'k', r.client_key, 'q', r.quantity, 'r', left, 'x', expires, 'm', micros },
       r.buyer)
@@ -298,7 +319,11 @@ local function purchase_or_hold(r)
       l = left, c = now_ms }
     record = 'H' .. r.quantity .. ':' .. left .. ':' .. r.id .. ':' .. expires
   end
-  redis.call('SET', r.key, record, 'EX', ttl)
+  if r.op == 'P' then
+    redis.call('SET', r.key, record, 'EX', ttl)
+  else
+    redis.call('SET', r.key, record, 'PXAT', kept_until(now_ms + hold_ms, ended_ttl))
+  end
   stored[r.key] = record
   changed = true
   return 'N' .. record
@@ -345,6 +370,7 @@ local function confirm_or_release(r)
     add_buyer_seats(hold.b, -hold.q)
     hold.s = 'released'
     redis.call('HSET', r.key, 's', 'released', 'e', now_ms)
+    keep_hold(r, hold, kept_until(now_ms, ended_ttl))
     append(with_hold({ 'p', r.id, 'q', hold.q, 'd', micros, 'k', hold.k }, hold), hold.b)
     return 'N'
   end
@@ -353,6 +379,7 @@ local function confirm_or_release(r)
   append_sale(r.id, hold.k, hold.q, left, hold.b, hold)
   hold.s, hold.r = 'confirmed', left
   redis.call('HSET', r.key, 's', 'confirmed', 'r', left, 'e', now_ms)
+  keep_hold(r, hold, math.max(kept_until(now_ms, ttl), kept_until(hold.x, ended_ttl)))
   return 'NS' .. hold.q .. ':' .. left .. ':' .. r.id
 end
 

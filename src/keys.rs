@@ -50,9 +50,10 @@ impl Keys {
         format!("{}:{{{event}}}:holds", self.prefix)
     }
 
-    /// One hold: its state, seats, buyer, request key and times. Kept until the
-    /// idempotency TTL after its expiry, so its state can be read and a confirmation
-    /// repeated.
+    /// One hold: its state, seats, buyer, request key and times. Kept, with its
+    /// request's record, the ended-hold TTL after its expiry or release, or the
+    /// idempotency TTL after its confirmation (`gate::retention`), so its state can
+    /// be read and a confirmation or release repeated.
     pub fn hold(&self, event: Uuid, hold: Uuid) -> String {
         self.hold_name(event, hold).to_string()
     }
@@ -153,6 +154,17 @@ fn glob_escape(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `lua/purchase.lua` names a hold's request record from the event's inventory
+    /// key and the hold's request key (a confirmation does not pass it).
+    #[test]
+    fn a_record_is_named_from_the_inventory_key() {
+        let keys = Keys::new("tix");
+        let id = Uuid::now_v7();
+        let inventory = keys.inventory(id);
+        let base = inventory.strip_suffix("inv").unwrap();
+        assert_eq!(keys.idempotency(id, "k-1"), format!("{base}idem:k-1"));
+    }
 
     #[test]
     fn stream_key_round_trips() {

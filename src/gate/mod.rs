@@ -20,12 +20,14 @@
 //! | `sweeper` | expired holds returned for events no request comes for |
 //! | `reads` | reads that need no script: counters, a hold, a sale on its way |
 //! | [`recovery`] | the one way an event's state comes (back) into Redis |
+//! | [`retention`] | how long what a retry needs is kept |
 
 pub mod batch;
 pub mod memory;
 pub mod outcome;
 mod reads;
 pub mod recovery;
+pub mod retention;
 pub mod script;
 mod sweeper;
 
@@ -45,6 +47,7 @@ pub use outcome::{
     Cancelled, Confirmation, Decision, Held, HoldState, HoldView, Inventory, Outcome, Release, Sale,
 };
 use recovery::Recovery;
+use retention::Retention;
 pub use script::Claim;
 use script::{Ask, Reply, Seller, decision, sale, server_changed, unexpected};
 
@@ -82,14 +85,15 @@ impl Gate {
             .await
             .map_err(unreachable)?;
         let keys = Keys::new(store.key_prefix.clone());
+        let retention = Retention::new(store.idempotency_ttl, store.ended_hold_ttl);
         let seller = Seller {
             conn: conn.clone(),
             keys: keys.clone(),
-            idempotency_ttl: store.idempotency_ttl,
+            retention,
             script: script::script(),
         };
         Ok(Self {
-            recovery: Recovery::new(conn, db, keys, store.idempotency_ttl),
+            recovery: Recovery::new(conn, db, keys, retention),
             memory: memory::Memory::new(store.redis_memory_share),
             coalescer: (store.purchase_batch > 1)
                 .then(|| Coalescer::new(seller.clone(), usize::from(store.purchase_batch))),

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::batch::Decide;
 use super::outcome::{Decision, Outcome, Sale};
+use super::retention::Retention;
 use crate::domain::{Buyer, IdempotencyKey, Quantity};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
@@ -89,19 +90,19 @@ pub enum Reply {
 pub struct Seller {
     pub(super) conn: ConnectionManager,
     pub(super) keys: Keys,
-    pub(super) idempotency_ttl: u32,
+    pub(super) retention: Retention,
     pub(super) script: Script,
 }
 
 impl Seller {
     /// A seller of its own on `redis_url`, outside any [`Gate`](super::Gate): for
     /// measuring the script alone (`rush ceiling`).
-    pub async fn connect(redis_url: &str, keys: Keys, idempotency_ttl: u32) -> Result<Self> {
+    pub async fn connect(redis_url: &str, keys: Keys, retention: Retention) -> Result<Self> {
         let conn = ConnectionManager::new(redis::Client::open(redis_url)?).await?;
         Ok(Self {
             conn,
             keys,
-            idempotency_ttl,
+            retention,
             script: script(),
         })
     }
@@ -138,7 +139,7 @@ impl Seller {
     pub async fn call(&self, event: Uuid, asks: &[Ask]) -> Result<Vec<Reply>> {
         crate::metrics::script_batch("purchase", asks.len());
         let started = Instant::now();
-        let call = invocation(&self.script, &self.keys, self.idempotency_ttl, event, asks);
+        let call = invocation(&self.script, &self.keys, self.retention, event, asks);
         let lines: String = run_script(&self.script, &call, &mut self.conn.clone()).await?;
         crate::metrics::script_run(started.elapsed());
         let replies = lines
@@ -198,7 +199,7 @@ pub(super) fn script() -> Script {
 pub(super) fn invocation(
     script: &Script,
     keys: &Keys,
-    idempotency_ttl: u32,
+    retention: Retention,
     event: Uuid,
     asks: &[Ask],
 ) -> Cmd {
@@ -213,7 +214,8 @@ pub(super) fn invocation(
     for ask in asks {
         ask.push_keys(&mut cmd, keys, event);
     }
-    cmd.arg(idempotency_ttl);
+    cmd.arg(retention.idempotency_secs())
+        .arg(retention.ended_hold_secs());
     for ask in asks {
         ask.push_args(&mut cmd);
     }

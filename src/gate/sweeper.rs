@@ -20,7 +20,13 @@ impl Gate {
     /// no request comes for. Returns how many it returned (at most a bounded number
     /// per call: call again while it returns that many).
     pub async fn sweep(&self, event: Uuid) -> Result<usize> {
-        let call = invocation(&self.seller.script, self.keys(), 1, event, &[]);
+        let call = invocation(
+            &self.seller.script,
+            self.keys(),
+            self.seller.retention,
+            event,
+            &[],
+        );
         let returned: String =
             run_script(&self.seller.script, &call, &mut self.seller.conn.clone()).await?;
         returned.parse().map_err(|_| unexpected("sweep", &returned))
@@ -50,7 +56,13 @@ impl Gate {
         let events: Vec<Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
         let mut pipe = redis::pipe();
         for event in &events {
-            pipe.add_command(invocation(&self.seller.script, self.keys(), 1, *event, &[]));
+            pipe.add_command(invocation(
+                &self.seller.script,
+                self.keys(),
+                self.seller.retention,
+                *event,
+                &[],
+            ));
         }
         let counts: Vec<String> = match pipe.query_async(&mut conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {

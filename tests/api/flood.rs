@@ -1,6 +1,6 @@
-//! A flood of anonymous requests with fresh keys on a sold-out event (docs/operations.md,
-//! "Abuse and hardening"): refusals keep nothing, so Redis does not grow with them,
-//! while buyers of another event go on buying.
+//! A flood of anonymous requests with fresh keys on a sold-out event, and of joins of
+//! a waiting room (docs/operations.md, "Abuse and hardening"): refusals keep nothing,
+//! so Redis does not grow with them, while buyers of another event go on buying.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::harness::{TestApp, TestEnv};
+use crate::harness::{TestApp, TestEnv, buyer_token};
 use crate::processes::{Persistence, PrivateRedis, on_private_servers};
 
 /// Growth of Redis' memory allowed per flooding request, in bytes.
@@ -37,26 +37,29 @@ async fn used_memory(redis: &mut redis::aio::MultiplexedConnection) -> i64 {
     field("used_memory") - field("mem_clients_normal")
 }
 
-/// Sends `count` anonymous requests made by `request(i)` (method and path, with a
-/// fresh `Idempotency-Key` and one seat), 32 at a time; each must get `expected`, or
-/// 503 where `shed` allows it (a loaded machine may time a call out: that keeps
-/// nothing either).
+/// Sends `count` requests made by `request(i)` (method, path and buyer token if any,
+/// with a fresh `Idempotency-Key` and one seat), 32 at a time; each must get
+/// `expected`, or 503 where `shed` allows it (a loaded machine may time a call out:
+/// that keeps nothing either).
 async fn flood(
     app: &TestApp,
     count: usize,
     expected: StatusCode,
     shed: bool,
-    request: impl Fn(usize) -> (Method, String),
+    request: impl Fn(usize) -> (Method, String, Option<String>),
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(32));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..count {
-        let (method, path) = request(i);
-        let sent = app
+        let (method, path, token) = request(i);
+        let mut sent = app
             .client
             .request(method, app.url(&path))
             .header("Idempotency-Key", Uuid::new_v4().to_string())
             .json(&json!({ "quantity": 1 }));
+        if let Some(token) = token {
+            sent = sent.bearer_auth(token);
+        }
         let permits = permits.clone();
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await.unwrap();
@@ -97,31 +100,61 @@ async fn a_flood_of_refusals_leaves_nothing_in_redis_while_other_buyers_buy() {
         );
         let purchase = format!("/api/v1/events/{sold_out}/purchase");
         let holds = format!("/api/v1/events/{sold_out}/holds");
+        let queued = app
+            .create_event_with(json!({
+                "name": "queued",
+                "totalSeats": 10,
+                "queue": {
+                    "opensAt": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
+                    "admitPerSecond": 1,
+                    "admissionSeconds": 60,
+                },
+            }))
+            .await;
+        let queue = format!("/api/v1/events/{queued}/queue");
+        let buyer = buyer_token("flooding buyer");
         // Connections opened, buffers sized, scripts loaded: only the flood is measured.
         flood(&app, 200, StatusCode::CONFLICT, false, |_| {
-            (Method::POST, purchase.clone())
+            (Method::POST, purchase.clone(), None)
         })
         .await;
         flood(&app, 200, StatusCode::NOT_FOUND, false, |_| {
-            (Method::DELETE, format!("{holds}/{}", Uuid::new_v4()))
+            (Method::DELETE, format!("{holds}/{}", Uuid::new_v4()), None)
+        })
+        .await;
+        flood(&app, 20, StatusCode::ACCEPTED, false, |_| {
+            (Method::POST, queue.clone(), Some(buyer.clone()))
         })
         .await;
 
         let mut conn = env.redis_now().await;
         let purchases = growth_per_request(&mut conn, FLOOD, async {
             flood(&app, FLOOD, StatusCode::CONFLICT, false, |_| {
-                (Method::POST, purchase.clone())
+                (Method::POST, purchase.clone(), None)
             })
             .await
         })
         .await;
         let holds_and_releases = growth_per_request(&mut conn, 2 * FLOOD, async {
             flood(&app, FLOOD, StatusCode::CONFLICT, false, |_| {
-                (Method::POST, holds.clone())
+                (Method::POST, holds.clone(), None)
             })
             .await;
             flood(&app, FLOOD, StatusCode::NOT_FOUND, false, |_| {
-                (Method::DELETE, format!("{holds}/{}", Uuid::new_v4()))
+                (Method::DELETE, format!("{holds}/{}", Uuid::new_v4()), None)
+            })
+            .await
+        })
+        .await;
+        // Joins of a waiting room: anonymous ones are refused (401), and one buyer
+        // joining again and again keeps the one ticket they got first.
+        let joins = growth_per_request(&mut conn, 2 * FLOOD, async {
+            flood(&app, FLOOD, StatusCode::UNAUTHORIZED, false, |_| {
+                (Method::POST, queue.clone(), None)
+            })
+            .await;
+            flood(&app, FLOOD, StatusCode::ACCEPTED, false, |_| {
+                (Method::POST, queue.clone(), Some(buyer.clone()))
             })
             .await
         })
@@ -130,6 +163,7 @@ async fn a_flood_of_refusals_leaves_nothing_in_redis_while_other_buyers_buy() {
             purchases <= BYTES_PER_REQUEST,
             "{purchases:.1} B per refusal"
         );
+        assert!(joins <= BYTES_PER_REQUEST, "{joins:.1} B per join");
         assert!(
             holds_and_releases <= BYTES_PER_REQUEST,
             "{holds_and_releases:.1} B per hold and release"
@@ -167,15 +201,15 @@ async fn a_flood_of_refusals_leaves_nothing_in_redis_while_other_buyers_buy() {
         while !buyers.is_finished() {
             flood(&app, 500, StatusCode::CONFLICT, true, |i| {
                 let path = if i % 2 == 0 { &purchase } else { &holds };
-                (Method::POST, path.clone())
+                (Method::POST, path.clone(), None)
             })
             .await;
         }
         let (p99, retries) = buyers.await.expect("the other event's buyers all bought");
         eprintln!(
             "flood: Redis grew {purchases:.1} B per refused purchase, {holds_and_releases:.1} B \
-             per refused hold or unknown release; the other event's buyers meanwhile: p99 \
-             {p99:?}, {retries} retries of a 503"
+             per refused hold or unknown release, {joins:.1} B per join; the other event's \
+             buyers meanwhile: p99 {p99:?}, {retries} retries of a 503"
         );
         assert_eq!(env.redis_sold(sold_out).await, 1);
         assert_eq!(env.redis_sold(live).await, 300);

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use redis::AsyncCommands;
 use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
@@ -626,4 +627,60 @@ async fn a_hold_confirmed_in_lost_data_cannot_be_released_before_recovery_settle
     let info = app.get(&format!("/api/v1/events/{event}/holds/{id}")).await;
     assert_eq!(info.body["state"], "confirmed");
     assert_eq!(seats(&app, event).await, (3, 0, 7));
+}
+
+/// A hold that ended without a sale keeps its hash and its key's record only the
+/// ended-hold TTL after it ended (what a retried release needs), then nothing; a
+/// confirmed one is kept as long as a sale.
+#[tokio::test]
+async fn an_ended_hold_is_kept_for_the_ended_hold_ttl_and_a_confirmed_one_like_a_sale() {
+    let env = TestEnv::new().await;
+    let app = env
+        .spawn_app_with(|c| c.common.store.ended_hold_ttl = 2)
+        .await;
+    let event = app.create_event("retention", 4).await;
+    let released = hold_id(&app.hold(event, "gone", 1, None).await);
+    let confirmed = hold_id(&app.hold(event, "sold", 1, None).await);
+    let live = hold_id(&app.hold(event, "live", 1, None).await);
+    assert_eq!(
+        app.release(event, &released).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.confirm(event, &confirmed).await.status, StatusCode::OK);
+
+    let mut redis = env.redis_now().await;
+    let hold_key = |id: &str| {
+        let id = Uuid::parse_str(id).unwrap().simple();
+        format!("{}:{{{event}}}:hold:{id}", env.prefix)
+    };
+    let mut pttl = async |key: String| -> i64 { redis.pttl(key).await.unwrap() };
+    for key in [hold_key(&released), env.record_key(event, "gone")] {
+        let left = pttl(key.clone()).await;
+        assert!((1..=2_000).contains(&left), "{key}: {left} ms");
+    }
+    for key in [hold_key(&confirmed), env.record_key(event, "sold")] {
+        let left = pttl(key.clone()).await;
+        assert!(left > 86_390_000, "{key}: {left} ms");
+    }
+    // A live hold: until its expiry (600 s), and then the ended-hold TTL.
+    for key in [hold_key(&live), env.record_key(event, "live")] {
+        let left = pttl(key.clone()).await;
+        assert!((598_000..=602_000).contains(&left), "{key}: {left} ms");
+    }
+    // Within it a retry gets the same answer.
+    assert_eq!(
+        app.release(event, &released).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.confirm(event, &released).await.code(), "HOLD_EXPIRED");
+
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(app.release(event, &released).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(app.confirm(event, &confirmed).await.status, StatusCode::OK);
+    assert!(app.confirm(event, &confirmed).await.replayed);
+    // The key is free again: a new hold, never a sale.
+    let again = app.hold(event, "gone", 1, None).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(!again.replayed);
+    assert_eq!(seats(&app, event).await, (1, 2, 1));
 }

@@ -122,6 +122,7 @@ use uuid::Uuid;
 
 use crate::db::{self, EventRow};
 use crate::error::{Error, Result};
+use crate::gate::retention::Retention;
 use crate::keys::Keys;
 use fence::redis_now_ms;
 pub use fence::{server_run_id, take_off_sale};
@@ -188,7 +189,7 @@ pub struct Recovery {
     conn: ConnectionManager,
     db: PgPool,
     keys: Keys,
-    idempotency_ttl: u32,
+    retention: Retention,
     begin: Script,
     end: Script,
     seats: Script,
@@ -199,12 +200,12 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    pub fn new(conn: ConnectionManager, db: PgPool, keys: Keys, idempotency_ttl: u32) -> Self {
+    pub fn new(conn: ConnectionManager, db: PgPool, keys: Keys, retention: Retention) -> Self {
         Self {
             conn,
             db,
             keys,
-            idempotency_ttl,
+            retention,
             begin: crate::lua_script!("recover_begin.lua"),
             end: crate::lua_script!("recover_end.lua"),
             seats: crate::lua_script!("seats.lua"),
@@ -306,7 +307,7 @@ impl Recovery {
             &books,
             (i64::from(event.total_seats), event.max_per_buyer),
             redis_now.max(books.now_ms),
-            self.idempotency_ttl,
+            &self.retention,
         );
         let Some((records, sold_before)) = self
             .restore_and_end(event.id, begun, &rebuilt, redis_now, &mut lock)
@@ -351,7 +352,7 @@ impl Recovery {
                 token: &begun.token,
                 run: &begun.run,
             },
-            ttl: self.idempotency_ttl,
+            retention: self.retention,
         };
         let written = writer.write(rebuilt).await?;
         let Some(records) = written else {

@@ -25,7 +25,7 @@ impl Recovery {
         let books = db::books(
             lock,
             event,
-            self.idempotency_ttl,
+            self.retention.idempotency_secs(),
             &ids.sales,
             &ids.cancellations,
             &ids.holds,
@@ -98,7 +98,7 @@ impl Recovery {
     /// `EXPIRY_MARGIN` are left out, so that a record expiring meanwhile does not count.
     pub async fn missing_records(&self, event: &EventRow) -> Result<usize> {
         const EXPIRY_MARGIN: i64 = 5;
-        let sales = db::recent_sales(&self.db, event, self.idempotency_ttl).await?;
+        let sales = db::recent_sales(&self.db, event, self.retention.idempotency_secs()).await?;
         let keys: Vec<String> = sales
             .iter()
             .filter(|sale| sale.ttl_left > EXPIRY_MARGIN)

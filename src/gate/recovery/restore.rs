@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::ledger::{HoldEnd, Rebuilt, RebuiltHold};
 use crate::error::Result;
+use crate::gate::retention::Retention;
 use crate::keys::Keys;
 use crate::records::Record;
 
@@ -54,8 +55,7 @@ pub struct Writer<'a> {
     pub scripts: &'a Scripts,
     pub event: Uuid,
     pub attempt: Attempt<'a>,
-    /// The idempotency TTL, seconds.
-    pub ttl: u32,
+    pub retention: Retention,
 }
 
 impl Writer<'_> {
@@ -107,7 +107,7 @@ impl Writer<'_> {
             call.arg(self.attempt.token).arg(self.attempt.run);
             for hold in chunk {
                 call.key(self.keys.hold(self.event, hold.id));
-                hold_fields(&mut call, hold, self.ttl);
+                hold_fields(&mut call, hold, &self.retention);
             }
             let written: i64 = call.invoke_async(&mut self.conn).await?;
             if written == 0 {
@@ -182,9 +182,8 @@ fn set(key: String, value: String, ttl_secs: i64) -> redis::Cmd {
 }
 
 /// One hold's fields as `lua/restore_holds.lua` takes them: the hash as
-/// `lua/purchase.lua` keeps it, expiring the idempotency TTL after the hold does,
-/// like the script's.
-fn hold_fields(call: &mut redis::ScriptInvocation<'_>, hold: &RebuiltHold, ttl: u32) {
+/// `lua/purchase.lua` keeps it, for as long (see [`Retention`]).
+fn hold_fields(call: &mut redis::ScriptInvocation<'_>, hold: &RebuiltHold, retention: &Retention) {
     let (state, ended_ms, sale_remaining) = match hold.end {
         HoldEnd::Live => ("held", None, None),
         // Judged by the later of two clocks: written as such, so that reading it
@@ -212,7 +211,7 @@ fn hold_fields(call: &mut redis::ScriptInvocation<'_>, hold: &RebuiltHold, ttl: 
         .arg(hold.seats_remaining)
         .arg(text(ended_ms))
         .arg(text(sale_remaining))
-        .arg(hold.expires_at_ms + i64::from(ttl) * 1000);
+        .arg(hold.kept_until_ms(retention));
 }
 
 /// How many of `keys` Redis lacks.

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use boxoffice::domain::{IdempotencyKey, Quantity};
+use boxoffice::gate::retention::Retention;
 use boxoffice::gate::script::{Ask, Reply, Seller};
 use boxoffice::keys::Keys;
 use boxoffice::records::Record;
@@ -192,7 +193,14 @@ async fn drive(
 async fn sellers(plan: &Plan, keys: &Keys) -> boxoffice::Result<Vec<Seller>> {
     let mut sellers = Vec::new();
     for _ in 0..plan.connections {
-        sellers.push(Seller::connect(&plan.redis_url, keys.clone(), RECORD_TTL).await?);
+        sellers.push(
+            Seller::connect(
+                &plan.redis_url,
+                keys.clone(),
+                Retention::new(RECORD_TTL, RECORD_TTL),
+            )
+            .await?,
+        );
     }
     Ok(sellers)
 }

@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::Log;
 use crate::db::{Books, HoldRow};
+use crate::gate::retention::Retention;
 use crate::records::{HoldMade, Logged, Record};
 
 /// How a hold stands, all sources merged.
@@ -54,6 +55,20 @@ impl RebuiltHold {
             self.quantity,
             self.buyer.as_deref().unwrap_or("")
         )
+    }
+
+    /// Unix ms until which its hash and its request's record are kept: the
+    /// idempotency TTL after its sale, else the ended-hold TTL after it was released
+    /// or voided, or after its expiry (`kept_until` in `lua/purchase.lua`).
+    pub fn kept_until_ms(&self, retention: &Retention) -> i64 {
+        match self.end {
+            HoldEnd::Confirmed { sold_at_micros, .. } => (sold_at_micros / 1000
+                + retention.idempotency_ms())
+            .max(self.expires_at_ms + retention.ended_hold_ms()),
+            HoldEnd::Released { at_micros } => at_micros / 1000 + retention.ended_hold_ms(),
+            HoldEnd::Voided { at_ms } => at_ms.min(self.expires_at_ms) + retention.ended_hold_ms(),
+            HoldEnd::Live | HoldEnd::Expired => self.expires_at_ms + retention.ended_hold_ms(),
+        }
     }
 
     /// The record its request's key replays.

@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 use crate::db::Books;
+use crate::gate::retention::Retention;
 use crate::records::{Logged, Record};
 
 mod holds;
@@ -167,18 +168,17 @@ impl Rebuilt {
 }
 
 /// Merges `books` and `log` into the state of `event` (of `total` seats, with a
-/// limit per buyer or not); `now_ms` is the clock expiries are judged by, `ttl` the
-/// idempotency TTL in seconds.
+/// limit per buyer or not); `now_ms` is the clock expiries are judged by.
 pub fn rebuild(
     log: &Log,
     books: &Books,
     event: (i64, Option<i32>),
     now_ms: i64,
-    ttl: u32,
+    retention: &Retention,
 ) -> Rebuilt {
     let (total, limit) = event;
-    let ttl_ms = i64::from(ttl) * 1000;
-    let ttl_left = |since_ms: i64| (ttl_ms - (now_ms - since_ms)).div_euclid(1000);
+    let ttl_left =
+        |since_ms: i64| (retention.idempotency_ms() - (now_ms - since_ms)).div_euclid(1000);
     let mut rebuilt = Rebuilt {
         durable: durable(log, books),
         buyers: seats_per_buyer(log, books),
@@ -186,7 +186,7 @@ pub fn rebuild(
         ..Rebuilt::default()
     };
     void_holds_beyond(&mut rebuilt.holds, total - rebuilt.durable.seats(), now_ms);
-    count_holds(&mut rebuilt, &ttl_left);
+    count_holds(&mut rebuilt, retention, now_ms);
     rebuilt
         .buyers
         .retain(|_, seats| *seats > 0 && limit.is_some());
@@ -209,8 +209,8 @@ fn seats_per_buyer(log: &Log, books: &Books) -> HashMap<String, i64> {
 }
 
 /// Adds the live holds to `held` and to their buyers, and each hold's record while
-/// its key's TTL (`ttl_left` of when it was made, in seconds) lasts.
-fn count_holds(rebuilt: &mut Rebuilt, ttl_left: &impl Fn(i64) -> i64) {
+/// it is kept (see [`Retention`]).
+fn count_holds(rebuilt: &mut Rebuilt, retention: &Retention, now_ms: i64) {
     for hold in &rebuilt.holds {
         if hold.end == HoldEnd::Live {
             rebuilt.held += i64::from(hold.quantity);
@@ -218,7 +218,7 @@ fn count_holds(rebuilt: &mut Rebuilt, ttl_left: &impl Fn(i64) -> i64) {
                 *rebuilt.buyers.entry(buyer.clone()).or_default() += i64::from(hold.quantity);
             }
         }
-        let left = ttl_left(hold.held_at_ms);
+        let left = (hold.kept_until_ms(retention) - now_ms).div_euclid(1000);
         if left > 0 {
             rebuilt.records.push(Restored {
                 value: (hold.idempotency_key.clone(), hold.record()),

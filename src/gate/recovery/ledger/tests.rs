@@ -3,7 +3,7 @@ use crate::db::HoldRow;
 use crate::records::{Cancellation, Entry, HoldMade, HoldReleased};
 
 const NOW: i64 = 1_800_000_000_000;
-const TTL: u32 = 86_400;
+const TTL: &Retention = &Retention::new(86_400, 900);
 
 fn sale(id: Uuid, quantity: i16, buyer: Option<&str>, via_hold: bool) -> Logged {
     Logged::Sale(Entry {
