@@ -25,7 +25,8 @@ kubectl kustomize k8s/ | kubernetes-validate --strict --quiet -
 echo "nginx -t on deploy/nginx (the compose configs with the real shared routes file)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp deploy/nginx/boxoffice.conf deploy/nginx/storefront.conf "$work/"
+# storefront.conf includes security-headers.conf from the configuration's directory.
+cp deploy/nginx/boxoffice.conf deploy/nginx/storefront.conf deploy/nginx/security-headers.conf "$work/"
 sed -e "s|/etc/nginx/boxoffice.conf|$work/boxoffice.conf|" \
     -e "s|/etc/nginx/storefront.conf|$work/storefront.conf|" \
     deploy/nginx/compose.conf >"$work/site.conf"

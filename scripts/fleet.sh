@@ -73,6 +73,8 @@ up() {
     local shop
     shop=$(realpath examples/storefront)/dist
     [[ -f $shop/shop/index.html ]] || build_shop
+    # storefront.conf includes it from the configuration's directory, this one.
+    cp deploy/nginx/security-headers.conf "$DIR/"
     cat >"$DIR/nginx.conf" <<CONF
 # Rendered by scripts/fleet.sh; the routes are deploy/nginx/boxoffice.conf.
 pid $state/nginx.pid;

@@ -3,7 +3,8 @@
 # local fleet (scripts/fleet.sh: 2 replicas, nginx serving the API and /shop/) on its
 # own ports, Redis key prefix and database, and runs the page's tests in headless
 # Chromium (playwright-core): a purchase, a double click, a lost answer retried, sold
-# out, a hold expiring, a hold confirmed or released, a waiting room.
+# out, a hold expiring, a hold confirmed or released, a waiting room, a sign-in link,
+# two buyers in one tab, the security headers.
 #
 #   scripts/storefront-test.sh [SCREENSHOT.png]   # also pictures the page on a phone
 #

@@ -19,39 +19,62 @@ export const api = createClient<paths>({ baseUrl: location.origin });
 const TOKEN_KEY = "boxoffice.buyerToken";
 
 /**
- * The buyer's JWT, which the site's sign-in hands over in the URL fragment
- * (`/shop/#buyer=<jwt>`, never sent to a server) or leaves in sessionStorage. It is
- * moved out of the address bar at once so it is not bookmarked or shared.
+ * The buyer's JWT, kept in the tab's sessionStorage, as it was when the page loaded.
+ * A page signs in once: a new buyer is a new page (`adoptToken`), so nothing one
+ * buyer started, in memory or on its way, ever goes out with another's token.
  */
-export function buyerToken(): string | undefined {
+export const signedIn: string | undefined = sessionStorage.getItem(TOKEN_KEY) ?? undefined;
+
+/**
+ * A token handed over in the URL fragment (`/shop/#buyer=<jwt>`, never sent to a
+ * server), taken out of the address bar at once so it is not bookmarked or shared.
+ * It is not signed in with: anyone can send a link that carries their own token, and
+ * a buyer who followed it would buy as them. The page asks first.
+ */
+export function tokenFromLink(): string | undefined {
   const fragment = new URLSearchParams(location.hash.slice(1));
+  if (!fragment.has("buyer")) return undefined;
   const fromLink = fragment.get("buyer");
-  if (fromLink) {
-    sessionStorage.setItem(TOKEN_KEY, fromLink);
-    fragment.delete("buyer");
-    const rest = fragment.toString();
-    history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
-  }
-  return sessionStorage.getItem(TOKEN_KEY) ?? undefined;
+  fragment.delete("buyer");
+  const rest = fragment.toString();
+  history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+  return fromLink || undefined;
+}
+
+/** Signs in with a token the buyer accepted, by loading the page again as them. */
+export function adoptToken(token: string) {
+  sessionStorage.setItem(TOKEN_KEY, token);
+  location.reload();
 }
 
 /** Who the token names (`sub`), for display only: the server verifies it. */
 export function buyerName(token: string): string | undefined {
   try {
     const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    const sub: unknown = JSON.parse(atob(payload)).sub;
+    // UTF-8, so a name beyond ASCII reads as written.
+    const bytes = Uint8Array.from(atob(payload), (c) => c.charCodeAt(0));
+    const sub: unknown = JSON.parse(new TextDecoder().decode(bytes)).sub;
     return typeof sub === "string" ? sub : undefined;
   } catch {
     return undefined;
   }
 }
 
+/**
+ * Whose things the tab keeps (intents, holds, places in line): one key per `sub`, so
+ * a buyer who signs in as someone else in the same tab never resumes or replays what
+ * the previous one started, and finds their own again when back.
+ */
+export function buyerKey(token: string | undefined): string {
+  const name = token && buyerName(token);
+  return name ? `buyer-${encodeURIComponent(name)}` : "anonymous";
+}
+
 const sentAt = new Map<string, number>();
 
 api.use({
   onRequest({ request, id }) {
-    const token = buyerToken();
-    if (token) request.headers.set("Authorization", `Bearer ${token}`);
+    if (signedIn) request.headers.set("Authorization", `Bearer ${signedIn}`);
     sentAt.set(id, Date.now());
     return request;
   },

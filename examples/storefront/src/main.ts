@@ -1,8 +1,9 @@
 // The buyer's page: one event, its seats (kept up to date while the page is open),
-// buying or holding, a hold's countdown, and the waiting room of a queued event.
+// buying or holding, a hold's countdown, the waiting room of a queued event, and the
+// question a sign-in link asks before it changes who is buying.
 
 import "./style.css";
-import { api, buyerName, buyerToken, serverNow, untilAnswered } from "./client";
+import { adoptToken, api, buyerKey, buyerName, serverNow, signedIn, tokenFromLink, untilAnswered } from "./client";
 import type { Answer, Event, HoldCreated, Outcome, PurchaseOk, QueueStatus } from "./client";
 import { intentFor, pendingIntent, settle } from "./intent";
 import type { Intent } from "./intent";
@@ -17,6 +18,12 @@ function $<T extends HTMLElement = HTMLElement>(id: string): T {
 }
 
 const ui = {
+  signIn: $("sign-in"),
+  signInQuestion: $("sign-in-question"),
+  signInHint: $("sign-in-hint"),
+  accept: $<HTMLButtonElement>("accept"),
+  keep: $<HTMLButtonElement>("keep"),
+  decline: $<HTMLButtonElement>("decline"),
   loading: $("loading"),
   picker: $("picker"),
   eventList: $("event-list"),
@@ -58,13 +65,15 @@ interface Admission {
 const state: {
   event?: Event;
   token?: string;
+  /** Whose intents, hold and place in line are kept (`buyerKey`). */
+  buyer: string;
   busy: boolean;
   held?: Held;
   receipt?: PurchaseOk;
   ticket?: string;
   queue?: QueueStatus;
   admission?: Admission;
-} = { busy: false };
+} = { busy: false, token: signedIn, buyer: buyerKey(signedIn) };
 
 // ---------------------------------------------------------------- rendering
 
@@ -99,7 +108,7 @@ function render() {
   if (!event) return;
   document.title = `${event.name} · Tickets`;
   ui.name.textContent = event.name;
-  const pending = pendingIntent(event.id);
+  const pending = pendingIntent(state.buyer, event.id);
 
   if (event.seatsRemaining > 0) {
     ui.availability.textContent = `${event.seatsRemaining} of ${event.totalSeats} seats left`;
@@ -200,14 +209,15 @@ function keepFresh() {
 
 // ---------------------------------------------------------------- buying and holding
 
+// Per buyer and event: another buyer in this tab finds none of them (see `buyerKey`).
 const stored = {
   get<T>(name: string): T | undefined {
-    const value = state.event && sessionStorage.getItem(`boxoffice.${name}.${state.event.id}`);
+    const value = state.event && sessionStorage.getItem(`boxoffice.${name}.${state.buyer}.${state.event.id}`);
     return value ? (JSON.parse(value) as T) : undefined;
   },
   set(name: string, value: unknown) {
     if (!state.event) return;
-    const key = `boxoffice.${name}.${state.event.id}`;
+    const key = `boxoffice.${name}.${state.buyer}.${state.event.id}`;
     if (value === undefined) sessionStorage.removeItem(key);
     else sessionStorage.setItem(key, JSON.stringify(value));
   },
@@ -280,12 +290,12 @@ function showReceipt(sale: PurchaseOk) {
 ui.order.addEventListener("submit", (e) => {
   e.preventDefault();
   if (!state.event || state.busy) return;
-  void send(intentFor("purchase", state.event.id, Number(ui.quantity.value)));
+  void send(intentFor("purchase", state.buyer, state.event.id, Number(ui.quantity.value)));
 });
 
 ui.hold.addEventListener("click", () => {
   if (!state.event || state.busy) return;
-  void send(intentFor("hold", state.event.id, Number(ui.quantity.value)));
+  void send(intentFor("hold", state.buyer, state.event.id, Number(ui.quantity.value)));
 });
 
 ui.again.addEventListener("click", () => {
@@ -443,6 +453,56 @@ ui.join.addEventListener("click", async () => {
   render();
 });
 
+// ---------------------------------------------------------------- signing in
+
+let offered: string | undefined;
+let asking: Promise<void> | undefined;
+let kept: (() => void) | undefined;
+
+/**
+ * A token from a link (`tokenFromLink`) is only signed in with once the buyer says
+ * so: the link may be someone else's, made to have this buyer buy as them. Every
+ * token but the one in use is asked about, a first one too (nothing tells the site's
+ * hand-over from a forged link), by the name it carries. Accepting loads the page
+ * again as that buyer (`adoptToken`); the promise is kept when the buyer stays who
+ * they were.
+ */
+function offerFromLink(): Promise<void> | undefined {
+  const token = tokenFromLink();
+  // A token without a name (`sub`) signs no one in: the server refuses it.
+  const name = token && buyerName(token);
+  if (!token || !name || token === state.token) return asking;
+  offered = token;
+  const current = state.token && buyerName(state.token);
+  ui.signInQuestion.textContent = `Sign in as ${name}?`;
+  ui.signInHint.textContent =
+    (current ? `You are signed in as ${current}. ` : "") +
+    "Accept only a sign-in you have just made yourself: with someone else's, you would buy as them.";
+  ui.keep.hidden = state.token === undefined;
+  ui.decline.hidden = state.token !== undefined;
+  ui.signIn.hidden = false;
+  ui.signIn.focus();
+  asking ??= new Promise((resolve) => (kept = resolve));
+  return asking;
+}
+
+ui.accept.addEventListener("click", () => {
+  if (offered) adoptToken(offered);
+});
+
+for (const button of [ui.keep, ui.decline]) {
+  button.addEventListener("click", () => {
+    offered = undefined;
+    asking = undefined;
+    ui.signIn.hidden = true;
+    say("The sign-in from the link was not used.");
+    kept?.();
+  });
+}
+
+// A link followed while the page is open changes only the fragment.
+window.addEventListener("hashchange", () => void offerFromLink());
+
 // ---------------------------------------------------------------- start
 
 async function pickEvent(): Promise<string | undefined> {
@@ -468,9 +528,15 @@ async function pickEvent(): Promise<string | undefined> {
 }
 
 async function start() {
-  state.token = buyerToken();
   const who = state.token && buyerName(state.token);
   ui.who.textContent = who ? `Signed in as ${who}` : "";
+  // Nothing is loaded or sent until the buyer has said who they are.
+  const asked = offerFromLink();
+  if (asked) {
+    ui.loading.hidden = true;
+    await asked;
+    ui.loading.hidden = false;
+  }
   const id = await pickEvent();
   if (!id) return;
   const outcome = await untilAnswered(() => api.GET("/api/v1/events/{id}", { params: { path: { id } } }));
@@ -494,7 +560,7 @@ async function start() {
 
 /** A click whose answer was lost (the page closed or went offline): finish it. */
 function resumePending() {
-  const pending = state.event && pendingIntent(state.event.id);
+  const pending = state.event && pendingIntent(state.buyer, state.event.id);
   if (pending && (!queued() || admitted())) void send(pending);
 }
 

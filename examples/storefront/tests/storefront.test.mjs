@@ -68,6 +68,30 @@ async function open(eventId, { fragment = "", options = phone } = {}) {
   return { page, context, problems };
 }
 
+/** Who a token names (`sub`). */
+const subOf = (token) => JSON.parse(Buffer.from(token.split(".")[1], "base64url").toString()).sub;
+
+/** Who a request of the page was sent as, or "anonymous". */
+function sentAs(request) {
+  const token = request.headers().authorization?.replace(/^Bearer /, "");
+  return token ? subOf(token) : "anonymous";
+}
+
+/** The buyer follows the site's sign-in link in this tab, and accepts it. */
+async function signIn(page, eventId, sub) {
+  await page.goto("about:blank");
+  await page.goto(`${base}/shop/?event=${eventId}#buyer=${buyerToken(sub)}`);
+  await page.getByRole("alert").getByText(`Sign in as ${sub}?`, { exact: true }).waitFor();
+  await page.getByRole("button", { name: "Accept" }).click();
+  await page.getByText(`Signed in as ${sub}`, { exact: true }).waitFor();
+}
+
+/** Who (`sub`) the token the page keeps names, or null when it keeps none. */
+async function storedBuyer(page) {
+  const token = await page.evaluate(() => sessionStorage.getItem("boxoffice.buyerToken"));
+  return token && subOf(token);
+}
+
 /** Every POST of a purchase the page sends, with its Idempotency-Key. */
 function purchasesSent(page) {
   const sent = [];
@@ -256,6 +280,7 @@ test("in a waiting room the buyer sees the opening, their turn, and then buys", 
   await signedOut.context.close();
 
   const { page, context } = await open(id, { fragment: `#buyer=${buyerToken("storefront-ann")}` });
+  await page.getByRole("button", { name: "Accept" }).click();
   await page.getByText("Signed in as storefront-ann").waitFor();
   assert.equal(new URL(page.url()).hash, "", "the token leaves the address bar");
   await page.getByRole("button", { name: "Join the queue" }).click();
@@ -266,4 +291,125 @@ test("in a waiting room the buyer sees the opening, their turn, and then buys", 
   await page.locator("#receipt").getByText(/1 ticket bought/).waitFor();
   assert.equal((await event(id)).seatsSold, 1);
   await context.close();
+});
+
+test("a token in a link signs in only when the buyer accepts it, and leaves the address bar at once", async () => {
+  const { id } = await createEvent({ totalSeats: 10 });
+  const ann = buyerToken("storefront-ann");
+  const bob = buyerToken("storefront-bob");
+
+  // Even a first token is asked about, by the name it carries; declined, it is dropped.
+  const { page, context, problems } = await open(id, { fragment: `#buyer=${ann}` });
+  const sentBy = [];
+  page.on("request", (request) => request.url().includes("/api/") && sentBy.push(sentAs(request)));
+  await page.getByRole("alert").getByText("Sign in as storefront-ann?", { exact: true }).waitFor();
+  assert.equal(new URL(page.url()).hash, "", "the token leaves the address bar before any answer");
+  assert.equal(await storedBuyer(page), null);
+  assert.equal(await page.getByRole("button", { name: "Keep current" }).isVisible(), false);
+  for (const name of ["Accept", "Decline"]) {
+    const box = await page.getByRole("button", { name }).boundingBox();
+    assert.ok(box && box.height >= 44, `${name} is at least 44 px high (${box?.height})`);
+  }
+  assert.equal(await page.getByRole("button", { name: "Buy now" }).isVisible(), false, "nothing to buy before the answer");
+  await page.getByRole("button", { name: "Decline" }).click();
+  await page.getByText("10 of 10 seats left").waitFor();
+  assert.equal(await page.locator("#who").textContent(), "");
+  assert.equal(await storedBuyer(page), null);
+
+  await signIn(page, id, "storefront-ann");
+  assert.equal(await storedBuyer(page), "storefront-ann");
+
+  // Someone else's link, opened while Ann is signed in: she stays Ann until she says.
+  await page.goto("about:blank");
+  await page.goto(`${base}/shop/?event=${id}#buyer=${bob}`);
+  await page.getByRole("alert").getByText("Sign in as storefront-bob?", { exact: true }).waitFor();
+  assert.equal(new URL(page.url()).hash, "", "the token leaves the address bar before any answer");
+  assert.equal(await page.locator("#who").textContent(), "Signed in as storefront-ann");
+  assert.equal(await storedBuyer(page), "storefront-ann");
+  assert.equal(await page.getByRole("button", { name: "Decline" }).isVisible(), false);
+  await page.getByRole("button", { name: "Keep current" }).click();
+  await page.getByText("10 of 10 seats left").waitFor();
+  assert.equal(await storedBuyer(page), "storefront-ann");
+
+  // A link followed while the page is open changes only the fragment: asked the same.
+  await page.evaluate((token) => (location.hash = `buyer=${token}`), bob);
+  await page.getByRole("alert").getByText("Sign in as storefront-bob?", { exact: true }).waitFor();
+  await page.waitForFunction(() => location.hash === "");
+  assert.equal(await storedBuyer(page), "storefront-ann");
+  assert.ok(!sentBy.includes("storefront-bob"), `nothing was sent as Bob before he was accepted: ${sentBy}`);
+
+  await page.getByRole("button", { name: "Accept" }).click();
+  await page.getByText("Signed in as storefront-bob", { exact: true }).waitFor();
+  assert.equal(await storedBuyer(page), "storefront-bob");
+  const buyers = [];
+  page.on("request", (request) => request.method() === "POST" && buyers.push(sentAs(request)));
+  await page.getByRole("button", { name: "Buy now" }).click();
+  await page.locator("#receipt").getByText(/1 ticket bought/).waitFor();
+  assert.deepEqual(buyers, ["storefront-bob"]);
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
+test("what one buyer started in a tab is not resumed for another who signs in there, and is when they are back", async () => {
+  const { id } = await createEvent({ totalSeats: 10, holdSeconds: 300 });
+  const { page, context } = await open(id);
+  const purchases = [];
+  page.on("request", (request) => {
+    if (request.method() === "POST" && /\/purchase$/.test(request.url())) {
+      purchases.push({ key: request.headers()["idempotency-key"], buyer: sentAs(request) });
+    }
+  });
+  await signIn(page, id, "storefront-ann");
+
+  // Ann's purchase never reaches the server: her intent stays pending.
+  await page.route("**/api/v1/events/*/purchase", (route) => route.abort("connectionreset"));
+  await page.getByLabel("Number of tickets").selectOption("2");
+  await page.getByRole("button", { name: "Buy now" }).click();
+  await page.getByRole("alert").getByText(/did not answer/).waitFor({ timeout: 15_000 });
+  const annKey = purchases[0].key;
+  const tries = purchases.length;
+
+  // Bob signs in in the same tab: no Try again, no quantity fixed, nothing sent.
+  await signIn(page, id, "storefront-bob");
+  await page.getByText("10 of 10 seats left").waitFor();
+  await page.waitForTimeout(1000);
+  assert.equal(purchases.length, tries, "Ann's order was not sent again as Bob");
+  assert.equal(await page.getByRole("button", { name: "Buy now" }).isVisible(), true);
+  assert.equal(await page.getByLabel("Number of tickets").isDisabled(), false);
+  // Bob holds a seat; then Ann comes back.
+  await page.getByRole("button", { name: "Hold for 5 minutes" }).click();
+  await page.locator("#held").getByText("1 ticket held").waitFor();
+
+  await page.unroute("**/api/v1/events/*/purchase");
+  await signIn(page, id, "storefront-ann");
+  // Her pending order goes through as it was, and Bob's hold is not hers to see.
+  await page.locator("#receipt").getByText(/2 tickets bought/).waitFor();
+  assert.equal(await page.locator("#held").isVisible(), false);
+  assert.ok(purchases.length > tries);
+  assert.deepEqual(new Set(purchases.map((p) => p.key)), new Set([annKey]), "one key, Ann's");
+  assert.deepEqual(new Set(purchases.map((p) => p.buyer)), new Set(["storefront-ann"]), "always sent as Ann");
+
+  // Back as Bob: his hold, not Ann's receipt.
+  await signIn(page, id, "storefront-bob");
+  await page.locator("#held").getByText("1 ticket held").waitFor();
+  assert.equal(await page.locator("#receipt").isVisible(), false);
+  const after = await event(id);
+  assert.equal(after.seatsSold, 2);
+  assert.equal(after.seatsHeld, 1);
+  await context.close();
+});
+
+test("the page, its index and its bundles all carry the security headers", async () => {
+  const html = await (await fetch(`${base}/shop/`)).text();
+  const bundle = html.match(/src="(\/shop\/assets\/[^"]+\.js)"/)?.[1];
+  assert.ok(bundle, "index.html names its bundle");
+  for (const path of ["/shop", "/shop/", "/shop/index.html", bundle]) {
+    const response = await fetch(base + path, { redirect: "manual" });
+    assert.equal(response.status, path === "/shop" ? 301 : 200, path);
+    const csp = response.headers.get("content-security-policy") ?? "";
+    assert.match(csp, /default-src 'self'/, path);
+    assert.match(csp, /frame-ancestors 'none'/, path);
+    assert.equal(response.headers.get("x-content-type-options"), "nosniff", path);
+    assert.equal(response.headers.get("referrer-policy"), "no-referrer", path);
+  }
 });
