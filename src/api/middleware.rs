@@ -75,7 +75,37 @@ pub(super) async fn observe<E: Endpoint>(
         started.elapsed(),
     );
     response.headers_mut().insert("x-request-id", request_id);
+    security_headers(&path, response.headers_mut());
     Ok(response)
+}
+
+/// Headers that keep a browser from framing, sniffing or leaking what it is shown,
+/// on every answer, so that a bare deployment has them without a proxy in front.
+/// Swagger UI at `/docs` is one static page whose script and style poem-openapi
+/// writes inline (the spec, ours, inside it): it may run inline code and fetch this
+/// origin ("Try it out"), nothing else. Every other answer is data, not a page.
+fn security_headers(path: &str, headers: &mut poem::http::HeaderMap) {
+    const DOCS: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+        style-src 'unsafe-inline'; img-src 'self' data:; font-src data:; connect-src 'self'; \
+        base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+    const DATA: &str = "default-src 'none'; frame-ancestors 'none'";
+    let policy = if path == "/docs" || path.starts_with("/docs/") {
+        DOCS
+    } else {
+        DATA
+    };
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(policy),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
 }
 
 /// A process-unique request id: a random prefix per process and a counter. Cheaper

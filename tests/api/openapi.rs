@@ -49,6 +49,23 @@ async fn the_spec_and_swagger_ui_are_served() {
 
     let docs = app.client.get(app.url("/docs")).send().await.unwrap();
     assert_eq!(docs.status(), StatusCode::OK);
+    // Never framed or sniffed; inline code runs only on this page (poem-openapi
+    // writes Swagger UI inline), not on anything the API answers.
+    let header = |r: &reqwest::Response, name: &str| r.headers()[name].to_str().unwrap().to_owned();
+    let policy = header(&docs, "content-security-policy");
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert!(policy.contains("script-src 'unsafe-inline'"), "{policy}");
+    for path in ["/api/v1/event", "/openapi.json", "/nowhere", "/metrics"] {
+        let answer = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(
+            header(&answer, "content-security-policy"),
+            "default-src 'none'; frame-ancestors 'none'",
+            "{path}"
+        );
+        assert_eq!(header(&answer, "x-content-type-options"), "nosniff");
+        assert_eq!(header(&answer, "referrer-policy"), "no-referrer");
+    }
+    assert_eq!(header(&docs, "x-content-type-options"), "nosniff");
     let html = docs.text().await.unwrap();
     assert!(html.contains("swagger-ui"), "Swagger UI page");
     assert!(
