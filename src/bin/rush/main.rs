@@ -9,6 +9,9 @@
 //!   fresh purchases of one event: what one Redis core sells, without HTTP.
 //! * `rush queue`: a crowd in front of a queued event, joining before and after the
 //!   opening, polling as told and buying once admitted; fairness and rate checked.
+//! * `rush flood`: anonymous requests with fresh keys on a sold-out event, and joins
+//!   of a waiting room, while buyers of another event buy: what Redis keeps per
+//!   request, and the buyers' latency.
 //! * `rush holds`: the seat lifecycle (purchases, holds confirmed, released or
 //!   abandoned, cancellations) on an event of its own, with buyer tokens and a limit,
 //!   checked at the end.
@@ -30,7 +33,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use check::finish;
-use modes::{ceiling, holds, load, queue};
+use modes::{ceiling, flood, holds, load, queue};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,6 +60,9 @@ enum Mode {
     Queue(queue::QueueArgs),
     /// The purchase script straight against Redis: sales/s of one event.
     Ceiling(ceiling::CeilingArgs),
+    /// Anonymous requests with fresh keys on a sold-out event while buyers of
+    /// another buy: what Redis keeps per request, and the buyers' latency.
+    Flood(flood::FloodArgs),
 }
 
 #[tokio::main]
@@ -73,6 +79,10 @@ async fn main() -> ExitCode {
             finish(args.run().await, json)
         }
         Mode::Ceiling(args) => {
+            let json = args.json;
+            finish(args.run().await, json)
+        }
+        Mode::Flood(args) => {
             let json = args.json;
             finish(args.run().await, json)
         }

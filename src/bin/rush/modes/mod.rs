@@ -2,6 +2,7 @@
 //! the checks it ends with.
 
 pub mod ceiling;
+pub mod flood;
 pub mod holds;
 pub mod load;
 pub mod queue;
