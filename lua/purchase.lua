@@ -21,12 +21,14 @@
 --   op        ARGV                                                 KEYS
 --   purchase  'P'..quantity, id, client key, buyer, admitted       idempotency record
 --   hold      'H'..quantity, id, client key, buyer, admitted       idempotency record, hold hash
---   confirm   'C', hold id                                         hold hash
---   release   'D', hold id                                         hold hash
+--   confirm   'C', hold id, client key of the hold                 hold hash, its idempotency record
+--   release   'D', hold id, client key of the hold                 hold hash, its idempotency record
 --   cancel    'K'..quantity, purchase id, buyer                    cancellation marker
 --
 -- Ids are 32 hex digits; buyer is '' when the request carries no verified buyer;
--- admitted is '1' when it carries a valid admission token for that buyer.
+-- admitted is '1' when it carries a valid admission token for that buyer. A confirm
+-- or release names the hold's request key as the caller read it from the hold hash
+-- ('' when there was none), so that the script writes only keys it is given.
 --
 -- Returns one string, a line per request in order (formats of records in
 -- src/records.rs):
@@ -38,6 +40,8 @@
 --                   'released', 'G' when there is no such hold
 --   release:        'N', 'R' and the state it already had, 'F' when it was
 --                   confirmed, 'G'
+--   confirm, release: 'W' when the hold's request key is not the one given (the
+--                   hold came back since the caller read it): nothing was done
 --   cancel:         'N' and the cancellation time (Unix microseconds), 'R'
 --   any of them:    'C' alone when the event is missing or was not checked against
 --                   PostgreSQL on this server process (`run` is not this server's run
@@ -73,8 +77,8 @@ local DEFAULT_HOLD_SECONDS = 600
 local ttl, ended_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local valid = ttl and ttl >= 1 and ttl % 1 == 0 and ttl <= 1e12
   and ended_ttl and ended_ttl >= 1 and ended_ttl % 1 == 0 and ended_ttl <= ttl
-local KEY_COUNT = { P = 1, H = 2, C = 1, D = 1, K = 1 }
-local ARG_COUNT = { P = 5, H = 5, C = 2, D = 2, K = 3 }
+local KEY_COUNT = { P = 1, H = 2, C = 2, D = 2, K = 1 }
+local ARG_COUNT = { P = 5, H = 5, C = 3, D = 3, K = 3 }
 local COUNTED = { P = true, H = true, K = true }
 
 local function parse_request(a, k)
@@ -91,6 +95,8 @@ local function parse_request(a, k)
     r.client_key, r.buyer, r.admitted = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4] == '1'
   elseif op == 'K' then
     r.buyer = ARGV[a + 2]
+  else
+    r.client_key, r.record_key = ARGV[a + 2], KEYS[k + 1]
   end
   return r, a + ARG_COUNT[op], k + KEY_COUNT[op]
 end
@@ -266,14 +272,10 @@ local function kept_until(ms, seconds)
   return ms + seconds * 1000
 end
 
--- The record of a hold's request is named from its key ('k' in the hash): a
--- confirmation or release names only the hold. Every key of the event is
--- '<prefix>:{<event>}:<kind>' (src/keys.rs), so it shares KEYS[1]'s hash tag and slot.
-local function keep_hold(r, hold, until_ms)
+-- Sets when the hold of a confirm or release, and its request's record, expire.
+local function keep_hold(r, until_ms)
   redis.call('PEXPIREAT', r.key, until_ms)
-  if hold.k then
-    redis.call('PEXPIREAT', string.sub(KEYS[1], 1, -4) .. 'idem:' .. hold.k, until_ms)
-  end
+  redis.call('PEXPIREAT', r.record_key, until_ms)
 end
 
 -- Operations: each returns its reply line -------------------------------------------
@@ -347,6 +349,8 @@ local function confirm_or_release(r)
     return 'C'
   elseif not hold then
     return 'G'
+  elseif (hold.k or '') ~= r.client_key then
+    return 'W'
   elseif hold.s ~= 'held' then
     return ended_hold(r, hold)
   end
@@ -370,7 +374,7 @@ local function confirm_or_release(r)
     add_buyer_seats(hold.b, -hold.q)
     hold.s = 'released'
     redis.call('HSET', r.key, 's', 'released', 'e', now_ms)
-    keep_hold(r, hold, kept_until(now_ms, ended_ttl))
+    keep_hold(r, kept_until(now_ms, ended_ttl))
     append(with_hold({ 'p', r.id, 'q', hold.q, 'd', micros, 'k', hold.k }, hold), hold.b)
     return 'N'
   end
@@ -379,7 +383,7 @@ local function confirm_or_release(r)
   append_sale(r.id, hold.k, hold.q, left, hold.b, hold)
   hold.s, hold.r = 'confirmed', left
   redis.call('HSET', r.key, 's', 'confirmed', 'r', left, 'e', now_ms)
-  keep_hold(r, hold, math.max(kept_until(now_ms, ttl), kept_until(hold.x, ended_ttl)))
+  keep_hold(r, math.max(kept_until(now_ms, ttl), kept_until(hold.x, ended_ttl)))
   return 'NS' .. hold.q .. ':' .. left .. ':' .. r.id
 end
 

@@ -221,9 +221,7 @@ impl Gate {
     /// Turns a hold into a sale, unless it expired or was released; a repeat returns
     /// the same sale.
     pub async fn confirm(&self, event: Uuid, hold_id: Uuid) -> Result<Confirmation> {
-        let reply = self
-            .decide_on_sale(event, || Ask::Confirm { hold_id })
-            .await?;
+        let reply = self.end_hold(event, hold_id, true).await?;
         let sold = |record: &str, replayed| {
             Record::parse(record)
                 .and_then(sale)
@@ -245,10 +243,7 @@ impl Gate {
 
     /// Returns a hold's seats to stock at once; idempotent.
     pub async fn release(&self, event: Uuid, hold_id: Uuid) -> Result<Release> {
-        match self
-            .decide_on_sale(event, || Ask::Release { hold_id })
-            .await?
-        {
+        match self.end_hold(event, hold_id, false).await? {
             Reply::New(_) | Reply::Replay(_) => Ok(Release::Released),
             Reply::Other(line) if line == "F" => Ok(Release::Confirmed),
             Reply::Other(line) if line == "G" => Ok(Release::NotFound),
@@ -304,6 +299,32 @@ impl Gate {
             Reply::Invariant => Err(Error::InvariantBroken(event)),
             reply => Ok(reply),
         }
+    }
+
+    /// Has the script confirm (or release) a hold. The call names the record of the
+    /// hold's request, which moves with the hold (`retention`), so that the script
+    /// writes no key it was not given (on a cluster, one could be mid-migration): the
+    /// request's key is read from the hold first. A hold that came back since (a
+    /// recovery) may carry another; the script then does nothing and answers 'W'.
+    async fn end_hold(&self, event: Uuid, hold_id: Uuid, confirm: bool) -> Result<Reply> {
+        for _ in 0..2 {
+            let client_key = self.hold_request_key(event, hold_id).await?;
+            let ask = || match confirm {
+                true => Ask::Confirm {
+                    hold_id,
+                    client_key: client_key.clone(),
+                },
+                false => Ask::Release {
+                    hold_id,
+                    client_key: client_key.clone(),
+                },
+            };
+            match self.decide_on_sale(event, ask).await? {
+                Reply::Other(line) if line == "W" => continue,
+                reply => return Ok(reply),
+            }
+        }
+        Err(unexpected("hold", "W twice"))
     }
 
     /// Has the script decide one request: in the event's next batch, or in a call of

@@ -15,6 +15,17 @@ use crate::records::{Entry, Logged};
 const STREAM_LOOKUP: usize = 1_000;
 
 impl Gate {
+    /// The request key a hold was made with, as its hash has it ('' without one).
+    pub(super) async fn hold_request_key(&self, event: Uuid, hold: Uuid) -> Result<String> {
+        let key: Option<String> = self
+            .seller
+            .conn
+            .clone()
+            .hget(self.keys().hold(event, hold), "k")
+            .await?;
+        Ok(key.unwrap_or_default())
+    }
+
     /// A sale still in `event`'s stream on its way to PostgreSQL (moments, unless
     /// PostgreSQL is down), found among the entries written from a minute before its
     /// id's time on (a purchase id is a UUID v7 made just before the sale; a hold's,

@@ -40,11 +40,14 @@ pub enum Ask {
         /// The id of the hold if one is made; unused when the key replays.
         hold_id: Uuid,
     },
+    /// `client_key`: the hold's request key as read from its hash ('' if none).
     Confirm {
         hold_id: Uuid,
+        client_key: String,
     },
     Release {
         hold_id: Uuid,
+        client_key: String,
     },
     Cancel {
         purchase_id: Uuid,
@@ -225,10 +228,9 @@ pub(super) fn invocation(
 impl Ask {
     /// How many keys of its own the request passes (after the event's four).
     fn key_count(&self) -> usize {
-        if matches!(self, Ask::Hold { .. }) {
-            2
-        } else {
-            1
+        match self {
+            Ask::Hold { .. } | Ask::Confirm { .. } | Ask::Release { .. } => 2,
+            Ask::Purchase { .. } | Ask::Cancel { .. } => 1,
         }
     }
 
@@ -242,8 +244,16 @@ impl Ask {
                 cmd.arg(Formatted(keys.idempotency_name(event, claim.key.as_str())))
                     .arg(Formatted(keys.hold_name(event, *hold_id)));
             }
-            Ask::Confirm { hold_id } | Ask::Release { hold_id } => {
-                cmd.arg(Formatted(keys.hold_name(event, *hold_id)));
+            Ask::Confirm {
+                hold_id,
+                client_key,
+            }
+            | Ask::Release {
+                hold_id,
+                client_key,
+            } => {
+                cmd.arg(Formatted(keys.hold_name(event, *hold_id)))
+                    .arg(Formatted(keys.idempotency_name(event, client_key)));
             }
             Ask::Cancel { purchase_id, .. } => {
                 cmd.arg(keys.cancellation(event, *purchase_id));
@@ -270,13 +280,22 @@ impl Ask {
                     .arg(claim.buyer.as_ref().map_or("", Buyer::as_str))
                     .arg(if claim.admitted { "1" } else { "" });
             }
-            Ask::Confirm { hold_id } => {
-                cmd.arg("C")
-                    .arg(Formatted(records::purchase_id_arg(*hold_id)));
+            Ask::Confirm {
+                hold_id,
+                client_key,
             }
-            Ask::Release { hold_id } => {
-                cmd.arg("D")
-                    .arg(Formatted(records::purchase_id_arg(*hold_id)));
+            | Ask::Release {
+                hold_id,
+                client_key,
+            } => {
+                let op = if matches!(self, Ask::Confirm { .. }) {
+                    "C"
+                } else {
+                    "D"
+                };
+                cmd.arg(op)
+                    .arg(Formatted(records::purchase_id_arg(*hold_id)))
+                    .arg(client_key.as_str());
             }
             Ask::Cancel {
                 purchase_id,

@@ -684,3 +684,31 @@ async fn an_ended_hold_is_kept_for_the_ended_hold_ttl_and_a_confirmed_one_like_a
     assert!(!again.replayed);
     assert_eq!(seats(&app, event).await, (1, 2, 1));
 }
+
+/// The first request after Redis lost its data is the confirmation: the hold's
+/// request key, read before the call, is missing then, and comes back with the
+/// recovery. The sale still keeps the hold's key as long as a sale's.
+#[tokio::test]
+async fn a_hold_confirmed_first_thing_after_redis_lost_its_data_keeps_its_key_like_a_sale() {
+    let env = TestEnv::new().await;
+    let app = env
+        .spawn_app_with(|c| c.common.store.ended_hold_ttl = 60)
+        .await;
+    let event = app.create_event("confirmed-after-loss", 4).await;
+    let held = app.hold(event, "comes-back", 2, None).await;
+    let id = hold_id(&held);
+    hold_persisted(&env, &id).await;
+
+    env.lose_redis_data().await;
+
+    let sale = app.confirm(event, &id).await;
+    assert_eq!(sale.status, StatusCode::OK, "{:?}", sale.body);
+    let left: i64 = env
+        .redis_now()
+        .await
+        .pttl(env.record_key(event, "comes-back"))
+        .await
+        .unwrap();
+    assert!(left > 86_390_000, "the hold's key is kept {left} ms");
+    assert_eq!(seats(&app, event).await, (2, 0, 2));
+}

@@ -255,6 +255,10 @@ async function send(intent: Intent) {
   );
   if (outcome.kind === "unknown") {
     complain(stillTrying);
+  } else if (outcome.kind === "refused" && outcome.status === 401) {
+    // Refused before the server looked at the key: an earlier attempt's sale may
+    // stand. The order is kept, and sent again with its key once signed in anew.
+    complain(buyerWords(outcome.error, state.event));
   } else {
     settle(intent);
     if (outcome.kind === "ok" && intent.kind === "purchase") {

@@ -435,3 +435,32 @@ test("Swagger UI at /docs works under its Content-Security-Policy, and the API's
     assert.equal(api.headers.get("x-content-type-options"), "nosniff", path);
   }
 });
+
+test("an order refused for its sign-in is kept, and finished with the same key when the page opens again", async () => {
+  const { id } = await createEvent({ totalSeats: 10, maxPerBuyer: 4 });
+  const { page, context } = await open(id);
+  await signIn(page, id, "kept-order");
+  const sent = purchasesSent(page);
+  let firstSale;
+  // The first attempt sells; the answer the page gets says the sign-in was refused.
+  await page.route("**/api/v1/events/*/purchase", async (route) => {
+    if (firstSale === undefined) {
+      firstSale = await (await route.fetch()).json();
+      await route.fulfill({ status: 401, contentType: "application/json", body: JSON.stringify({ error: "UNAUTHORIZED", message: "sign in again" }) });
+    } else {
+      await route.continue();
+    }
+  });
+  await page.getByLabel("Number of tickets").selectOption("2");
+  await page.getByRole("button", { name: "Buy now" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.ok(firstSale?.purchaseId, "the first attempt sold");
+
+  // Signed in anew (the stored token still stands here): the page opens again.
+  await page.reload();
+  await page.locator("#receipt").getByText(/2 tickets bought/).waitFor();
+  assert.equal(new Set(sent).size, 1, `one key for every attempt: ${sent}`);
+  assert.match(await page.locator("#receipt-text").textContent(), new RegExp(firstSale.purchaseId));
+  assert.equal((await event(id)).seatsSold, 2);
+  await context.close();
+});
