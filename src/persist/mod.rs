@@ -15,14 +15,15 @@
 //! (`lua/park.lua`) rather than retried forever in front of every later one;
 //! `boxoffice reconcile` reports parked sales and `--fix` sends them back.
 //!
+//! How a round reads the streams, on a single Redis and in cluster mode: [`read`].
+//!
 //! Holds are kept in PostgreSQL only as long as recovery could need them: every
 //! [`PRUNE_EVERY`], holds that expired more than the idempotency TTL ago are deleted.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use deadpool_redis::redis::streams::{StreamReadOptions, StreamReadReply};
-use deadpool_redis::redis::{self, AsyncCommands, Script};
+use deadpool_redis::redis::{self, Script};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +35,7 @@ pub use crate::keys::CONSUMER_GROUP;
 pub use parking::requeue_parked;
 
 mod parking;
+mod read;
 mod upkeep;
 mod write;
 
@@ -79,6 +81,9 @@ struct Cursor {
     untrimmed: HashMap<String, Instant>,
     /// Streams whose group is known to exist.
     grouped: HashSet<String>,
+    /// Whether a command may name one stream only (Redis in cluster mode); read
+    /// from the server on the first round.
+    per_stream: Option<bool>,
     /// Read our own pending entries (`0`) instead of new ones (`>`): at start (a
     /// restart under the same name) and after a failed write.
     backlog: bool,
@@ -94,6 +99,7 @@ impl Cursor {
             refreshed: None,
             untrimmed: HashMap::new(),
             grouped: HashSet::new(),
+            per_stream: None,
             backlog: true,
             last_claim: None,
             last_prune: None,
@@ -225,47 +231,6 @@ impl Consumer {
             n if n >= self.config.consumer_batch => Round::Full,
             _ => Round::Partial,
         })
-    }
-
-    /// Reads and persists one batch from every stream; returns the longest batch.
-    async fn read(&self, conn: &mut Connection, cursor: &mut Cursor) -> Result<usize> {
-        let mut options = StreamReadOptions::default()
-            .group(CONSUMER_GROUP, &self.name)
-            .count(self.config.consumer_batch);
-        let from = if cursor.backlog {
-            "0"
-        } else {
-            options = options.block(self.config.consumer_block_ms as usize);
-            ">"
-        };
-        let ids = vec![from; cursor.streams.len()];
-        let reply: Option<StreamReadReply> = conn
-            .xread_options(&cursor.streams, &ids, &options)
-            .await
-            .inspect_err(|e| {
-                // A stream deleted by hand loses its group; recreate it next round.
-                if e.code() == Some("NOGROUP") {
-                    cursor.grouped.clear();
-                    cursor.refreshed = None;
-                }
-            })?;
-        let mut longest = 0;
-        let mut deferred = false;
-        for stream in reply.map(|r| r.keys).unwrap_or_default() {
-            longest = longest.max(stream.ids.len());
-            deferred |= self
-                .persist(conn, &stream.key, stream.ids, &mut cursor.untrimmed)
-                .await?;
-        }
-        if deferred {
-            // Left pending for this consumer: read again from its pending entries.
-            cursor.backlog = true;
-            return Ok(longest);
-        }
-        if cursor.backlog && longest == 0 {
-            cursor.backlog = false;
-        }
-        Ok(longest)
     }
 }
 

@@ -4,6 +4,7 @@
 mod batch;
 mod buyers;
 mod cancel;
+mod cluster;
 mod concurrency;
 mod errors;
 mod events;

@@ -89,6 +89,9 @@ pub struct PrivateRedis {
     dir: PathBuf,
     persistence: Persistence,
     password: Option<String>,
+    /// Runs in cluster mode, holding every slot itself: Redis then refuses, as a
+    /// cluster does, a command or script whose keys hash to different slots.
+    cluster: bool,
     child: Option<Child>,
 }
 
@@ -106,10 +109,51 @@ impl PrivateRedis {
             dir,
             persistence,
             password: password.map(str::to_owned),
+            cluster: false,
             child: None,
         };
         redis.restart().await;
         redis
+    }
+
+    /// A cluster of one node that serves every slot.
+    pub async fn cluster_of_one() -> Self {
+        let dir = scratch_dir("redis");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            port: free_port(),
+            dir,
+            persistence: Persistence::Snapshot,
+            password: None,
+            cluster: true,
+            child: None,
+        };
+        redis.restart().await;
+        let mut conn = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16383)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if info.contains("cluster_state:ok") {
+                return redis;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn url(&self) -> String {
@@ -143,6 +187,14 @@ impl PrivateRedis {
         });
         if let Some(password) = &self.password {
             args.extend(["--requirepass", password]);
+        }
+        if self.cluster {
+            args.extend([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ]);
         }
         let child = Command::new("redis-server")
             .args(&args)

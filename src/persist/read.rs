@@ -1,0 +1,123 @@
+//! How a round reads the streams. On a single Redis, one `XREADGROUP` names every
+//! event's stream and blocks until a sale arrives. Redis in cluster mode refuses a
+//! command whose keys hash to different slots, and every event has a slot of its own
+//! (its hash tag), so there each stream is read by a command of its own, pipelined,
+//! without blocking; when none had anything, the round waits [`POLL_DIVISOR`]th of
+//! `BOXOFFICE_CONSUMER_BLOCK_MS` before the next (a sale after a quiet spell reaches
+//! PostgreSQL up to that much later).
+
+use std::time::Duration;
+
+use deadpool_redis::redis::streams::{StreamKey, StreamReadOptions, StreamReadReply};
+use deadpool_redis::redis::{self, AsyncCommands};
+
+use super::{CONSUMER_GROUP, Connection, Consumer, Cursor};
+use crate::error::Result;
+use crate::gate::memory::info_field;
+
+/// Streams read per round trip on a cluster.
+const PER_PIPELINE: usize = 256;
+/// A quiet cluster is polled every `consumer_block_ms / POLL_DIVISOR`.
+const POLL_DIVISOR: u64 = 4;
+
+impl Consumer {
+    /// Reads and persists one batch from every stream; returns the longest batch.
+    pub(super) async fn read(&self, conn: &mut Connection, cursor: &mut Cursor) -> Result<usize> {
+        let per_stream = match cursor.per_stream {
+            Some(per_stream) => per_stream,
+            None => *cursor.per_stream.insert(cluster_enabled(conn).await?),
+        };
+        let read = if per_stream {
+            self.read_each(conn, cursor).await
+        } else {
+            self.read_all(conn, cursor).await
+        };
+        let streams = read.inspect_err(|e| {
+            // A stream deleted by hand loses its group; recreate it next round.
+            if e.code() == Some("NOGROUP") {
+                cursor.grouped.clear();
+                cursor.refreshed = None;
+            }
+        })?;
+        let mut longest = 0;
+        let mut deferred = false;
+        for stream in streams {
+            longest = longest.max(stream.ids.len());
+            deferred |= self
+                .persist(conn, &stream.key, stream.ids, &mut cursor.untrimmed)
+                .await?;
+        }
+        if deferred {
+            // Left pending for this consumer: read again from its pending entries.
+            cursor.backlog = true;
+            return Ok(longest);
+        }
+        if cursor.backlog && longest == 0 {
+            cursor.backlog = false;
+        }
+        Ok(longest)
+    }
+
+    /// The entries to read now: this consumer's pending ones (`0`) while catching up,
+    /// else new ones (`>`).
+    fn options(&self, cursor: &Cursor) -> (StreamReadOptions, &'static str) {
+        let options = StreamReadOptions::default()
+            .group(CONSUMER_GROUP, &self.name)
+            .count(self.config.consumer_batch);
+        if cursor.backlog {
+            (options, "0")
+        } else {
+            (options, ">")
+        }
+    }
+
+    /// One command naming every stream, blocking while none has anything new.
+    async fn read_all(
+        &self,
+        conn: &mut Connection,
+        cursor: &Cursor,
+    ) -> redis::RedisResult<Vec<StreamKey>> {
+        let (mut options, from) = self.options(cursor);
+        if !cursor.backlog {
+            options = options.block(self.config.consumer_block_ms as usize);
+        }
+        let ids = vec![from; cursor.streams.len()];
+        let reply: Option<StreamReadReply> =
+            conn.xread_options(&cursor.streams, &ids, &options).await?;
+        Ok(reply.map(|r| r.keys).unwrap_or_default())
+    }
+
+    /// A command per stream, [`PER_PIPELINE`] to a round trip; waits a while when
+    /// none had anything new.
+    async fn read_each(
+        &self,
+        conn: &mut Connection,
+        cursor: &Cursor,
+    ) -> redis::RedisResult<Vec<StreamKey>> {
+        let (options, from) = self.options(cursor);
+        let mut found = Vec::new();
+        for chunk in cursor.streams.chunks(PER_PIPELINE) {
+            let mut pipe = redis::pipe();
+            for stream in chunk {
+                pipe.xread_options(&[stream], &[from], &options);
+            }
+            let replies: Vec<Option<StreamReadReply>> = pipe.query_async(&mut **conn).await?;
+            found.extend(replies.into_iter().flatten().flat_map(|r| r.keys));
+        }
+        found.retain(|stream| !stream.ids.is_empty());
+        if found.is_empty() && !cursor.backlog {
+            let poll = self.config.consumer_block_ms / POLL_DIVISOR;
+            tokio::time::sleep(Duration::from_millis(poll)).await;
+        }
+        Ok(found)
+    }
+}
+
+/// Whether the server runs in cluster mode (`INFO cluster`).
+async fn cluster_enabled(conn: &mut Connection) -> Result<bool> {
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut **conn)
+        .await?;
+    Ok(info_field(&info, "cluster_enabled") == Some("1"))
+}
