@@ -52,17 +52,7 @@ async fn every_operation_works_on_a_cluster_and_every_sale_reaches_postgresql() 
         assert_eq!(app.get("/api/v1/events").await.status, StatusCode::OK);
         let stats = app.get("/api/v1/stats").await;
         assert_eq!(stats.body["global"]["events"], 4, "{}", stats.body);
-        let queued = app
-            .create_event_with(serde_json::json!({
-                "name": "queued",
-                "totalSeats": 10,
-                "queue": {
-                    "opensAt": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
-                    "admitPerSecond": 1,
-                    "admissionSeconds": 60,
-                },
-            }))
-            .await;
+        let queued = app.create_queued_event(3_600_000, 1, 60).await;
         let join = app
             .send(
                 app.client

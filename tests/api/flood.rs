@@ -100,17 +100,7 @@ async fn a_flood_of_refusals_leaves_nothing_in_redis_while_other_buyers_buy() {
         );
         let purchase = format!("/api/v1/events/{sold_out}/purchase");
         let holds = format!("/api/v1/events/{sold_out}/holds");
-        let queued = app
-            .create_event_with(json!({
-                "name": "queued",
-                "totalSeats": 10,
-                "queue": {
-                    "opensAt": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
-                    "admitPerSecond": 1,
-                    "admissionSeconds": 60,
-                },
-            }))
-            .await;
+        let queued = app.create_queued_event(3_600_000, 1, 60).await;
         let queue = format!("/api/v1/events/{queued}/queue");
         let buyer = buyer_token("flooding buyer");
         // Connections opened, buffers sized, scripts loaded: only the flood is measured.

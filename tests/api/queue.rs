@@ -12,20 +12,6 @@ use uuid::Uuid;
 
 use crate::harness::{Reply, TestApp, TestEnv, buyer_token};
 
-async fn queued_event(app: &TestApp, opens_in_ms: i64, rate: u32, admission: u32) -> Uuid {
-    let opens_at = Utc::now() + chrono::Duration::milliseconds(opens_in_ms);
-    app.create_event_with(json!({
-        "name": "queued",
-        "totalSeats": 1000,
-        "queue": {
-            "opensAt": opens_at.to_rfc3339(),
-            "admitPerSecond": rate,
-            "admissionSeconds": admission,
-        },
-    }))
-    .await
-}
-
 async fn join(app: &TestApp, event: Uuid, token: &str) -> Reply {
     app.send(
         app.client
@@ -82,7 +68,7 @@ async fn early_joiners_are_drawn_at_random_later_ones_served_in_order_at_the_rat
     let env = TestEnv::new().await;
     let apps = env.spawn_replicas::<3>().await;
     let rate = 40;
-    let event = queued_event(&apps[0], 2_500, rate, 60).await;
+    let event = apps[0].create_queued_event(2_500, rate, 60).await;
     let (early, late) = (40, 15);
 
     let tokens: Vec<String> = (0..early + late)
@@ -168,8 +154,8 @@ async fn early_joiners_are_drawn_at_random_later_ones_served_in_order_at_the_rat
 async fn a_queued_event_sells_only_with_an_admission_for_that_event_and_buyer() {
     let env = TestEnv::new().await;
     let app = env.spawn_app().await;
-    let event = queued_event(&app, -1_000, 1_000, 2).await;
-    let other = queued_event(&app, -1_000, 1_000, 60).await;
+    let event = app.create_queued_event(-1_000, 1_000, 2).await;
+    let other = app.create_queued_event(-1_000, 1_000, 60).await;
     let (ann, bob) = (buyer_token("ann"), buyer_token("bob"));
 
     let refused = app.purchase_as(event, "no-admission", 1, Some(&ann)).await;
@@ -239,7 +225,7 @@ async fn a_queued_event_sells_only_with_an_admission_for_that_event_and_buyer() 
 async fn tickets_belong_to_their_buyer_and_plain_events_have_no_queue() {
     let env = TestEnv::new().await;
     let app = env.spawn_app().await;
-    let event = queued_event(&app, 60_000, 10, 60).await;
+    let event = app.create_queued_event(60_000, 10, 60).await;
     let (ann, bob) = (buyer_token("ann"), buyer_token("bob"));
     let ticket = join(&app, event, &ann).await.body["ticket"]
         .as_str()
@@ -283,7 +269,7 @@ async fn tickets_belong_to_their_buyer_and_plain_events_have_no_queue() {
 async fn after_redis_loses_its_data_the_room_starts_empty_and_issued_admissions_still_admit() {
     let env = TestEnv::new().await;
     let app = env.spawn_app().await;
-    let event = queued_event(&app, -1_000, 1_000, 60).await;
+    let event = app.create_queued_event(-1_000, 1_000, 60).await;
     let ann = buyer_token("ann");
     let ticket = join(&app, event, &ann).await.body["ticket"]
         .as_str()
@@ -327,7 +313,7 @@ async fn late_joiners_after_a_lull(rate: u32, buyers: usize) -> Vec<i64> {
     let env = TestEnv::new().await;
     let app = env.spawn_app().await;
     // Opened ten seconds ago and nobody came: ten seconds of unused admissions.
-    let event = queued_event(&app, -10_000, rate, 5).await;
+    let event = app.create_queued_event(-10_000, rate, 5).await;
     let tokens: Vec<String> = (0..buyers)
         .map(|i| buyer_token(&format!("lull-{i}")))
         .collect();
@@ -444,7 +430,7 @@ async fn waiting_room_times_are_checked() {
 async fn a_spent_admission_says_so_and_joining_again_queues_at_the_back() {
     let env = TestEnv::new().await;
     let app = env.spawn_app().await;
-    let event = queued_event(&app, -1_000, 1_000, 1).await;
+    let event = app.create_queued_event(-1_000, 1_000, 1).await;
     let ann = buyer_token("ann");
     let first = join(&app, event, &ann).await;
     assert_eq!(first.body["admitted"], true, "{:?}", first.body);
@@ -492,7 +478,7 @@ async fn an_admission_window_starts_when_the_buyer_learns_of_it_but_does_not_ban
     let app = env
         .spawn_app_with(|c| c.serve.queue_poll_max_ms = 1_000)
         .await;
-    let event = queued_event(&app, 500, 1_000, 2).await;
+    let event = app.create_queued_event(500, 1_000, 2).await;
     let (ann, bob) = (buyer_token("ann"), buyer_token("bob"));
     let ticket = |reply: Reply| reply.body["ticket"].as_str().unwrap().to_owned();
     let ann_ticket = ticket(join(&app, event, &ann).await);

@@ -148,6 +148,23 @@ impl TestApp {
         reply.body["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// Creates an event of 1,000 seats with a waiting room that opens `opens_in_ms`
+    /// from now (negative: opened already), admitting `rate` a second, each for
+    /// `admission` seconds.
+    pub async fn create_queued_event(&self, opens_in_ms: i64, rate: u32, admission: u32) -> Uuid {
+        let opens_at = chrono::Utc::now() + chrono::Duration::milliseconds(opens_in_ms);
+        self.create_event_with(json!({
+            "name": "queued",
+            "totalSeats": 1000,
+            "queue": {
+                "opensAt": opens_at.to_rfc3339(),
+                "admitPerSecond": rate,
+                "admissionSeconds": admission,
+            },
+        }))
+        .await
+    }
+
     /// `POST /api/v1/events/{event}/purchase` with a buyer token, if any.
     pub async fn purchase_as(
         &self,
