@@ -24,7 +24,9 @@
 //! Checked: no seat oversold (in answers, `GET`, rows); each key at most one sale;
 //! every 200 (purchase or confirmation) exactly one row with its id; a replay is
 //! the first answer byte for byte (a refusal keeps nothing and is decided anew);
-//! no hold confirms once released or expired, and a live one always can; no buyer
+//! no hold confirms once released or expired, and a live one always can; a hold
+//! and its key are forgotten (404, or the key free again) no sooner than the
+//! ended-hold TTL (2 s here) after it ended, and a confirmed one not at all; no buyer
 //! over the limit; every acknowledged cancellation shown, in the row and counted
 //! out; sold + held + remaining = total; the waiting room admits no faster than its
 //! rate, never before a late ticket joined, and never with a token already expired.
@@ -91,6 +93,8 @@ pub struct Stats {
     pub snapshots: usize,
     pub sales: usize,
     pub holds: usize,
+    /// Holds found forgotten, their ended-hold TTL past (a 404, or their key free).
+    pub forgotten: usize,
 }
 
 impl Stats {
@@ -103,6 +107,7 @@ impl Stats {
         self.snapshots += other.snapshots;
         self.sales += other.sales;
         self.holds += other.holds;
+        self.forgotten += other.forgotten;
     }
 }
 
@@ -344,14 +349,17 @@ impl Run {
         }
     }
 
-    /// A decided key with another quantity: refused, nothing sold.
+    /// A decided key with another quantity: refused, nothing sold. Not the key of a
+    /// hold Redis may forget before the request arrives: it is free again then.
     async fn reuse(&mut self) {
+        let soon = now_ms() + 1_000;
         let decided: Vec<String> = self
             .model
             .keys
             .iter()
             .filter(|(_, k)| matches!(k.decided, Some((200 | 201, ..))))
             .map(|(key, _)| key.clone())
+            .filter(|key| !self.model.hold_key_may_be_forgotten(key, soon))
             .collect();
         let Some(key) = self.rng.pick(&decided) else {
             return;
@@ -678,6 +686,7 @@ impl Run {
         self.model.check_admission_rate();
         self.stats.sales = self.model.sales.len();
         self.stats.holds = self.model.holds.len();
+        self.stats.forgotten = self.model.forgotten;
     }
 
     /// A refusal keeps no record under its key (docs/api.md): nothing in Redis for a
@@ -915,13 +924,14 @@ async fn chaos() {
         );
     }
     eprintln!(
-        "chaos: seeds {first}..{seed}, {} steps, {} requests, {} snapshots, {} sales, {} holds, \
-         faults {:?}, violations 0, {:?}",
+        "chaos: seeds {first}..{seed}, {} steps, {} requests, {} snapshots, {} sales, {} holds \
+         ({} forgotten), faults {:?}, violations 0, {:?}",
         all.steps,
         all.requests,
         all.snapshots,
         all.sales,
         all.holds,
+        all.forgotten,
         all.faults,
         started.elapsed()
     );

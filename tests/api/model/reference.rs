@@ -15,6 +15,9 @@ use uuid::Uuid;
 
 /// Leeway between this process' clock and Redis' (one machine) for expiry checks.
 pub const CLOCK_MARGIN_MS: i64 = 150;
+/// The replicas' `BOXOFFICE_ENDED_HOLD_TTL`: a hold that ended without a sale, and
+/// its key, may be forgotten this long after it ended (a confirmed one is kept).
+pub const ENDED_HOLD_TTL_MS: i64 = 2_000;
 
 /// An answer as the client saw it; `status` is `None` when none arrived.
 #[derive(Debug, Clone)]
@@ -93,8 +96,36 @@ pub struct HoldModel {
     pub state: HoldKnown,
     pub confirm_pending: bool,
     pub release_pending: bool,
+    /// When the first release was sent: the earliest the hold may have ended.
+    pub first_release_ms: Option<i64>,
     /// The first confirmation's body: every later one replays it.
     pub sale_body: Option<String>,
+}
+
+impl HoldModel {
+    /// Whether Redis may have forgotten it by `now_ms`: it was never confirmed (a
+    /// confirmed hold is kept as long as a sale) and ended, by its expiry or its
+    /// release, the ended-hold TTL ago.
+    fn may_be_forgotten(&self, now_ms: i64) -> bool {
+        let ended = self
+            .first_release_ms
+            .map_or(self.expires_ms, |r| r.min(self.expires_ms));
+        self.state != HoldKnown::Confirmed && now_ms + CLOCK_MARGIN_MS >= ended + ENDED_HOLD_TTL_MS
+    }
+
+    /// Known forgotten: it ended without a sale (a confirmation still pending did
+    /// not sell, or the hold would be kept).
+    fn forget(&mut self) {
+        if self.state == HoldKnown::Live {
+            self.state = if self.release_pending {
+                HoldKnown::Released
+            } else {
+                HoldKnown::Expired
+            };
+        }
+        self.confirm_pending = false;
+        self.release_pending = false;
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +168,8 @@ pub struct Reference {
     pub admissions: BTreeMap<(usize, u32), BTreeMap<String, i64>>,
     pub epoch: u32,
     pub violation: Option<String>,
+    /// Holds found forgotten (see [`HoldModel::may_be_forgotten`]).
+    pub forgotten: usize,
 }
 
 impl Reference {
@@ -198,7 +231,8 @@ impl Reference {
                 self.keys.get_mut(key).unwrap().pending = false;
                 return;
             }
-            if !refused {
+            let forgotten = k.hold && self.hold_forgotten(first_body, answer.sent_ms);
+            if !refused && !forgotten {
                 self.violate(format!(
                     "{key}: first answered {first_status} {first_body}, now {status} {}",
                     answer.body
@@ -213,7 +247,11 @@ impl Reference {
         }
         {
             let k = self.keys.get_mut(key).unwrap();
-            k.decided = Some((status, answer.body.clone()));
+            // A refusal after a hold was forgotten is not recorded either: Redis
+            // restored from a snapshot still within the hold's time replays it.
+            if !(status == 409 && k.decided.as_ref().is_some_and(|(s, _)| *s == 201)) {
+                k.decided = Some((status, answer.body.clone()));
+            }
             k.pending = false;
         }
         if status == 409 {
@@ -247,6 +285,7 @@ impl Reference {
                     state: HoldKnown::Live,
                     confirm_pending: false,
                     release_pending: false,
+                    first_release_ms: None,
                     sale_body: None,
                 },
             );
@@ -309,6 +348,52 @@ impl Reference {
                 "buyer {buyer} of event {event}: {sold} sold + {held} held > limit {limit}"
             ));
         }
+    }
+
+    /// Whether `key` made a hold that Redis may have forgotten, key and all, by
+    /// `now_ms`.
+    pub fn hold_key_may_be_forgotten(&self, key: &str, now_ms: i64) -> bool {
+        let k = &self.keys[key];
+        let id = k.decided.as_ref().and_then(|(_, body)| {
+            let body: Value = serde_json::from_str(body).ok()?;
+            body["holdId"].as_str()?.parse::<Uuid>().ok()
+        });
+        k.hold
+            && id
+                .and_then(|id| self.holds.get(&id))
+                .is_some_and(|h| h.may_be_forgotten(now_ms))
+    }
+
+    /// Whether the hold `first_body` (a hold's answer) names may be forgotten by
+    /// `now_ms`, its key with it: a retry of the key may then make a new hold. The
+    /// old one is ended, whatever the model had.
+    fn hold_forgotten(&mut self, first_body: &str, now_ms: i64) -> bool {
+        let id = serde_json::from_str::<Value>(first_body)
+            .ok()
+            .and_then(|b| b["holdId"].as_str().and_then(|id| id.parse::<Uuid>().ok()));
+        let Some(hold) = id.and_then(|id| self.holds.get_mut(&id)) else {
+            return false;
+        };
+        if !hold.may_be_forgotten(now_ms) {
+            return false;
+        }
+        hold.forget();
+        self.forgotten += 1;
+        true
+    }
+
+    /// A hold Redis no longer knows (404): lawful only once it may be forgotten.
+    fn hold_not_found(&mut self, hold: Uuid, what: &str, answer: &Answer) {
+        let h = self.holds.get_mut(&hold).unwrap();
+        if !h.may_be_forgotten(answer.sent_ms) {
+            let state = (h.state, h.expires_ms, h.first_release_ms);
+            return self.violate(format!(
+                "{what} {hold} (state, expiry, first release {state:?}): {} at {}",
+                answer.body, answer.sent_ms
+            ));
+        }
+        h.forget();
+        self.forgotten += 1;
     }
 
     /// A confirmation's answer.
@@ -384,6 +469,9 @@ impl Reference {
                 held.confirm_pending = false;
                 held.release_pending = false;
             }
+            Some(404) if answer.code() == "HOLD_NOT_FOUND" => {
+                self.hold_not_found(hold, "confirm", answer);
+            }
             _ => self.violate(format!(
                 "confirm {hold} ({:?}): {:?} {}",
                 h.state, answer.status, answer.body
@@ -394,6 +482,8 @@ impl Reference {
     /// A release's answer.
     pub fn release_answered(&mut self, hold: Uuid, answer: &Answer) {
         let h = self.holds[&hold].clone();
+        let first = &mut self.holds.get_mut(&hold).unwrap().first_release_ms;
+        first.get_or_insert(answer.sent_ms);
         if answer.indefinite() {
             self.holds.get_mut(&hold).unwrap().release_pending = true;
             return;
@@ -426,6 +516,9 @@ impl Reference {
                 }
                 _ => self.violate(format!("release {hold} ({:?}): HOLD_CONFIRMED", h.state)),
             },
+            Some(404) if answer.code() == "HOLD_NOT_FOUND" => {
+                self.hold_not_found(hold, "release", answer);
+            }
             _ => self.violate(format!(
                 "release {hold} ({:?}): {:?} {}",
                 h.state, answer.status, answer.body

@@ -47,6 +47,10 @@ impl Replica {
             .env("BOXOFFICE_CLAIM_IDLE_MS", CLAIM_IDLE_MS)
             .env("BOXOFFICE_REDIS_WATCH_MS", "200")
             .env("BOXOFFICE_HOLD_SWEEP_MS", "100")
+            .env(
+                "BOXOFFICE_ENDED_HOLD_TTL",
+                (super::reference::ENDED_HOLD_TTL_MS / 1000).to_string(),
+            )
             .env("BOXOFFICE_DB_POOL_SIZE", "4")
             .env("BOXOFFICE_REDIS_TIMEOUT_MS", "1000")
             .env("BOXOFFICE_LOG_FORMAT", "json")

@@ -117,11 +117,12 @@ pub fn durable(log: &Log, books: &Books) -> Durable {
 }
 
 /// An idempotency record or cancellation marker to write back where Redis lacks it,
-/// with the seconds it has left.
+/// with the milliseconds it has left (to the millisecond: a hold's record must not
+/// go before its hash).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored<T> {
     pub value: T,
-    pub ttl_secs: i64,
+    pub ttl_ms: i64,
 }
 
 /// The state an event must have in Redis.
@@ -177,8 +178,7 @@ pub fn rebuild(
     retention: &Retention,
 ) -> Rebuilt {
     let (total, limit) = event;
-    let ttl_left =
-        |since_ms: i64| (retention.idempotency_ms() - (now_ms - since_ms)).div_euclid(1000);
+    let ttl_left = |since_ms: i64| retention.idempotency_ms() - (now_ms - since_ms);
     let mut rebuilt = Rebuilt {
         durable: durable(log, books),
         buyers: seats_per_buyer(log, books),
@@ -218,11 +218,11 @@ fn count_holds(rebuilt: &mut Rebuilt, retention: &Retention, now_ms: i64) {
                 *rebuilt.buyers.entry(buyer.clone()).or_default() += i64::from(hold.quantity);
             }
         }
-        let left = (hold.kept_until_ms(retention) - now_ms).div_euclid(1000);
+        let left = hold.kept_until_ms(retention) - now_ms;
         if left > 0 {
             rebuilt.records.push(Restored {
                 value: (hold.idempotency_key.clone(), hold.record()),
-                ttl_secs: left,
+                ttl_ms: left,
             });
         }
     }
@@ -246,13 +246,13 @@ fn restore_sale_records(
                     purchase_id: sale.id,
                 },
             ),
-            ttl_secs: sale.ttl_left,
+            ttl_ms: sale.ttl_left * 1000,
         });
     }
     for (id, at, left) in &books.recent_cancellations {
         rebuilt.cancellations.push(Restored {
             value: (*id, *at),
-            ttl_secs: *left,
+            ttl_ms: *left * 1000,
         });
     }
     let written: HashSet<Uuid> = books.written.iter().copied().collect();
@@ -271,7 +271,7 @@ fn restore_sale_records(
                                 purchase_id: sale.id,
                             },
                         ),
-                        ttl_secs: left,
+                        ttl_ms: left,
                     });
                 }
             }
@@ -280,7 +280,7 @@ fn restore_sale_records(
                 if left > 0 {
                     rebuilt.cancellations.push(Restored {
                         value: (cancel.id, cancel.cancelled_at_micros),
-                        ttl_secs: left,
+                        ttl_ms: left,
                     });
                 }
             }
