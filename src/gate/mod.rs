@@ -86,6 +86,14 @@ impl Gate {
             .map_err(unreachable)?;
         let keys = Keys::new(store.key_prefix.clone());
         let retention = Retention::new(store.idempotency_ttl, store.ended_hold_ttl);
+        if retention.ended_hold_secs() < store.ended_hold_ttl {
+            tracing::warn!(
+                ended_hold_ttl = store.ended_hold_ttl,
+                idempotency_ttl = store.idempotency_ttl,
+                "BOXOFFICE_ENDED_HOLD_TTL is above BOXOFFICE_IDEMPOTENCY_TTL: ended holds are \
+                 kept as long as sales"
+            );
+        }
         let seller = Seller {
             conn: conn.clone(),
             keys: keys.clone(),
