@@ -17,8 +17,10 @@ use crate::gate::memory::info_field;
 
 /// Streams read per round trip on a cluster.
 const PER_PIPELINE: usize = 256;
-/// A quiet cluster is polled every `consumer_block_ms / POLL_DIVISOR`.
+/// A quiet cluster is polled every `consumer_block_ms / POLL_DIVISOR`, and never
+/// more often than every `MIN_POLL_MS`.
 const POLL_DIVISOR: u64 = 4;
+const MIN_POLL_MS: u64 = 10;
 
 impl Consumer {
     /// Reads and persists one batch from every stream; returns the longest batch.
@@ -32,13 +34,9 @@ impl Consumer {
         } else {
             self.read_all(conn, cursor).await
         };
-        let streams = read.inspect_err(|e| {
-            // A stream deleted by hand loses its group; recreate it next round.
-            if e.code() == Some("NOGROUP") {
-                cursor.grouped.clear();
-                cursor.refreshed = None;
-            }
-        })?;
+        // A stream deleted by hand loses its group (NOGROUP): the error resets the
+        // cursor (`Consumer::run`), and the next round creates the group again.
+        let streams = read?;
         let mut longest = 0;
         let mut deferred = false;
         for stream in streams {
@@ -106,7 +104,7 @@ impl Consumer {
         }
         found.retain(|stream| !stream.ids.is_empty());
         if found.is_empty() && !cursor.backlog {
-            let poll = self.config.consumer_block_ms / POLL_DIVISOR;
+            let poll = (self.config.consumer_block_ms / POLL_DIVISOR).max(MIN_POLL_MS);
             tokio::time::sleep(Duration::from_millis(poll)).await;
         }
         Ok(found)

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use redis::AsyncCommands;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
@@ -64,6 +65,9 @@ async fn every_operation_works_on_a_cluster_and_every_sale_reaches_postgresql() 
 
         // Redis loses everything: each event comes back from PostgreSQL and its stream.
         env.lose_redis_data().await;
+        let inventory = format!("{}:{{{}}}:inv", env.prefix, events[0]);
+        let kept: bool = env.redis_now().await.exists(inventory).await.unwrap();
+        assert!(!kept, "the data was lost");
         for (i, event) in events.iter().enumerate() {
             let again = app.purchase_event(*event, &format!("buy-{i}"), 2).await;
             assert!(again.replayed, "{}", again.body);

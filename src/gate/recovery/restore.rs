@@ -76,7 +76,7 @@ impl Writer<'_> {
             set(
                 keys.idempotency(event, key),
                 record.to_string(),
-                restored.ttl_ms,
+                restored.expires_at_ms,
             )
         });
         let cancellations = rebuilt.cancellations.iter().map(|restored| {
@@ -84,7 +84,7 @@ impl Writer<'_> {
             set(
                 keys.cancellation(event, id),
                 at.to_string(),
-                restored.ttl_ms,
+                restored.expires_at_ms,
             )
         });
         let commands: Vec<redis::Cmd> = records.chain(cancellations).collect();
@@ -175,9 +175,9 @@ fn pairs<A: ToString, B: ToString>(pairs: &[(A, B)]) -> Vec<String> {
         .collect()
 }
 
-fn set(key: String, value: String, ttl_ms: i64) -> redis::Cmd {
+fn set(key: String, value: String, expires_at_ms: i64) -> redis::Cmd {
     let mut cmd = redis::cmd("SET");
-    cmd.arg(key).arg(value).arg("PX").arg(ttl_ms.max(1));
+    cmd.arg(key).arg(value).arg("PXAT").arg(expires_at_ms);
     cmd
 }
 

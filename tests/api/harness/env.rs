@@ -274,8 +274,13 @@ pub(super) async fn delete_keys(redis_url: &str, prefix: &str) {
         else {
             return;
         };
+        // A key per command: on a cluster, one naming keys of two events is refused.
         if !keys.is_empty() {
-            let _: redis::RedisResult<()> = conn.del(&keys).await;
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.del(key).ignore();
+            }
+            let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
         }
         if next == 0 {
             return;

@@ -93,7 +93,8 @@ pub struct Stats {
     pub snapshots: usize,
     pub sales: usize,
     pub holds: usize,
-    /// Holds found forgotten, their ended-hold TTL past (a 404, or their key free).
+    /// Answers that found a hold forgotten, its ended-hold TTL past (a 404, or its
+    /// key free again).
     pub forgotten: usize,
 }
 
@@ -925,7 +926,7 @@ async fn chaos() {
     }
     eprintln!(
         "chaos: seeds {first}..{seed}, {} steps, {} requests, {} snapshots, {} sales, {} holds \
-         ({} forgotten), faults {:?}, violations 0, {:?}",
+         ({} answers found one forgotten), faults {:?}, violations 0, {:?}",
         all.steps,
         all.requests,
         all.snapshots,

@@ -168,7 +168,7 @@ pub struct Reference {
     pub admissions: BTreeMap<(usize, u32), BTreeMap<String, i64>>,
     pub epoch: u32,
     pub violation: Option<String>,
-    /// Holds found forgotten (see [`HoldModel::may_be_forgotten`]).
+    /// Answers that found a hold forgotten (see [`HoldModel::may_be_forgotten`]).
     pub forgotten: usize,
 }
 
@@ -231,7 +231,8 @@ impl Reference {
                 self.keys.get_mut(key).unwrap().pending = false;
                 return;
             }
-            let forgotten = k.hold && self.hold_forgotten(first_body, answer.sent_ms);
+            let forgotten =
+                k.hold && !answer.replayed && self.hold_forgotten(first_body, answer.sent_ms);
             if !refused && !forgotten {
                 self.violate(format!(
                     "{key}: first answered {first_status} {first_body}, now {status} {}",

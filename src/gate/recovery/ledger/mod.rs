@@ -117,12 +117,12 @@ pub fn durable(log: &Log, books: &Books) -> Durable {
 }
 
 /// An idempotency record or cancellation marker to write back where Redis lacks it,
-/// with the milliseconds it has left (to the millisecond: a hold's record must not
-/// go before its hash).
+/// and when it expires (Unix ms, on the clock the gate's own expiries use: a hold's
+/// record goes with its hash, to the millisecond).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored<T> {
     pub value: T,
-    pub ttl_ms: i64,
+    pub expires_at_ms: i64,
 }
 
 /// The state an event must have in Redis.
@@ -178,7 +178,7 @@ pub fn rebuild(
     retention: &Retention,
 ) -> Rebuilt {
     let (total, limit) = event;
-    let ttl_left = |since_ms: i64| retention.idempotency_ms() - (now_ms - since_ms);
+    let kept_until = |since_ms: i64| since_ms + retention.idempotency_ms();
     let mut rebuilt = Rebuilt {
         durable: durable(log, books),
         buyers: seats_per_buyer(log, books),
@@ -190,7 +190,7 @@ pub fn rebuild(
     rebuilt
         .buyers
         .retain(|_, seats| *seats > 0 && limit.is_some());
-    restore_sale_records(&mut rebuilt, log, books, &ttl_left);
+    restore_sale_records(&mut rebuilt, log, books, (now_ms, &kept_until));
     rebuilt
 }
 
@@ -218,11 +218,11 @@ fn count_holds(rebuilt: &mut Rebuilt, retention: &Retention, now_ms: i64) {
                 *rebuilt.buyers.entry(buyer.clone()).or_default() += i64::from(hold.quantity);
             }
         }
-        let left = hold.kept_until_ms(retention) - now_ms;
-        if left > 0 {
+        let until = hold.kept_until_ms(retention);
+        if until > now_ms {
             rebuilt.records.push(Restored {
                 value: (hold.idempotency_key.clone(), hold.record()),
-                ttl_ms: left,
+                expires_at_ms: until,
             });
         }
     }
@@ -234,7 +234,7 @@ fn restore_sale_records(
     rebuilt: &mut Rebuilt,
     log: &Log,
     books: &Books,
-    ttl_left: &impl Fn(i64) -> i64,
+    (now_ms, kept_until): (i64, &impl Fn(i64) -> i64),
 ) {
     for sale in &books.recent_sales {
         rebuilt.records.push(Restored {
@@ -246,13 +246,13 @@ fn restore_sale_records(
                     purchase_id: sale.id,
                 },
             ),
-            ttl_ms: sale.ttl_left * 1000,
+            expires_at_ms: now_ms + sale.ttl_left * 1000,
         });
     }
     for (id, at, left) in &books.recent_cancellations {
         rebuilt.cancellations.push(Restored {
             value: (*id, *at),
-            ttl_ms: *left * 1000,
+            expires_at_ms: now_ms + *left * 1000,
         });
     }
     let written: HashSet<Uuid> = books.written.iter().copied().collect();
@@ -260,8 +260,8 @@ fn restore_sale_records(
     for (entry, _) in log.unique() {
         match entry {
             Logged::Sale(sale) if !sale.via_hold && !written.contains(&sale.id) => {
-                let left = ttl_left(sale.sold_at_micros / 1000);
-                if let (Some(remaining), true) = (sale.seats_remaining, left > 0) {
+                let until = kept_until(sale.sold_at_micros / 1000);
+                if let (Some(remaining), true) = (sale.seats_remaining, until > now_ms) {
                     rebuilt.records.push(Restored {
                         value: (
                             sale.idempotency_key.clone(),
@@ -271,16 +271,16 @@ fn restore_sale_records(
                                 purchase_id: sale.id,
                             },
                         ),
-                        ttl_ms: left,
+                        expires_at_ms: until,
                     });
                 }
             }
             Logged::Cancel(cancel) if !cancelled.contains(&cancel.id) => {
-                let left = ttl_left(cancel.cancelled_at_micros / 1000);
-                if left > 0 {
+                let until = kept_until(cancel.cancelled_at_micros / 1000);
+                if until > now_ms {
                     rebuilt.cancellations.push(Restored {
                         value: (cancel.id, cancel.cancelled_at_micros),
-                        ttl_ms: left,
+                        expires_at_ms: until,
                     });
                 }
             }
