@@ -9,16 +9,6 @@ use uuid::Uuid;
 
 use crate::harness::{TestEnv, buyer_token};
 
-async fn cancelled_at(env: &TestEnv, purchase: &str) -> Option<chrono::DateTime<chrono::Utc>> {
-    let (at,): (Option<chrono::DateTime<chrono::Utc>>,) =
-        sqlx::query_as("SELECT cancelled_at FROM purchases WHERE id = $1")
-            .bind(purchase.parse::<Uuid>().unwrap())
-            .fetch_one(&env.db)
-            .await
-            .unwrap();
-    at
-}
-
 #[tokio::test]
 async fn a_cancelled_sale_returns_its_seats_once_and_its_key_still_replays_it() {
     let env = TestEnv::new().await;
@@ -45,12 +35,9 @@ async fn a_cancelled_sale_returns_its_seats_once_and_its_key_still_replays_it() 
     assert_eq!(replay.body, sale.body);
 
     // The row is marked through the stream, at the cancellation's time.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while cancelled_at(&env, &id).await.is_none() {
-        assert!(std::time::Instant::now() < deadline, "row not marked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let marked = cancelled_at(&env, &id).await.unwrap();
+    env.wait_for_cancellation(&id, Duration::from_secs(10))
+        .await;
+    let marked = env.cancelled_at(&id).await.unwrap();
     assert_eq!(marked, at.parse::<chrono::DateTime<chrono::Utc>>().unwrap());
     let shown = app
         .get(&format!("/api/v1/events/{event}/purchases/{id}"))
@@ -182,14 +169,8 @@ async fn a_cancellation_after_the_snapshot_stays_counted_out_when_redis_returns_
 
         let cancelled = app.cancel(event, &id).await;
         assert_eq!(cancelled.status, StatusCode::OK, "{:?}", cancelled.body);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while cancelled_at(&env, &id).await.is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the cancellation was never written"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        env.wait_for_cancellation(&id, Duration::from_secs(10))
+            .await;
 
         redis.kill();
         std::fs::copy(&snapshot, redis.dir().join("dump.rdb")).unwrap();

@@ -89,9 +89,11 @@ pub struct PrivateRedis {
     dir: PathBuf,
     persistence: Persistence,
     password: Option<String>,
-    /// Runs in cluster mode, holding every slot itself: Redis then refuses, as a
-    /// cluster does, a command or script whose keys hash to different slots.
-    cluster: bool,
+    /// Runs in cluster mode, its cluster bus on this port, holding every slot
+    /// itself: Redis then refuses, as a cluster does, a command or script whose keys
+    /// hash to different slots. (The bus defaults to the port + 10,000, which is no
+    /// port at all for a fifth of the ephemeral range.)
+    cluster_port: Option<String>,
     child: Option<Child>,
 }
 
@@ -109,7 +111,7 @@ impl PrivateRedis {
             dir,
             persistence,
             password: password.map(str::to_owned),
-            cluster: false,
+            cluster_port: None,
             child: None,
         };
         redis.restart().await;
@@ -125,7 +127,7 @@ impl PrivateRedis {
             dir,
             persistence: Persistence::Snapshot,
             password: None,
-            cluster: true,
+            cluster_port: Some(free_port().to_string()),
             child: None,
         };
         redis.restart().await;
@@ -188,13 +190,9 @@ impl PrivateRedis {
         if let Some(password) = &self.password {
             args.extend(["--requirepass", password]);
         }
-        if self.cluster {
-            args.extend([
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-            ]);
+        if let Some(bus) = &self.cluster_port {
+            args.extend(["--cluster-enabled", "yes", "--cluster-port", bus]);
+            args.extend(["--cluster-config-file", "nodes.conf"]);
         }
         let child = Command::new("redis-server")
             .args(&args)

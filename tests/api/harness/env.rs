@@ -186,6 +186,29 @@ impl TestEnv {
         }
     }
 
+    /// When PostgreSQL has a sale cancelled (`None`: not, or not yet).
+    pub async fn cancelled_at(&self, purchase: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        let (at,): (Option<chrono::DateTime<chrono::Utc>>,) =
+            sqlx::query_as("SELECT cancelled_at FROM purchases WHERE id = $1")
+                .bind(purchase.parse::<Uuid>().unwrap())
+                .fetch_one(&self.db)
+                .await
+                .unwrap();
+        at
+    }
+
+    /// Waits until PostgreSQL has the sale cancelled (through the stream).
+    pub async fn wait_for_cancellation(&self, purchase: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.cancelled_at(purchase).await.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{purchase}: row not marked cancelled"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Deletes every Redis key of this environment: Redis lost its data (the server
     /// is the same, so recovery starts from the missing inventory).
     pub async fn lose_redis_data(&self) {
