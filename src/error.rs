@@ -48,9 +48,22 @@ pub enum Error {
     #[error("Redis is nearly full ({used} of {max} bytes of maxmemory)")]
     RedisNearlyFull { used: u64, max: u64 },
 
+    /// Fewer replicas of Redis than `BOXOFFICE_REDIS_REPLICA_ACKS` had a seat movement
+    /// in time: it was made, and a retry replays it once they have it.
+    #[error("only {acked} of {wanted} Redis replicas acknowledged the write in time")]
+    ReplicasBehind { acked: i64, wanted: u8 },
+
     /// A dependency is unreachable at startup; the message says how to fix it.
     #[error("{0}")]
     Startup(String),
+}
+
+/// A reply of another shape than the command has: a server of another version, or a
+/// key written by something else.
+impl From<redis::ParsingError> for Error {
+    fn from(e: redis::ParsingError) -> Self {
+        Error::UnexpectedReply(e.to_string())
+    }
 }
 
 impl Error {
@@ -60,6 +73,10 @@ impl Error {
         match self {
             Error::Redis(e) => Error::Redis(e.clone()),
             Error::RecoveryPending(m) => Error::RecoveryPending(m.clone()),
+            Error::ReplicasBehind { acked, wanted } => Error::ReplicasBehind {
+                acked: *acked,
+                wanted: *wanted,
+            },
             other => Error::UnexpectedReply(other.to_string()),
         }
     }
@@ -72,6 +89,7 @@ impl Error {
             | Error::RedisPool(_)
             | Error::RecoveryPending(_)
             | Error::RedisNearlyFull { .. }
+            | Error::ReplicasBehind { .. }
             | Error::Startup(_) => true,
             Error::Db(sqlx::Error::Database(e)) => {
                 // SQLSTATE classes 08 (connection exception) and 57 (operator

@@ -18,6 +18,7 @@
 //! * [`reconcile`]: checks Redis' counters and records against PostgreSQL and the streams.
 //! * [`records`]: the idempotency record and stream entry formats the scripts write.
 //! * [`keys`]: Redis key names.
+//! * [`store`]: the connection to Redis, one server or a cluster.
 //! * [`domain`]: validated values (`IdempotencyKey`, `Quantity`, `Seats`) and limits.
 //! * [`metrics`]: every Prometheus series.
 //! * [`config`], [`telemetry`], [`startup`], [`server`], [`cli`]: configuration,
@@ -50,6 +51,7 @@ pub mod reconcile;
 pub mod records;
 pub mod server;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 
 pub use error::{Error, Result};

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
-use deadpool_redis::redis::{self, AsyncCommands};
+use deadpool_redis::redis::AsyncCommands;
 use uuid::Uuid;
 
 use crate::db::{self, EventRow};
@@ -160,13 +160,9 @@ async fn in_redis(stores: &Stores) -> Result<Vec<Uuid>> {
         .filter_map(|id| id.parse().ok())
         .collect();
     // An event leaves the set only by hand; its dead letters may still be there.
-    let pattern = stores.keys.dead_letters_pattern();
-    let options = redis::ScanOptions::default()
-        .with_pattern(pattern)
-        .with_count(1_000);
-    let mut dead: redis::AsyncIter<String> = conn.scan_options(options).await?;
-    while let Some(key) = dead.next_item().await {
-        ids.extend(stores.keys.event_of_dead_letters(&key?));
+    let dead = conn.scan_all(&stores.keys.dead_letters_pattern()).await?;
+    for key in dead {
+        ids.extend(stores.keys.event_of_dead_letters(&key));
     }
     let mut ids: Vec<Uuid> = ids.into_iter().collect();
     ids.sort();

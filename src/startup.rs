@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::AsyncConnectionConfig;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -19,12 +18,13 @@ use crate::buyer::BuyerTokens;
 use crate::config::{CommonConfig, ConsumerConfig, ServeConfig, StoreConfig};
 use crate::db;
 use crate::domain::Seats;
-use crate::error::{Error, Result, redact_url};
+use crate::error::{Error, Result};
 use crate::gate::Gate;
 use crate::keys::Keys;
 use crate::persist::Consumer;
 use crate::queue::AdmissionTokens;
 use crate::server::{self, Limits};
+use crate::store;
 
 /// How long in-flight requests may take to finish after shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -33,7 +33,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Stores {
     pub db: PgPool,
-    pub redis: deadpool_redis::Pool,
+    pub redis: store::Pool,
     pub keys: Keys,
     /// How long a decision is remembered (`BOXOFFICE_IDEMPOTENCY_TTL`, seconds).
     pub idempotency_ttl: u32,
@@ -44,24 +44,7 @@ impl Stores {
     /// Redis pool. `block` is the longest blocking command the pool must allow.
     pub async fn connect(config: &StoreConfig, block: Duration) -> Result<Self> {
         let db = db::connect(&config.database_url, config.db_pool_size).await?;
-        let connection = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.redis_timeout()))
-            .set_response_timeout(Some(block + config.redis_timeout()));
-        let manager =
-            deadpool_redis::Manager::new_with_config(config.redis_url.as_str(), connection)
-                .map_err(|e| {
-                    Error::Startup(format!(
-                        "invalid REDIS_URL {}: {e}",
-                        redact_url(&config.redis_url)
-                    ))
-                })?;
-        let redis = deadpool_redis::Pool::builder(manager)
-            .max_size(config.redis_pool_size)
-            .wait_timeout(Some(config.redis_timeout()))
-            .create_timeout(Some(config.redis_timeout()))
-            .runtime(deadpool_redis::Runtime::Tokio1)
-            .build()
-            .map_err(|e| Error::Startup(format!("building the Redis pool: {e}")))?;
+        let redis = store::Pool::connect(config, block).await?;
         Ok(Self {
             db,
             redis,

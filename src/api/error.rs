@@ -295,6 +295,20 @@ impl From<Error> for ApiError {
                      token first); retry with the same Idempotency-Key after Retry-After",
                 )
             }
+            Error::ReplicasBehind { acked, wanted } => {
+                tracing::warn!(
+                    request_id = super::request_id(),
+                    acked,
+                    wanted,
+                    "answer held back: Redis replicas behind"
+                );
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::ServiceUnavailable,
+                    "Redis' replicas are behind: retry with the same Idempotency-Key after \
+                     Retry-After; the retry replays what this request did",
+                )
+            }
             Error::Redis(e) if e.code() == Some("OOM") => {
                 tracing::error!(request_id = super::request_id(), error = %e, "Redis is out of memory");
                 Self::new(

@@ -36,7 +36,7 @@ pub struct AppState {
     pub gate: Gate,
     pub db: PgPool,
     /// Pool for Redis work off the purchase path (readiness, stats).
-    pub redis: deadpool_redis::Pool,
+    pub redis: crate::store::Pool,
     /// Waiting rooms in Redis.
     pub queue: crate::queue::Queue,
     /// The event the seed-compatible endpoints act on.

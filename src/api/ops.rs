@@ -230,7 +230,7 @@ const GLOBAL_CHUNK: usize = 500;
 async fn global(state: &AppState) -> crate::Result<GlobalSales> {
     let keys = state.gate.keys();
     let mut conn = state.redis.get().await?;
-    let ids: Vec<String> = redis::AsyncCommands::smembers(&mut *conn, keys.events()).await?;
+    let ids: Vec<String> = redis::AsyncCommands::smembers(&mut conn, keys.events()).await?;
     let ids: Vec<uuid::Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
     let mut global = GlobalSales {
         events: 0,
@@ -240,16 +240,23 @@ async fn global(state: &AppState) -> crate::Result<GlobalSales> {
         persistence_lag: 0,
     };
     for chunk in ids.chunks(GLOBAL_CHUNK) {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        let mut reads = Vec::with_capacity(chunk.len() * 2);
         for id in chunk {
-            pipe.cmd("HMGET")
-                .arg(keys.inventory(*id))
-                .arg(&["sold", "purchases", "rejected"]);
-            pipe.cmd("XINFO").arg("GROUPS").arg(keys.stream(*id));
+            reads.push(
+                redis::cmd("HMGET")
+                    .arg(keys.inventory(*id))
+                    .arg(&["sold", "purchases", "rejected"])
+                    .to_owned(),
+            );
+            reads.push(
+                redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(keys.stream(*id))
+                    .to_owned(),
+            );
         }
         // A stream not made yet answers XINFO with an error: that event has no backlog.
-        let replies: Vec<redis::Value> = pipe.query_async(&mut *conn).await?;
+        let replies = conn.query_each(&reads).await?;
         for pair in replies.chunks(2) {
             let counters: Vec<Option<i64>> =
                 redis::from_redis_value_ref(&pair[0]).unwrap_or_default();
@@ -270,14 +277,14 @@ async fn global(state: &AppState) -> crate::Result<GlobalSales> {
 /// Whether Redis and PostgreSQL answer within [`READY_TIMEOUT`], asked together.
 /// PostgreSQL's answer is exported as `boxoffice_postgres_up` and logged when it
 /// changes.
-pub(super) async fn readiness(redis: &deadpool_redis::Pool, db: &sqlx::PgPool) -> (bool, bool) {
+pub(super) async fn readiness(redis: &crate::store::Pool, db: &sqlx::PgPool) -> (bool, bool) {
     static POSTGRES_WAS_UP: AtomicU8 = AtomicU8::new(UNKNOWN);
     const UNKNOWN: u8 = 2;
 
     let ping = async {
         let mut conn = redis.get().await.ok()?;
         redis::cmd("PING")
-            .query_async::<String>(&mut *conn)
+            .query_async::<String>(&mut conn)
             .await
             .ok()
     };

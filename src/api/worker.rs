@@ -12,7 +12,7 @@ use serde_json::json;
 /// What the probes need.
 #[derive(Clone)]
 pub struct WorkerState {
-    pub redis: deadpool_redis::Pool,
+    pub redis: crate::store::Pool,
     pub db: sqlx::PgPool,
     pub instance_id: String,
     pub started: Instant,

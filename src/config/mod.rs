@@ -14,7 +14,8 @@ pub use rate::RateLimitConfig;
 /// Where the service finds Redis and PostgreSQL and how it names its keys.
 #[derive(Debug, Clone, Args)]
 pub struct StoreConfig {
-    /// Redis URL: the gate that sells seats and the stream of sales.
+    /// Redis URL: the gate that sells seats and the stream of sales. With
+    /// `BOXOFFICE_REDIS_CLUSTER`, one or more nodes of the cluster separated by commas.
     #[arg(
         long,
         env = "REDIS_URL",
@@ -22,6 +23,24 @@ pub struct StoreConfig {
         hide_env_values = true
     )]
     pub redis_url: String,
+
+    /// Redis behind `REDIS_URL` is a Redis Cluster: keys are spread over its masters
+    /// by event, and the client follows the cluster's redirections and failovers.
+    #[arg(
+        long,
+        env = "BOXOFFICE_REDIS_CLUSTER",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub redis_cluster: bool,
+
+    /// Replicas of Redis that must have a seat movement before it is answered
+    /// (`WAIT`, up to `BOXOFFICE_REDIS_TIMEOUT_MS`; fewer: 503, and the retry replays
+    /// it). With 1, a failover to a replica keeps every answered sale; 0: a failover
+    /// may lose the last ones (docs/operations.md, "Redis Cluster").
+    #[arg(long, env = "BOXOFFICE_REDIS_REPLICA_ACKS", default_value_t = 0)]
+    pub redis_replica_acks: u8,
 
     /// PostgreSQL URL: the record of every sale. The database is created when missing.
     #[arg(
@@ -33,7 +52,7 @@ pub struct StoreConfig {
     pub database_url: String,
 
     /// Prefix of every Redis key, so several deployments (or test runs) can share one Redis.
-    #[arg(long, env = "BOXOFFICE_KEY_PREFIX", default_value = "tix")]
+    #[arg(long, env = "BOXOFFICE_KEY_PREFIX", default_value = "tix", value_parser = key_prefix)]
     pub key_prefix: String,
 
     /// Connections in the PostgreSQL pool of one process. Keep
@@ -281,6 +300,15 @@ const EXAMPLE_SECRETS: &[&str] = &[
 ];
 
 /// Why `value`, the secret of `setting`, must not be used; `None` when it may.
+/// A key prefix without braces: a `{…}` in it would be every key's hash tag, and put
+/// every event in one cluster slot.
+fn key_prefix(value: &str) -> Result<String, String> {
+    if value.contains(['{', '}']) {
+        return Err("braces are not allowed: every key's hash tag is its event's".into());
+    }
+    Ok(value.to_owned())
+}
+
 fn weak_secret(setting: &str, value: &str, min_bytes: usize) -> Option<String> {
     if EXAMPLE_SECRETS.contains(&value) || value.to_ascii_lowercase().contains("change-me") {
         return Some(format!(

@@ -13,17 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
-
-/// The value of `name` in an `INFO` reply (`name:value` lines), trimmed.
-pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
-    info.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-        .map(str::trim)
-}
+use crate::store::Redis;
+pub use crate::store::info_field;
 
 /// The last reading, shared by the gate and its watcher.
 #[derive(Debug, Clone)]
@@ -76,17 +70,27 @@ impl Memory {
         (max > 0).then(|| self.used.load(Ordering::Relaxed) as f64 / max as f64)
     }
 
-    /// Reads `INFO memory` once.
-    pub async fn read(&self, conn: &mut ConnectionManager) -> Result<()> {
-        let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-        let field = |name| info_field(&info, name).and_then(|value| value.parse::<u64>().ok());
-        if let (Some(used), Some(max)) = (field("used_memory"), field("maxmemory")) {
+    /// Reads `INFO memory` once; on a cluster, every master's, and keeps the fullest
+    /// (a claim is not told which master its event is on: the fullest one holds every
+    /// anonymous claim back).
+    pub async fn read(&self, conn: &mut Redis) -> Result<()> {
+        let infos: Vec<(String, String)> = conn
+            .on_every_master(redis::cmd("INFO").arg("memory"))
+            .await?;
+        let field = |info, name| info_field(info, name).and_then(|value| value.parse::<u64>().ok());
+        let fullest = infos
+            .iter()
+            .filter_map(|(_, info)| Some((field(info, "used_memory")?, field(info, "maxmemory")?)))
+            .max_by(|(u1, m1), (u2, m2)| share(*u1, *m1).total_cmp(&share(*u2, *m2)));
+        if let Some((used, max)) = fullest {
             self.used.store(used, Ordering::Relaxed);
             self.max.store(max, Ordering::Relaxed);
             crate::metrics::redis_memory(self.used_share());
         }
-        let policy = info_field(&info, "maxmemory_policy");
-        if policy.is_some_and(|p| p != "noeviction") {
+        let evicting = infos.iter().find_map(|(_, info)| {
+            info_field(info, "maxmemory_policy").filter(|p| *p != "noeviction")
+        });
+        if let Some(policy) = evicting {
             static WARNED: AtomicBool = AtomicBool::new(false);
             if !WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
@@ -100,12 +104,7 @@ impl Memory {
     }
 
     /// Reads Redis' memory every `every` until shutdown.
-    pub async fn watch(
-        self,
-        mut conn: ConnectionManager,
-        every: Duration,
-        stop: CancellationToken,
-    ) {
+    pub async fn watch(self, mut conn: Redis, every: Duration, stop: CancellationToken) {
         loop {
             if let Err(e) = self.read(&mut conn).await {
                 static WARNED: AtomicBool = AtomicBool::new(false);
@@ -119,5 +118,14 @@ impl Memory {
                 _ = tokio::time::sleep(every) => {}
             }
         }
+    }
+}
+
+/// `used` as a share of `max`; without a limit, none.
+fn share(used: u64, max: u64) -> f64 {
+    if max == 0 {
+        0.0
+    } else {
+        used as f64 / max as f64
     }
 }

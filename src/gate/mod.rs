@@ -2,7 +2,7 @@
 //! purchases, holds and their confirmation or release, cancellations, and the expiry
 //! of holds. This module calls it and reads seat counts and holds.
 //!
-//! Purchases run over one multiplexed connection (`ConnectionManager`) shared by all
+//! Purchases run over one multiplexed connection (`store::Redis`) shared by all
 //! requests. Purchases of one event that arrive while a call for it is in flight
 //! share the next call (see [`batch`]); calls for different events pipeline
 //! instead of each waiting for a pooled connection's round trip.
@@ -33,15 +33,15 @@ mod sweeper;
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::StoreConfig;
-use crate::error::{Error, Result, redact_url};
+use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::records::Record;
+use crate::store::Redis;
 use batch::Coalescer;
 pub use outcome::{
     Cancelled, Confirmation, Decision, Held, HoldState, HoldView, Inventory, Outcome, Release, Sale,
@@ -50,10 +50,6 @@ use recovery::Recovery;
 use retention::Retention;
 pub use script::Claim;
 use script::{Ask, Reply, Seller, decision, sale, server_changed, unexpected};
-
-/// Reconnect attempts of the shared connection before a command fails; kept low so a
-/// request fails fast (503) instead of waiting out a Redis outage.
-const RECONNECT_RETRIES: usize = 1;
 
 /// The Redis side of selling: the script and the shared connection, the coalescer
 /// that batches purchases of one event, and the recovery that every event passes
@@ -70,20 +66,7 @@ pub struct Gate {
 
 impl Gate {
     pub async fn connect(store: &StoreConfig, db: PgPool) -> Result<Self> {
-        let unreachable = |e: redis::RedisError| {
-            Error::Startup(format!(
-                "cannot reach Redis at {} ({e}); start it or set REDIS_URL",
-                redact_url(&store.redis_url)
-            ))
-        };
-        let client = redis::Client::open(store.redis_url.as_str()).map_err(unreachable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(store.redis_timeout()))
-            .set_response_timeout(Some(store.redis_timeout()))
-            .set_number_of_retries(RECONNECT_RETRIES);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(unreachable)?;
+        let conn = Redis::connect(store).await?;
         let keys = Keys::new(store.key_prefix.clone());
         let retention = Retention::new(store.idempotency_ttl, store.ended_hold_ttl);
         if retention.ended_hold_secs() < store.ended_hold_ttl {
@@ -99,6 +82,10 @@ impl Gate {
             keys: keys.clone(),
             retention,
             script: script::script(),
+            replicas: script::Replicas {
+                acks: store.redis_replica_acks,
+                timeout_ms: store.redis_timeout_ms,
+            },
         };
         Ok(Self {
             recovery: Recovery::new(conn, db, keys, retention),

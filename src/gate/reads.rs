@@ -10,6 +10,7 @@ use super::outcome::{HoldState, HoldView, Inventory};
 use super::script::{server_changed, unexpected};
 use crate::error::{Error, Result};
 use crate::records::{Entry, Logged};
+use crate::store::Redis;
 
 /// Most stream entries [`Gate::unrecorded_sale`] reads.
 const STREAM_LOOKUP: usize = 1_000;
@@ -56,13 +57,12 @@ impl Gate {
     pub async fn hold_state(&self, event: Uuid, hold_id: Uuid) -> Result<Option<HoldView>> {
         // Before a recovery, the hash may be from an older point in time.
         self.inventory(event).await?;
-        let (fields, (secs, micros)): (Vec<Option<String>>, (i64, i64)) = redis::pipe()
-            .cmd("HMGET")
-            .arg(self.keys().hold(event, hold_id))
-            .arg(&["s", "q", "c", "x", "e"])
-            .cmd("TIME")
-            .query_async(&mut self.seller.conn.clone())
-            .await?;
+        let hold = self.keys().hold(event, hold_id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET").arg(&hold).arg(&["s", "q", "c", "x", "e"]);
+        Redis::time_of(&mut pipe, &hold);
+        let (fields, (secs, micros)): (Vec<Option<String>>, (i64, i64)) =
+            pipe.query_async(&mut self.seller.conn.clone()).await?;
         let now_ms = secs * 1000 + micros / 1000;
         let [
             Some(state),

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisWrite, Script, ServerErrorKind, ToRedisArgs};
 use uuid::Uuid;
 
@@ -16,6 +16,7 @@ use crate::domain::{Buyer, IdempotencyKey, Quantity};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::records::{self, Record};
+use crate::store::Redis;
 
 /// What a purchase or a hold asks for: seats under an idempotency key, for a buyer.
 #[derive(Debug, Clone)]
@@ -91,22 +92,59 @@ pub enum Reply {
 /// Runs the gate script: one call decides a batch of requests of one event.
 #[derive(Clone)]
 pub struct Seller {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Redis,
     pub(super) keys: Keys,
     pub(super) retention: Retention,
     pub(super) script: Script,
+    /// Replicas that must have a call's writes before it is answered, and how long
+    /// to wait for them (`BOXOFFICE_REDIS_REPLICA_ACKS`).
+    pub(super) replicas: Replicas,
+}
+
+/// Replicas that must acknowledge a call's writes (`WAIT`) before it is answered.
+#[derive(Debug, Clone, Copy)]
+pub struct Replicas {
+    pub acks: u8,
+    pub timeout_ms: u64,
+}
+
+impl Replicas {
+    /// Waits until `self.acks` replicas of the server holding `key` have what this
+    /// connection wrote there. `WAIT` counts the connection's own writes, so it is
+    /// sent on the connection the script ran on, to the same server.
+    async fn wait(self, conn: &mut Redis, key: &str) -> Result<()> {
+        if self.acks == 0 {
+            return Ok(());
+        }
+        let wait = redis::cmd("WAIT")
+            .arg(self.acks)
+            .arg(self.timeout_ms)
+            .to_owned();
+        let acked: i64 = conn.on_server_of(key, &wait).await?;
+        if acked < i64::from(self.acks) {
+            return Err(Error::ReplicasBehind {
+                acked,
+                wanted: self.acks,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Seller {
     /// A seller of its own on `redis_url`, outside any [`Gate`](super::Gate): for
     /// measuring the script alone (`rush ceiling`).
     pub async fn connect(redis_url: &str, keys: Keys, retention: Retention) -> Result<Self> {
-        let conn = ConnectionManager::new(redis::Client::open(redis_url)?).await?;
+        let conn = Redis::open(redis_url).await?;
         Ok(Self {
             conn,
             keys,
             retention,
             script: script(),
+            replicas: Replicas {
+                acks: 0,
+                timeout_ms: 0,
+            },
         })
     }
 
@@ -129,7 +167,7 @@ impl Seller {
                 "event {event} exists in Redis already: only a new event is staged"
             )));
         }
-        let run = super::recovery::server_run_id(&mut conn).await?;
+        let run = conn.run_id_of(&inventory).await?;
         redis::cmd("HSET")
             .arg(&inventory)
             .arg(&[("sold", "0"), ("run", run.as_str())])
@@ -143,7 +181,11 @@ impl Seller {
         crate::metrics::script_batch("purchase", asks.len());
         let started = Instant::now();
         let call = invocation(&self.script, &self.keys, self.retention, event, asks);
-        let lines: String = run_script(&self.script, &call, &mut self.conn.clone()).await?;
+        let mut conn = self.conn.clone();
+        let lines: String = run_script(&self.script, &call, &mut conn).await?;
+        self.replicas
+            .wait(&mut conn, &self.keys.inventory(event))
+            .await?;
         crate::metrics::script_run(started.elapsed());
         let replies = lines
             .split('\n')

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redis::{AsyncCommands, ErrorKind, ServerErrorKind};
+use redis::{AsyncCommands, ServerErrorKind, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -54,25 +54,27 @@ impl Gate {
         let mut conn = self.seller.conn.clone();
         let ids: Vec<String> = conn.smembers(self.keys().events()).await?;
         let events: Vec<Uuid> = ids.iter().filter_map(|id| id.parse().ok()).collect();
-        let mut pipe = redis::pipe();
-        for event in &events {
-            pipe.add_command(invocation(
-                &self.seller.script,
-                self.keys(),
-                self.seller.retention,
-                *event,
-                &[],
-            ));
+        let calls: Vec<redis::Cmd> = events
+            .iter()
+            .map(|event| {
+                invocation(
+                    &self.seller.script,
+                    self.keys(),
+                    self.seller.retention,
+                    *event,
+                    &[],
+                )
+            })
+            .collect();
+        let mut counts = conn.query_each(&calls).await?;
+        let no_script = |value: &Value| matches!(value, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript));
+        if counts.iter().any(no_script) {
+            self.seller.script.load_async(&mut conn).await?;
+            counts = conn.query_each(&calls).await?;
         }
-        let counts: Vec<String> = match pipe.query_async(&mut conn).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.seller.script.load_async(&mut conn).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            counts => counts?,
-        };
         let mut returned = 0;
         for (event, count) in events.iter().zip(counts) {
+            let count: String = redis::from_redis_value(count)?;
             let mut count: usize = count.parse().map_err(|_| unexpected("sweep", &count))?;
             returned += count;
             while count >= EXPIRE_PER_CALL {

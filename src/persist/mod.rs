@@ -53,11 +53,11 @@ const PRUNE_STATEMENTS_PER_ROUND: usize = 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
-type Connection = deadpool_redis::Connection;
+type Connection = crate::store::Pooled;
 
 /// Persists sales from the streams of every event in Redis.
 pub struct Consumer {
-    redis: deadpool_redis::Pool,
+    redis: crate::store::Pool,
     db: PgPool,
     keys: Keys,
     name: String,
@@ -121,7 +121,7 @@ enum Round {
 
 impl Consumer {
     pub fn new(
-        redis: deadpool_redis::Pool,
+        redis: crate::store::Pool,
         db: PgPool,
         keys: Keys,
         name: String,
@@ -249,12 +249,11 @@ pub async fn backlog(conn: &mut Connection, streams: &[String]) -> Result<i64> {
     const BACKLOG_CHUNK: usize = 500;
     let mut backlog = 0;
     for chunk in streams.chunks(BACKLOG_CHUNK) {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for stream in chunk {
-            pipe.cmd("XINFO").arg("GROUPS").arg(stream);
-        }
-        let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+        let infos: Vec<redis::Cmd> = chunk
+            .iter()
+            .map(|stream| redis::cmd("XINFO").arg("GROUPS").arg(stream).to_owned())
+            .collect();
+        let replies = conn.query_each(&infos).await?;
         backlog += replies.iter().map(group_backlog).sum::<i64>();
     }
     Ok(backlog)

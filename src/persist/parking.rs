@@ -30,7 +30,7 @@ impl Consumer {
             .arg(entry)
             .arg(reason)
             .arg(&self.name)
-            .invoke_async(&mut **conn)
+            .invoke_async(conn)
             .await?;
         match parked {
             1 => {
@@ -73,7 +73,7 @@ pub async fn requeue_parked(conn: &mut Connection, keys: &Keys, event: Uuid) -> 
             .key(keys.stream(event))
             .key(keys.dead_letters(event))
             .arg(PER_CALL)
-            .invoke_async(&mut **conn)
+            .invoke_async(conn)
             .await?;
         moved += n;
         if n < PER_CALL {

@@ -70,11 +70,7 @@ impl Consumer {
     }
 
     /// One command naming every stream, blocking while none has anything new.
-    async fn read_all(
-        &self,
-        conn: &mut Connection,
-        cursor: &Cursor,
-    ) -> redis::RedisResult<Vec<StreamKey>> {
+    async fn read_all(&self, conn: &mut Connection, cursor: &Cursor) -> Result<Vec<StreamKey>> {
         let (mut options, from) = self.options(cursor);
         if !cursor.backlog {
             options = options.block(self.config.consumer_block_ms as usize);
@@ -87,20 +83,21 @@ impl Consumer {
 
     /// A command per stream, [`PER_PIPELINE`] to a round trip; waits a while when
     /// none had anything new.
-    async fn read_each(
-        &self,
-        conn: &mut Connection,
-        cursor: &Cursor,
-    ) -> redis::RedisResult<Vec<StreamKey>> {
+    async fn read_each(&self, conn: &mut Connection, cursor: &Cursor) -> Result<Vec<StreamKey>> {
         let (options, from) = self.options(cursor);
         let mut found = Vec::new();
         for chunk in cursor.streams.chunks(PER_PIPELINE) {
-            let mut pipe = redis::pipe();
-            for stream in chunk {
-                pipe.xread_options(&[stream], &[from], &options);
+            let reads: Vec<redis::Cmd> = chunk
+                .iter()
+                .map(|stream| redis::Cmd::xread_options(&[stream], &[from], &options))
+                .collect();
+            for reply in conn.query_each(&reads).await? {
+                if let redis::Value::ServerError(e) = reply {
+                    return Err(redis::RedisError::from(e).into());
+                }
+                let reply: Option<StreamReadReply> = redis::from_redis_value(reply)?;
+                found.extend(reply.into_iter().flat_map(|r| r.keys));
             }
-            let replies: Vec<Option<StreamReadReply>> = pipe.query_async(&mut **conn).await?;
-            found.extend(replies.into_iter().flatten().flat_map(|r| r.keys));
         }
         found.retain(|stream| !stream.ids.is_empty());
         if found.is_empty() && !cursor.backlog {
@@ -111,11 +108,12 @@ impl Consumer {
     }
 }
 
-/// Whether the server runs in cluster mode (`INFO cluster`).
+/// Whether the server runs in cluster mode: a cluster connection, or one node of a
+/// cluster (one that holds every slot) named as a single server (`INFO cluster`).
 async fn cluster_enabled(conn: &mut Connection) -> Result<bool> {
-    let info: String = redis::cmd("INFO")
-        .arg("cluster")
-        .query_async(&mut **conn)
-        .await?;
+    if conn.is_cluster() {
+        return Ok(true);
+    }
+    let info: String = redis::cmd("INFO").arg("cluster").query_async(conn).await?;
     Ok(info_field(&info, "cluster_enabled") == Some("1"))
 }

@@ -113,7 +113,7 @@ impl Consumer {
             .trim
             .key(stream)
             .arg(CONSUMER_GROUP)
-            .invoke_async(&mut **conn)
+            .invoke_async(conn)
             .await?;
         Ok(())
     }
@@ -133,7 +133,7 @@ impl Consumer {
                     .key(stream)
                     .arg(CONSUMER_GROUP)
                     .arg(&consumer.name)
-                    .invoke_async(&mut **conn)
+                    .invoke_async(conn)
                     .await?;
                 if removed == 1 {
                     tracing::info!(

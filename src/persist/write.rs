@@ -225,7 +225,7 @@ impl Consumer {
                 .arg(&self.name);
         }
         let replies: redis::RedisResult<Vec<StreamPendingCountReply>> =
-            pipe.query_async(&mut **conn).await;
+            pipe.query_async(conn).await;
         match replies {
             Err(e) if e.code() == Some("NOGROUP") => Ok(false),
             replies => Ok(replies?.iter().all(|reply| reply.ids.len() == 1)),

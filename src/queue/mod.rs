@@ -33,7 +33,7 @@
 //! tickets: buyers join again and are admitted at the rate from then on (the chain
 //! starts again at the first re-joiner); tokens already issued stay valid.
 
-use redis::aio::ConnectionManager;
+use crate::store::Redis;
 use uuid::Uuid;
 
 use crate::domain::Buyer;
@@ -264,13 +264,13 @@ fn splitmix64(x: u64) -> u64 {
 /// Joins and reads waiting rooms in Redis.
 #[derive(Clone)]
 pub struct Queue {
-    conn: ConnectionManager,
+    conn: Redis,
     keys: Keys,
     join: redis::Script,
 }
 
 impl Queue {
-    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(conn: Redis, keys: Keys) -> Self {
         Self {
             conn,
             keys,
@@ -311,11 +311,11 @@ impl Queue {
     }
 
     /// The room now and the ticket `buyer` holds in it, if any; `None` when Redis
-    /// does not have the room. O(1): two hash reads and `TIME`, pipelined.
+    /// does not have the room. O(1): two hash reads and the clock, pipelined.
     pub async fn poll(&self, event: Uuid, buyer: &Buyer) -> Result<Option<(Option<Held>, Room)>> {
         type Reply = (Vec<Option<String>>, Option<String>, (i64, i64));
-        let (fields, ticket, (secs, micros)): Reply = redis::pipe()
-            .cmd("HMGET")
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
             .arg(self.keys.queue(event))
             .arg(&[
                 "opens",
@@ -329,10 +329,10 @@ impl Queue {
             ])
             .cmd("HGET")
             .arg(self.keys.queue_tickets(event))
-            .arg(buyer.as_str())
-            .cmd("TIME")
-            .query_async(&mut self.conn.clone())
-            .await?;
+            .arg(buyer.as_str());
+        Redis::time_of(&mut pipe, &self.keys.queue(event));
+        let (fields, ticket, (secs, micros)): Reply =
+            pipe.query_async(&mut self.conn.clone()).await?;
         if fields[0].is_none() || fields[3].is_none() {
             return Ok(None);
         }

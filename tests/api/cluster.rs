@@ -3,14 +3,16 @@
 //! tag), so nothing the service sends may name two events' keys. One node serving
 //! every slot checks exactly that, without the redirections of several nodes.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::harness::{TestEnv, buyer_token};
+use crate::harness::{Reply, TestApp, TestEnv, buy_until_answered, buyer_token};
 use crate::processes::{PrivateRedis, on_private_servers};
+use crate::redis_cluster::PrivateCluster;
 
 #[tokio::test]
 async fn every_operation_works_on_a_cluster_and_every_sale_reaches_postgresql() {
@@ -79,6 +81,261 @@ async fn every_operation_works_on_a_cluster_and_every_sale_reaches_postgresql() 
             assert_eq!(app.event(*event).await["seatsSold"], 3);
         }
         assert_eq!(app.get("/health/ready").await.status, StatusCode::OK);
+    })
+    .await;
+}
+
+/// Seats of each event of the failover tests, and buyers of one seat each: more
+/// buyers than seats, so every event sells out and the rest get 409.
+const SEATS: u32 = 200;
+const BUYERS: usize = 260;
+
+/// One buyer's purchase as the client saw it.
+struct Bought {
+    key: String,
+    reply: Reply,
+    attempts: u32,
+    /// When the answer came, from the start of the rush.
+    at: Duration,
+}
+
+/// Two replicas of the app on the cluster, each answering only once a replica of
+/// Redis has what it answers (`BOXOFFICE_REDIS_REPLICA_ACKS=1`), without a consumer:
+/// while they sell, nothing reaches PostgreSQL, so a sale a failover loses is lost.
+async fn cluster_apps(env: &TestEnv) -> [TestApp; 2] {
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        apps.push(
+            env.spawn_app_with(|config| {
+                config.common.store.redis_replica_acks = 1;
+                config.serve.consumer = false;
+            })
+            .await,
+        );
+    }
+    apps.try_into().unwrap_or_else(|_| unreachable!())
+}
+
+/// One event on each of the cluster's three masters, and the index of its master.
+async fn an_event_on_every_master(
+    app: &TestApp,
+    env: &TestEnv,
+    cluster: &PrivateCluster,
+) -> Vec<(Uuid, usize)> {
+    let mut found: Vec<(Uuid, usize)> = Vec::new();
+    for n in 0..60 {
+        let event = app.create_event(&format!("event {n}"), SEATS).await;
+        let master = cluster.master_of(&inventory(env, event)).await;
+        if found.iter().all(|(_, m)| *m != master) {
+            found.push((event, master));
+        }
+        if found.len() == 3 {
+            return found;
+        }
+    }
+    panic!("60 events did not cover three masters");
+}
+
+fn inventory(env: &TestEnv, event: Uuid) -> String {
+    format!("{}:{{{event}}}:inv", env.prefix)
+}
+
+/// `BUYERS` buyers of one seat of `event`, spread over `urls`, 8 at a time, each
+/// retrying a 503 or a lost connection with its key until answered.
+async fn rush_event(
+    client: reqwest::Client,
+    urls: Vec<String>,
+    event: Uuid,
+    started: Instant,
+) -> Vec<Bought> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(8));
+    let mut buyers = tokio::task::JoinSet::new();
+    for i in 0..BUYERS {
+        let (client, permits) = (client.clone(), permits.clone());
+        let url = urls[i % urls.len()].clone();
+        let key = format!("{event}-buyer-{i}");
+        buyers.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let (reply, attempts) =
+                buy_until_answered(&client, &url, &key, 1, Duration::from_secs(40)).await;
+            let reply = reply.unwrap_or_else(|| panic!("{key} got no answer in 40 s"));
+            Bought {
+                key,
+                reply,
+                attempts,
+                at: started.elapsed(),
+            }
+        });
+    }
+    buyers.join_all().await
+}
+
+/// What every rush must come to, whatever failed during it: every 200 is exactly one
+/// row (no answered sale lost, none twice), every key's retry replays its first
+/// answer, and each event sold exactly its seats.
+async fn check_every_answer(env: &TestEnv, app: &TestApp, event: Uuid, bought: &[Bought]) {
+    let other: Vec<String> = bought
+        .iter()
+        .filter(|b| ![StatusCode::OK, StatusCode::CONFLICT].contains(&b.reply.status))
+        .map(|b| format!("{} {}: {}", b.key, b.reply.status, b.reply.body))
+        .collect();
+    assert!(other.is_empty(), "answers of another kind: {other:#?}");
+    let sold: Vec<&Bought> = bought
+        .iter()
+        .filter(|b| b.reply.status == StatusCode::OK)
+        .collect();
+    assert_eq!(
+        sold.len(),
+        SEATS as usize,
+        "event {event}: every seat sold once"
+    );
+    let refused = bought
+        .iter()
+        .filter(|b| b.reply.status == StatusCode::CONFLICT)
+        .count();
+    assert_eq!(
+        refused,
+        BUYERS - SEATS as usize,
+        "the rest were told SOLD_OUT"
+    );
+    env.wait_for_rows(event, sold.len(), Duration::from_secs(30))
+        .await;
+    let rows = env.rows(event).await;
+    assert_eq!(rows.len(), sold.len(), "no row beyond the answered sales");
+    for b in &sold {
+        let id: Uuid = b.reply.body["purchaseId"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let matching: Vec<_> = rows.iter().filter(|(row, ..)| *row == id).collect();
+        assert_eq!(matching.len(), 1, "{}: its sale is one row", b.key);
+        assert_eq!(matching[0].1, b.key);
+    }
+    for b in bought {
+        let again = app.purchase_event(event, &b.key, 1).await;
+        assert_eq!(
+            again.status, b.reply.status,
+            "{} replays: {}",
+            b.key, again.body
+        );
+        if b.reply.status == StatusCode::OK {
+            assert!(again.replayed, "{}", again.body);
+            assert_eq!(again.body["purchaseId"], b.reply.body["purchaseId"]);
+        }
+    }
+    let seats = app.event(event).await;
+    assert_eq!(seats["seatsSold"], SEATS, "{seats}");
+}
+
+/// The longest wait between two sales of one event while the rush lasted.
+fn longest_gap(bought: &[Bought]) -> Duration {
+    let mut at: Vec<Duration> = bought
+        .iter()
+        .filter(|b| b.reply.status == StatusCode::OK)
+        .map(|b| b.at)
+        .collect();
+    at.sort();
+    at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_master_killed_mid_rush_loses_no_answered_sale_and_sells_no_seat_twice() {
+    on_private_servers(async {
+        let mut cluster = PrivateCluster::start().await;
+        let env = TestEnv::with_cluster(&cluster).await;
+        let apps = cluster_apps(&env).await;
+        let events = an_event_on_every_master(&apps[0], &env, &cluster).await;
+        let (victim, master) = events[0];
+        let replica = cluster.replica_of(master).await;
+        // A stalled replica is cut off once 16 kB wait for it (the 4 MB below): from
+        // then on its master sells what it lacks. (The socket buffers would otherwise
+        // keep every sale for it.)
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("client-output-buffer-limit")
+            .arg("replica 16kb 8kb 1")
+            .query_async(&mut cluster.connect(master).await)
+            .await
+            .unwrap();
+
+        let started = Instant::now();
+        let client = reqwest::Client::new();
+        let rushes: Vec<_> = events
+            .iter()
+            .map(|(event, _)| {
+                let urls = apps
+                    .iter()
+                    .map(|app| app.url(&format!("/api/v1/events/{event}/purchase")))
+                    .collect();
+                tokio::spawn(rush_event(client.clone(), urls, *event, started))
+            })
+            .collect();
+        // Mid-rush: the victim's replica stalls, so its master sells what the replica
+        // does not have; then the master dies at once, and the replica, back, takes
+        // over without those sales.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cluster.stall(replica, true);
+        let filler = format!("{}:{{{victim}}}:filler", env.prefix);
+        let _: () = redis::cmd("SET")
+            .arg(filler)
+            .arg(vec![b'x'; 4 << 20])
+            .query_async(&mut cluster.connect(master).await)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cluster.kill(master);
+        let killed = started.elapsed();
+        cluster.stall(replica, false);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster
+            .live_master_of(&inventory(&env, victim))
+            .await
+            .is_none_or(|now| now == master)
+        {
+            assert!(Instant::now() < deadline, "no replica was promoted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let promoted = started.elapsed();
+        // As an orchestrator would: the dead node comes back, now as a replica.
+        cluster.restart(master).await;
+        let mut bought = Vec::new();
+        for rush in rushes {
+            bought.push(rush.await.unwrap());
+        }
+
+        let retried: Vec<u32> = bought
+            .iter()
+            .map(|b| b.iter().map(|b| b.attempts - 1).sum())
+            .collect();
+        let answered_after = |status: StatusCode| {
+            bought[0]
+                .iter()
+                .filter(|b| b.reply.status == status && b.at > killed)
+                .map(|b| b.at)
+                .min()
+        };
+        let resumed = answered_after(StatusCode::OK);
+        assert!(resumed.is_some(), "the victim sold again after the kill");
+        eprintln!(
+            "killed at {killed:?}, promoted at {promoted:?}, victim's first sale after: \
+             {resumed:?}, sold out at {:?}; retries per event {retried:?}; longest gaps between sales {:?}",
+            answered_after(StatusCode::CONFLICT),
+            bought.iter().map(|b| longest_gap(b)).collect::<Vec<_>>()
+        );
+        // Now PostgreSQL gets what the streams hold.
+        let persisting = env.spawn_app().await;
+        for ((event, _), bought) in events.iter().zip(&bought) {
+            check_every_answer(&env, &persisting, *event, bought).await;
+        }
+        // The events on the other masters never stopped selling.
+        for bought in &bought[1..] {
+            assert!(
+                longest_gap(bought) < Duration::from_secs(1),
+                "a sale waited {:?}",
+                longest_gap(bought)
+            );
+        }
     })
     .await;
 }

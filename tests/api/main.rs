@@ -27,3 +27,4 @@ mod rate_limits;
 mod reconcile;
 mod records;
 mod recovery;
+mod redis_cluster;

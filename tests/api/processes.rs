@@ -118,8 +118,8 @@ impl PrivateRedis {
         redis
     }
 
-    /// A cluster of one node that serves every slot.
-    pub async fn cluster_of_one() -> Self {
+    /// A node in cluster mode that belongs to no cluster yet.
+    pub async fn cluster_node() -> Self {
         let dir = scratch_dir("redis");
         std::fs::create_dir_all(&dir).unwrap();
         let mut redis = Self {
@@ -131,6 +131,12 @@ impl PrivateRedis {
             child: None,
         };
         redis.restart().await;
+        redis
+    }
+
+    /// A cluster of one node that serves every slot.
+    pub async fn cluster_of_one() -> Self {
+        let redis = Self::cluster_node().await;
         let mut conn = redis::Client::open(redis.url())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -165,6 +171,10 @@ impl PrivateRedis {
         }
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -193,6 +203,10 @@ impl PrivateRedis {
         if let Some(bus) = &self.cluster_port {
             args.extend(["--cluster-enabled", "yes", "--cluster-port", bus]);
             args.extend(["--cluster-config-file", "nodes.conf"]);
+            // A master that fails is replaced within seconds, and the other masters'
+            // slots go on answering meanwhile.
+            args.extend(["--cluster-node-timeout", "1000"]);
+            args.extend(["--cluster-require-full-coverage", "no"]);
         }
         let child = Command::new("redis-server")
             .args(&args)
@@ -217,6 +231,17 @@ impl PrivateRedis {
         assert!(self.child.is_none(), "stop Redis before wiping it");
         let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
         let _ = std::fs::remove_dir_all(self.dir.join("appendonlydir"));
+    }
+
+    /// SIGSTOP (`false`) or SIGCONT (`true`): a server that stalls, then goes on.
+    pub fn run(&self, on: bool) {
+        let pid = self.child.as_ref().expect("Redis is running").id();
+        let signal = if on { "-CONT" } else { "-STOP" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// SIGKILL: the server stops at once, as in a crash.

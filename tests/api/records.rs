@@ -127,16 +127,19 @@ async fn a_recovery_attempt_another_one_overtook_writes_no_hold() {
     let mut redis = env.redis_now().await;
     let inventory = format!("{}:{{{event}}}:inv", env.prefix);
     let hold = format!("{}:{{{event}}}:hold:{id}", env.prefix);
-    let run_id = boxoffice::gate::recovery::server_run_id(&mut redis)
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut redis)
         .await
         .unwrap();
+    let run_id = boxoffice::store::info_field(&info, "run_id").unwrap();
     // The event is on sale (no token): an attempt that began earlier writes nothing,
     // although it would mark the confirmed hold held again.
     let written: i64 = script
         .key(&inventory)
         .key(&hold)
         .arg("a-token-of-an-attempt-overtaken")
-        .arg(&run_id)
+        .arg(run_id)
         .arg(
             &[
                 "held",

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::ledger::Rebuilt;
 use super::{Begun, Mode, Recovery};
 use crate::db::EventRow;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::keys::CONSUMER_GROUP;
 use crate::keys::Keys;
 
@@ -78,9 +78,10 @@ impl Recovery {
     /// same server.
     pub(super) async fn still_owns(&self, event: Uuid, begun: &Begun) -> Result<bool> {
         let mut conn = self.conn.clone();
-        let fence: Option<String> = conn.hget(self.keys.inventory(event), "fence").await?;
+        let inventory = self.keys.inventory(event);
+        let fence: Option<String> = conn.hget(&inventory, "fence").await?;
         Ok(fence.as_deref() == Some(begun.token.as_str())
-            && server_run_id(&mut conn).await? == begun.run)
+            && conn.run_id_of(&inventory).await? == begun.run)
     }
 }
 
@@ -100,19 +101,4 @@ pub async fn take_off_sale(
         .query_async(conn)
         .await?;
     Ok(())
-}
-
-/// The `run_id` of the Redis server `conn` talks to: what an event's `run` must equal
-/// for it to sell (see the module docs).
-pub async fn server_run_id(conn: &mut impl redis::aio::ConnectionLike) -> Result<String> {
-    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
-    crate::gate::memory::info_field(&info, "run_id")
-        .map(str::to_owned)
-        .ok_or_else(|| Error::UnexpectedReply("INFO server without run_id".into()))
-}
-
-/// Redis' clock, Unix milliseconds: what hold expiries are measured against.
-pub(super) async fn redis_now_ms(conn: &mut impl redis::aio::ConnectionLike) -> Result<i64> {
-    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await?;
-    Ok(secs * 1000 + micros / 1000)
 }

@@ -114,7 +114,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -124,8 +123,8 @@ use crate::db::{self, EventRow};
 use crate::error::{Error, Result};
 use crate::gate::retention::Retention;
 use crate::keys::Keys;
-use fence::redis_now_ms;
-pub use fence::{server_run_id, take_off_sale};
+use crate::store::Redis;
+pub use fence::take_off_sale;
 pub use ledger::Durable;
 use ledger::Rebuilt;
 
@@ -186,7 +185,7 @@ type LastFailure = Option<(Instant, String)>;
 
 #[derive(Clone)]
 pub struct Recovery {
-    conn: ConnectionManager,
+    conn: Redis,
     db: PgPool,
     keys: Keys,
     retention: Retention,
@@ -200,7 +199,7 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    pub fn new(conn: ConnectionManager, db: PgPool, keys: Keys, retention: Retention) -> Self {
+    pub fn new(conn: Redis, db: PgPool, keys: Keys, retention: Retention) -> Self {
         Self {
             conn,
             db,
@@ -301,7 +300,11 @@ impl Recovery {
             return self.overtaken(event.id).await;
         }
         let (log, books) = self.read_books(event, &mut lock).await?;
-        let redis_now = redis_now_ms(&mut self.conn.clone()).await?;
+        let redis_now = self
+            .conn
+            .clone()
+            .now_ms_of(&self.keys.inventory(event.id))
+            .await?;
         let rebuilt = ledger::rebuild(
             &log,
             &books,
@@ -387,7 +390,7 @@ impl Recovery {
     pub async fn watch_redis(self, every: Duration, shutdown: CancellationToken) {
         let mut known: Option<String> = None;
         loop {
-            match self.redis_run_id().await {
+            match self.redis_run_ids().await {
                 Ok(run_id) if known.as_ref() != Some(&run_id) => match self.ensure_all().await {
                     Ok(events) => {
                         tracing::info!(events, run_id, "events checked on this Redis server");

@@ -6,7 +6,7 @@ use redis::streams::StreamRangeReply;
 use uuid::Uuid;
 
 use super::ledger::{self, Durable, Log};
-use super::{RANGE_CHUNK, Recovery, restore, server_run_id};
+use super::{RANGE_CHUNK, Recovery, restore};
 use crate::db::{self, EventRow};
 use crate::error::Result;
 use crate::gate::outcome::Inventory;
@@ -118,8 +118,9 @@ impl Recovery {
         Ok(ledger::durable(&log, &books))
     }
 
-    /// The `run_id` of the Redis server behind the shared connection.
-    pub async fn redis_run_id(&self) -> Result<String> {
-        server_run_id(&mut self.conn.clone()).await
+    /// The `run_id` of every Redis master (of the one server outside a cluster),
+    /// sorted: what changes when one restarts or a replica takes over.
+    pub async fn redis_run_ids(&self) -> Result<String> {
+        self.conn.clone().run_ids().await
     }
 }

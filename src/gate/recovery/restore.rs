@@ -9,8 +9,8 @@
 //! (`lua/restore_holds.lua`, `lua/restore_set.lua`), so that an attempt overtaken by
 //! another never writes over what was sold since.
 
+use crate::store::Redis;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use uuid::Uuid;
 
 use super::ledger::{HoldEnd, Rebuilt, RebuiltHold};
@@ -50,7 +50,7 @@ impl Scripts {
 
 /// One attempt's writes of one event: where they go and what fences them.
 pub struct Writer<'a> {
-    pub conn: ConnectionManager,
+    pub conn: Redis,
     pub keys: &'a Keys,
     pub scripts: &'a Scripts,
     pub event: Uuid,
@@ -215,7 +215,7 @@ fn hold_fields(call: &mut redis::ScriptInvocation<'_>, hold: &RebuiltHold, reten
 }
 
 /// How many of `keys` Redis lacks.
-pub async fn count_missing(conn: &mut ConnectionManager, keys: &[String]) -> Result<usize> {
+pub async fn count_missing(conn: &mut Redis, keys: &[String]) -> Result<usize> {
     let mut missing = 0;
     for chunk in keys.chunks(CHUNK) {
         let stored: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query_async(conn).await?;

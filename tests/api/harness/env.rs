@@ -24,6 +24,8 @@ pub struct TestEnv {
     pub prefix: String,
     pub db: PgPool,
     pub redis: redis::aio::MultiplexedConnection,
+    /// `redis_url` names the seed nodes of a Redis Cluster.
+    pub redis_cluster: bool,
 }
 
 #[derive(Parser)]
@@ -42,6 +44,15 @@ impl TestEnv {
     pub async fn with_redis(redis_url: &str) -> Self {
         let services = services().await;
         Self::on(redis_url, &services.postgres_url).await
+    }
+
+    /// An environment on a Redis Cluster of its own (`redis` talks to one node).
+    pub async fn with_cluster(cluster: &crate::redis_cluster::PrivateCluster) -> Self {
+        let services = services().await;
+        let mut env = Self::on(&cluster.node_url(0), &services.postgres_url).await;
+        env.redis_url = cluster.seeds();
+        env.redis_cluster = true;
+        env
     }
 
     /// An environment on the given servers: a Redis URL and a PostgreSQL server URL
@@ -76,6 +87,7 @@ impl TestEnv {
             prefix: format!("test-{id}"),
             db,
             redis,
+            redis_cluster: false,
         }
     }
 
@@ -88,6 +100,7 @@ impl TestEnv {
         config.serve.buyer_jwt_key = Some(BUYER_JWT_KEY.into());
         config.serve.admission_key = Some("test-admission-key-of-at-least-32-bytes".into());
         config.common.store.redis_url = self.redis_url.clone();
+        config.common.store.redis_cluster = self.redis_cluster;
         config.common.store.database_url = self.database_url.clone();
         config.common.store.key_prefix = self.prefix.clone();
         config.common.store.db_pool_size = 4;

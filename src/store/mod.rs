@@ -1,0 +1,298 @@
+//! The connection to Redis: one server, or a Redis Cluster (`BOXOFFICE_REDIS_CLUSTER`).
+//!
+//! Every other module talks to Redis through [`Redis`] (multiplexed, shared) or a
+//! [`Pool`] (for the consumer's blocking reads), whichever Redis is behind them.
+//! Every key an operation touches carries its event's hash tag (`keys`), so each
+//! script and each command lands on the one master that owns the event; the global
+//! set of events has a slot of its own. What must see every master (the run ids
+//! behind the Redis watcher, memory, SCAN) goes through [`Redis::on_every_master`].
+
+mod nodes;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+pub use nodes::info_field;
+
+use crate::config::StoreConfig;
+use crate::error::{Error, Result, redact_url};
+
+/// Reconnect attempts before a command fails; kept low so a request fails fast (503)
+/// instead of waiting out a Redis outage.
+const RECONNECT_RETRIES: usize = 1;
+
+/// A multiplexed connection shared by every task of a process: the gate, the
+/// waiting rooms, recovery.
+#[derive(Clone)]
+pub enum Redis {
+    Single(ConnectionManager),
+    /// Follows MOVED and ASK, and finds a promoted replica itself.
+    Cluster(ClusterConnection),
+}
+
+impl Redis {
+    /// Connects to `REDIS_URL`; every command may take `store.redis_timeout()`.
+    pub async fn connect(store: &StoreConfig) -> Result<Self> {
+        Self::connect_with(store, store.redis_timeout()).await
+    }
+
+    /// Connects with commands that may take up to `response` (a blocking read).
+    async fn connect_with(store: &StoreConfig, response: Duration) -> Result<Self> {
+        let unreachable = |e: redis::RedisError| {
+            Error::Startup(format!(
+                "cannot reach Redis at {} ({e}); start it or set REDIS_URL",
+                redact_url(&store.redis_url)
+            ))
+        };
+        if store.redis_cluster {
+            let client = ClusterClient::builder(seed_nodes(&store.redis_url))
+                .connection_timeout(store.redis_timeout())
+                .response_timeout(response)
+                .retries(RECONNECT_RETRIES as u32)
+                .build()
+                .map_err(unreachable)?;
+            let conn = client.get_async_connection().await.map_err(unreachable)?;
+            return Ok(Redis::Cluster(conn));
+        }
+        let client = redis::Client::open(store.redis_url.as_str()).map_err(unreachable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(store.redis_timeout()))
+            .set_response_timeout(Some(response))
+            .set_number_of_retries(RECONNECT_RETRIES);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(unreachable)?;
+        Ok(Redis::Single(conn))
+    }
+
+    /// A connection of its own to one server at `url`, as `rush` and tests use.
+    pub async fn open(url: &str) -> Result<Self> {
+        Ok(Redis::Single(
+            ConnectionManager::new(redis::Client::open(url)?).await?,
+        ))
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Redis::Cluster(_))
+    }
+}
+
+impl ConnectionLike for Redis {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Redis::Single(conn) => conn.req_packed_command(cmd),
+            Redis::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Redis::Single(conn) => conn.req_packed_commands(pipe, offset, count),
+            Redis::Cluster(conn) => conn.req_packed_commands(pipe, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Redis::Single(conn) => conn.get_db(),
+            Redis::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Connections for work that may block one (the consumer's `XREADGROUP … BLOCK`)
+/// and other non-hot work. A cluster connection is multiplexed and never blocks (the
+/// consumer polls a cluster), so on a cluster the pool is one shared connection.
+#[derive(Clone)]
+pub enum Pool {
+    Single(deadpool_redis::Pool),
+    Cluster(ClusterConnection),
+}
+
+/// A connection taken from a [`Pool`].
+pub enum Pooled {
+    Single(deadpool_redis::Connection),
+    Cluster(ClusterConnection),
+}
+
+impl Pool {
+    /// A pool of `store.redis_pool_size` connections whose commands may take `block`
+    /// more than `store.redis_timeout()`.
+    pub async fn connect(store: &StoreConfig, block: Duration) -> Result<Self> {
+        if store.redis_cluster {
+            return match Redis::connect_with(store, block + store.redis_timeout()).await? {
+                Redis::Cluster(conn) => Ok(Pool::Cluster(conn)),
+                Redis::Single(_) => unreachable!("a cluster configuration connects a cluster"),
+            };
+        }
+        let connection = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(store.redis_timeout()))
+            .set_response_timeout(Some(block + store.redis_timeout()));
+        let manager =
+            deadpool_redis::Manager::new_with_config(store.redis_url.as_str(), connection)
+                .map_err(|e| {
+                    Error::Startup(format!(
+                        "invalid REDIS_URL {}: {e}",
+                        redact_url(&store.redis_url)
+                    ))
+                })?;
+        let pool = deadpool_redis::Pool::builder(manager)
+            .max_size(store.redis_pool_size)
+            .wait_timeout(Some(store.redis_timeout()))
+            .create_timeout(Some(store.redis_timeout()))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Startup(format!("building the Redis pool: {e}")))?;
+        Ok(Pool::Single(pool))
+    }
+
+    pub async fn get(&self) -> Result<Pooled> {
+        Ok(match self {
+            Pool::Single(pool) => Pooled::Single(pool.get().await?),
+            Pool::Cluster(conn) => Pooled::Cluster(conn.clone()),
+        })
+    }
+}
+
+impl Pooled {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Pooled::Cluster(_))
+    }
+
+    /// Every key matching `pattern`, on every master of a cluster.
+    pub async fn scan_all(&mut self, pattern: &str) -> Result<Vec<String>> {
+        match self {
+            Pooled::Single(conn) => {
+                let options = redis::ScanOptions::default()
+                    .with_pattern(pattern)
+                    .with_count(1_000);
+                let mut found = Vec::new();
+                let mut keys: redis::AsyncIter<String> =
+                    redis::AsyncCommands::scan_options(conn, options).await?;
+                while let Some(key) = keys.next_item().await {
+                    found.push(key?);
+                }
+                Ok(found)
+            }
+            Pooled::Cluster(conn) => Redis::Cluster(conn.clone()).scan_all(pattern).await,
+        }
+    }
+}
+
+impl ConnectionLike for Pooled {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Pooled::Single(conn) => conn.req_packed_command(cmd),
+            Pooled::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Pooled::Single(conn) => conn.req_packed_commands(pipe, offset, count),
+            Pooled::Cluster(conn) => conn.req_packed_commands(pipe, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Pooled::Single(conn) => conn.get_db(),
+            Pooled::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Commands of up to this many events are in flight at once on a cluster.
+const IN_FLIGHT: usize = 256;
+
+impl Redis {
+    /// Sends `commands`, which may name different events' keys, and answers each in
+    /// its place, an error as a `Value::ServerError` (as an `ignore_errors` pipeline
+    /// does): one pipeline on a single server; on a cluster, where a pipeline must
+    /// stay within one slot, each command by itself, [`IN_FLIGHT`] at a time (each
+    /// master's connection pipelines them anyway).
+    pub async fn query_each(&mut self, commands: &[Cmd]) -> Result<Vec<Value>> {
+        match self {
+            Redis::Single(conn) => pipelined(conn, commands).await,
+            Redis::Cluster(conn) => one_by_one(conn, commands).await,
+        }
+    }
+}
+
+impl Pooled {
+    /// See [`Redis::query_each`].
+    pub async fn query_each(&mut self, commands: &[Cmd]) -> Result<Vec<Value>> {
+        match self {
+            Pooled::Single(conn) => pipelined(conn, commands).await,
+            Pooled::Cluster(conn) => one_by_one(conn, commands).await,
+        }
+    }
+}
+
+async fn pipelined(conn: &mut impl ConnectionLike, commands: &[Cmd]) -> Result<Vec<Value>> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for command in commands {
+        pipe.add_command(command.clone());
+    }
+    Ok(pipe.query_async(conn).await?)
+}
+
+async fn one_by_one(conn: &ClusterConnection, commands: &[Cmd]) -> Result<Vec<Value>> {
+    use futures_util::{StreamExt, stream};
+
+    let calls: Vec<_> = commands
+        .iter()
+        .map(|command| {
+            let (command, mut conn) = (command.clone(), conn.clone());
+            async move {
+                match command.query_async::<Value>(&mut conn).await {
+                    Err(e) => redis::ServerError::try_from(e).map(Value::ServerError),
+                    answer => answer,
+                }
+            }
+        })
+        .collect();
+    let answers = stream::iter(calls)
+        .buffered(IN_FLIGHT)
+        .collect::<Vec<redis::RedisResult<Value>>>()
+        .await;
+    Ok(answers.into_iter().collect::<redis::RedisResult<_>>()?)
+}
+
+/// The seed nodes of a cluster `REDIS_URL`: one or more URLs separated by commas
+/// (`redis://a:6379,redis://b:6379`); the client learns the rest from them.
+fn seed_nodes(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seed_nodes;
+
+    #[test]
+    fn a_cluster_url_lists_its_seed_nodes() {
+        assert_eq!(
+            seed_nodes("redis://a:7000, redis://b:7001,"),
+            ["redis://a:7000", "redis://b:7001"]
+        );
+        assert_eq!(seed_nodes("redis://a:7000"), ["redis://a:7000"]);
+    }
+}
