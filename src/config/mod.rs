@@ -36,7 +36,7 @@ pub struct StoreConfig {
     pub redis_cluster: bool,
 
     /// Replicas of Redis that must have a seat movement before it is answered
-    /// (`WAIT`, up to `BOXOFFICE_REDIS_TIMEOUT_MS`; fewer: 503, and the retry replays
+    /// (`WAIT`, up to half `BOXOFFICE_REDIS_TIMEOUT_MS`; fewer: 503, and the retry replays
     /// it). With 1, a failover to a replica keeps every answered sale; 0: a failover
     /// may lose the last ones (docs/operations.md, "Redis Cluster").
     #[arg(long, env = "BOXOFFICE_REDIS_REPLICA_ACKS", default_value_t = 0)]

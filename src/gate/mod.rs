@@ -84,7 +84,9 @@ impl Gate {
             script: script::script(),
             replicas: script::Replicas {
                 acks: store.redis_replica_acks,
-                timeout_ms: store.redis_timeout_ms,
+                // Within the command timeout, so that the answer is Redis' count of
+                // replicas rather than a timeout of the connection.
+                timeout_ms: (store.redis_timeout_ms / 2).max(1),
             },
         };
         Ok(Self {

@@ -100,15 +100,15 @@ struct Bought {
 }
 
 /// Two replicas of the app on the cluster, each answering only once a replica of
-/// Redis has what it answers (`BOXOFFICE_REDIS_REPLICA_ACKS=1`), without a consumer:
-/// while they sell, nothing reaches PostgreSQL, so a sale a failover loses is lost.
-async fn cluster_apps(env: &TestEnv) -> [TestApp; 2] {
+/// Redis has what it answers (`BOXOFFICE_REDIS_REPLICA_ACKS=1`); the first runs the
+/// consumer if `persisting`.
+async fn cluster_apps(env: &TestEnv, persisting: bool) -> [TestApp; 2] {
     let mut apps = Vec::new();
-    for _ in 0..2 {
+    for i in 0..2 {
         apps.push(
             env.spawn_app_with(|config| {
                 config.common.store.redis_replica_acks = 1;
-                config.serve.consumer = false;
+                config.serve.consumer = persisting && i == 0;
             })
             .await,
         );
@@ -239,103 +239,143 @@ fn longest_gap(bought: &[Bought]) -> Duration {
     at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
 }
 
-#[tokio::test]
-async fn a_master_killed_mid_rush_loses_no_answered_sale_and_sells_no_seat_twice() {
-    on_private_servers(async {
-        let mut cluster = PrivateCluster::start().await;
-        let env = TestEnv::with_cluster(&cluster).await;
-        let apps = cluster_apps(&env).await;
-        let events = an_event_on_every_master(&apps[0], &env, &cluster).await;
-        let (victim, master) = events[0];
-        let replica = cluster.replica_of(master).await;
-        // A stalled replica is cut off once 16 kB wait for it (the 4 MB below): from
-        // then on its master sells what it lacks. (The socket buffers would otherwise
-        // keep every sale for it.)
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("client-output-buffer-limit")
-            .arg("replica 16kb 8kb 1")
-            .query_async(&mut cluster.connect(master).await)
-            .await
-            .unwrap();
+/// How the first event's master goes during the rush.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Failover {
+    /// Its replica stalls and is cut off, the master sells on without it, then dies
+    /// (SIGKILL) and the replica is promoted without those sales.
+    Killed,
+    /// `CLUSTER FAILOVER` at its replica: the replica catches up, then takes over.
+    Manual,
+}
 
-        let started = Instant::now();
-        let client = reqwest::Client::new();
-        let rushes: Vec<_> = events
-            .iter()
-            .map(|(event, _)| {
-                let urls = apps
-                    .iter()
-                    .map(|app| app.url(&format!("/api/v1/events/{event}/purchase")))
-                    .collect();
-                tokio::spawn(rush_event(client.clone(), urls, *event, started))
-            })
-            .collect();
-        // Mid-rush: the victim's replica stalls, so its master sells what the replica
-        // does not have; then the master dies at once, and the replica, back, takes
-        // over without those sales.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        cluster.stall(replica, true);
-        let filler = format!("{}:{{{victim}}}:filler", env.prefix);
-        let _: () = redis::cmd("SET")
-            .arg(filler)
-            .arg(vec![b'x'; 4 << 20])
-            .query_async(&mut cluster.connect(master).await)
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        cluster.kill(master);
-        let killed = started.elapsed();
-        cluster.stall(replica, false);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while cluster
-            .live_master_of(&inventory(&env, victim))
-            .await
-            .is_none_or(|now| now == master)
-        {
-            assert!(Instant::now() < deadline, "no replica was promoted");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+#[tokio::test]
+async fn a_master_killed_mid_rush_loses_no_answered_sale() {
+    // Without a consumer, what the killed master sold reached nothing else: only
+    // the replica's acknowledgement keeps an answered sale.
+    on_private_servers(failover_mid_rush(Failover::Killed, false)).await;
+}
+
+#[tokio::test]
+async fn a_replica_promoted_behind_postgresql_sells_no_seat_twice() {
+    // With a consumer, PostgreSQL has sales the promoted replica lacks: only the
+    // recovery on the new master keeps them from being sold again.
+    on_private_servers(failover_mid_rush(Failover::Killed, true)).await;
+}
+
+#[tokio::test]
+async fn a_manual_failover_mid_rush_sells_every_seat_once() {
+    on_private_servers(failover_mid_rush(Failover::Manual, true)).await;
+}
+
+/// A rush on an event on each of three masters through two replicas of the app, and
+/// `failover` of the first event's master in the middle of it. Then every answer is
+/// checked ([`check_every_answer`]), and the other events never stopped selling.
+async fn failover_mid_rush(failover: Failover, persisting: bool) {
+    let mut cluster = PrivateCluster::start().await;
+    let env = TestEnv::with_cluster(&cluster).await;
+    let apps = cluster_apps(&env, persisting).await;
+    let events = an_event_on_every_master(&apps[0], &env, &cluster).await;
+    let (victim, master) = events[0];
+    let replica = cluster.replica_of(master).await;
+    // A stalled replica is cut off once 16 kB wait for it (the 4 MB below): from then
+    // on its master sells what it lacks. (The socket buffers would otherwise keep
+    // every sale for it.)
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("replica 16kb 8kb 1")
+        .query_async(&mut cluster.connect(master).await)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let client = reqwest::Client::new();
+    let rushes: Vec<_> = events
+        .iter()
+        .map(|(event, _)| {
+            let urls = apps
+                .iter()
+                .map(|app| app.url(&format!("/api/v1/events/{event}/purchase")))
+                .collect();
+            tokio::spawn(rush_event(client.clone(), urls, *event, started))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let failed = match failover {
+        Failover::Killed => {
+            cluster.stall(replica, true);
+            let filler = format!("{}:{{{victim}}}:filler", env.prefix);
+            let _: () = redis::cmd("SET")
+                .arg(filler)
+                .arg(vec![b'x'; 4 << 20])
+                .query_async(&mut cluster.connect(master).await)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            cluster.kill(master);
+            let killed = started.elapsed();
+            cluster.stall(replica, false);
+            killed
         }
-        let promoted = started.elapsed();
+        Failover::Manual => {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("FAILOVER")
+                .query_async(&mut cluster.connect(replica).await)
+                .await
+                .unwrap();
+            started.elapsed()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster
+        .live_master_of(&inventory(&env, victim))
+        .await
+        .is_none_or(|now| now == master)
+    {
+        assert!(Instant::now() < deadline, "no replica was promoted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let promoted = started.elapsed();
+    if failover == Failover::Killed {
         // As an orchestrator would: the dead node comes back, now as a replica.
         cluster.restart(master).await;
-        let mut bought = Vec::new();
-        for rush in rushes {
-            bought.push(rush.await.unwrap());
-        }
+    }
+    let mut bought = Vec::new();
+    for rush in rushes {
+        bought.push(rush.await.unwrap());
+    }
 
-        let retried: Vec<u32> = bought
+    let retried: Vec<u32> = bought
+        .iter()
+        .map(|b| b.iter().map(|b| b.attempts - 1).sum())
+        .collect();
+    let answered_after = |status: StatusCode| {
+        bought[0]
             .iter()
-            .map(|b| b.iter().map(|b| b.attempts - 1).sum())
-            .collect();
-        let answered_after = |status: StatusCode| {
-            bought[0]
-                .iter()
-                .filter(|b| b.reply.status == status && b.at > killed)
-                .map(|b| b.at)
-                .min()
-        };
-        let resumed = answered_after(StatusCode::OK);
-        assert!(resumed.is_some(), "the victim sold again after the kill");
-        eprintln!(
-            "killed at {killed:?}, promoted at {promoted:?}, victim's first sale after: \
-             {resumed:?}, sold out at {:?}; retries per event {retried:?}; longest gaps between sales {:?}",
-            answered_after(StatusCode::CONFLICT),
-            bought.iter().map(|b| longest_gap(b)).collect::<Vec<_>>()
-        );
-        // Now PostgreSQL gets what the streams hold.
-        let persisting = env.spawn_app().await;
-        for ((event, _), bought) in events.iter().zip(&bought) {
-            check_every_answer(&env, &persisting, *event, bought).await;
-        }
-        // The events on the other masters never stopped selling.
-        for bought in &bought[1..] {
-            assert!(
-                longest_gap(bought) < Duration::from_secs(1),
-                "a sale waited {:?}",
-                longest_gap(bought)
-            );
-        }
-    })
-    .await;
+            .filter(|b| b.reply.status == status && b.at > promoted)
+            .map(|b| b.at)
+            .min()
+    };
+    eprintln!(
+        "{failover:?} at {failed:?}, promoted at {promoted:?}, first sale after: {:?}, \
+         sold out at {:?}; retries per event {retried:?}; longest waits between sales {:?}",
+        answered_after(StatusCode::OK),
+        answered_after(StatusCode::CONFLICT),
+        bought.iter().map(|b| longest_gap(b)).collect::<Vec<_>>()
+    );
+    assert!(
+        answered_after(StatusCode::OK).is_some(),
+        "the first event sold again after the failover"
+    );
+    // PostgreSQL gets what the streams hold (the apps may have no consumer).
+    let persisting = env.spawn_app().await;
+    for ((event, _), bought) in events.iter().zip(&bought) {
+        check_every_answer(&env, &persisting, *event, bought).await;
+    }
+    // The events on the other masters never stopped selling.
+    for bought in &bought[1..] {
+        let gap = longest_gap(bought);
+        assert!(gap < Duration::from_secs(1), "a sale waited {gap:?}");
+    }
 }

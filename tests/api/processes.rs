@@ -207,6 +207,9 @@ impl PrivateRedis {
             // slots go on answering meanwhile.
             args.extend(["--cluster-node-timeout", "1000"]);
             args.extend(["--cluster-require-full-coverage", "no"]);
+            // A node back as a replica is in sync at once, not after the 5 s Redis
+            // waits by default for more replicas to share the transfer.
+            args.extend(["--repl-diskless-sync-delay", "0"]);
         }
         let child = Command::new("redis-server")
             .args(&args)
