@@ -12,11 +12,14 @@ cd "$(dirname "$0")/.."
 echo "hadolint Dockerfile deploy/nginx/Dockerfile"
 hadolint Dockerfile deploy/nginx/Dockerfile
 
-echo "docker-compose.yml against the Compose specification"
-check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+echo "docker-compose.yml and deploy/compose/redis-cluster.yml against the Compose specification"
+check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml deploy/compose/redis-cluster.yml
 
 echo "k8s/ rendered by kustomize, against Kubernetes schemas (strict)"
 kubectl kustomize k8s/ | kubernetes-validate --strict --quiet -
+
+echo "deploy/k8s/redis-cluster rendered by kustomize, against Kubernetes schemas (strict)"
+kubectl kustomize deploy/k8s/redis-cluster | kubernetes-validate --strict --quiet -
 
 # The compose config names its upstream through a variable (resolved at request
 # time), so nginx -t needs no `app` host. The main config is tested as compose mounts

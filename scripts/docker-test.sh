@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every Docker path, for real: builds the image, runs the compose stack (3 replicas,
-# then 5) and sells through its nginx, kills a replica mid-rush, tears it all down,
+# then 5) and sells through its nginx, kills a replica mid-rush, runs it again on a
+# Redis Cluster (deploy/compose/redis-cluster.yml) and sells, tears it all down,
 # then runs the integration tests on testcontainers. Run by CI; runs anywhere with a
 # Docker engine (it starts one, and installs Debian's, when there is none).
 #
@@ -49,13 +50,16 @@ engine() {
 
 cleanup() {
     rm -f "$log"
-    compose down -v --remove-orphans >/dev/null 2>&1 || true
+    on_cluster down -v --remove-orphans >/dev/null 2>&1 || true
     if [[ -n ${dockerd_pid:-} ]]; then
         kill "$dockerd_pid" 2>/dev/null || true
         wait "$dockerd_pid" 2>/dev/null || true
     fi
 }
 trap cleanup EXIT
+
+# The stack on a Redis Cluster: the main file with the cluster's layered over it.
+on_cluster() { compose -f docker-compose.yml -f deploy/compose/redis-cluster.yml "$@"; }
 
 container_ip() { docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$1"; }
 app_containers() { compose ps -q app; }
@@ -137,8 +141,20 @@ killer=$!
     --database-url "$database"
 wait "$killer"
 
-step "docker compose down -v leaves nothing behind"
+step "docker compose with deploy/compose/redis-cluster.yml: a six-node Redis Cluster, sold through nginx"
 compose down -v --remove-orphans
+ADMIN_TOKEN=$TOKEN on_cluster up -d
+wait_healthy 3
+for _ in $(seq 1 60); do curl -fs localhost:3000/health/ready >/dev/null && break; sleep 0.5; done
+on_cluster exec -T redis-node-0 redis-cli cluster info | grep -E 'cluster_(state|size|known_nodes)'
+database="postgres://boxoffice:boxoffice@$(container_ip "$(compose ps -q postgres)"):5432/boxoffice"
+for name in one two three; do
+    "$RUSH" seed --url http://127.0.0.1:3000 --event "$(new_event "cluster $name" 300)" --users 300 \
+        --database-url "$database"
+done
+
+step "docker compose down -v leaves nothing behind"
+on_cluster down -v --remove-orphans
 left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"; docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT")
 [[ -z $left ]] || fail "left behind: $left"
 echo "no containers or volumes of $PROJECT left"

@@ -281,13 +281,7 @@ pub(super) async fn readiness(redis: &crate::store::Pool, db: &sqlx::PgPool) -> 
     static POSTGRES_WAS_UP: AtomicU8 = AtomicU8::new(UNKNOWN);
     const UNKNOWN: u8 = 2;
 
-    let ping = async {
-        let mut conn = redis.get().await.ok()?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .ok()
-    };
+    let ping = async { redis.get().await.ok()?.ping().await.ok() };
     let (redis, postgres) = tokio::join!(
         tokio::time::timeout(READY_TIMEOUT, ping),
         tokio::time::timeout(READY_TIMEOUT, sqlx::query("SELECT 1").execute(db)),

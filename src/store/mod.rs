@@ -14,6 +14,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 pub use nodes::info_field;
@@ -166,6 +167,20 @@ impl Pool {
 impl Pooled {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Pooled::Cluster(_))
+    }
+
+    /// Whether Redis answers: on a cluster, any master (one failing over leaves the
+    /// others' events selling, so the process is still ready to serve).
+    pub async fn ping(&mut self) -> Result<()> {
+        let ping = redis::cmd("PING");
+        let _: Value = match self {
+            Pooled::Single(conn) => ping.query_async(conn).await?,
+            Pooled::Cluster(conn) => {
+                let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+                nodes::refused(conn.route_command(ping, any).await?)?
+            }
+        };
+        Ok(())
     }
 
     /// Every key matching `pattern`, on every master of a cluster.

@@ -155,7 +155,7 @@ impl Redis {
 
 /// A command routed by hand answers a refusal as a value (a replica refusing `WAIT`
 /// after a failover the client has not seen yet): an error like any other.
-fn refused(answer: Value) -> Result<Value> {
+pub(super) fn refused(answer: Value) -> Result<Value> {
     match answer {
         Value::ServerError(e) => Err(redis::RedisError::from(e).into()),
         answer => Ok(answer),

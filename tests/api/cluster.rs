@@ -247,6 +247,8 @@ enum Failover {
     Killed,
     /// `CLUSTER FAILOVER` at its replica: the replica catches up, then takes over.
     Manual,
+    /// Its slot moves to another master, keys and all, while it sells.
+    Resharded,
 }
 
 #[tokio::test]
@@ -266,6 +268,11 @@ async fn a_replica_promoted_behind_postgresql_sells_no_seat_twice() {
 #[tokio::test]
 async fn a_manual_failover_mid_rush_sells_every_seat_once() {
     on_private_servers(failover_mid_rush(Failover::Manual, true)).await;
+}
+
+#[tokio::test]
+async fn a_live_event_moved_to_another_master_mid_rush_sells_every_seat_once() {
+    on_private_servers(failover_mid_rush(Failover::Resharded, true)).await;
 }
 
 /// A rush on an event on each of three masters through two replicas of the app, and
@@ -325,6 +332,13 @@ async fn failover_mid_rush(failover: Failover, persisting: bool) {
                 .await
                 .unwrap();
             started.elapsed()
+        }
+        Failover::Resharded => {
+            let moved = started.elapsed();
+            cluster
+                .move_slot(&inventory(&env, victim), master, events[1].1)
+                .await;
+            moved
         }
     };
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -141,6 +141,72 @@ impl PrivateCluster {
         self.index_of(port)
     }
 
+    /// Moves the slot of `key` from master `from` to master `to`, keys and all, while
+    /// the cluster serves: the steps `redis-cli --cluster reshard` takes for each
+    /// slot, a few keys at a time with a pause between, so requests meet the slot
+    /// half moved.
+    pub async fn move_slot(&self, key: &str, from: usize, to: usize) {
+        let slot = self.slot_of(key).await;
+        let (from_id, to_id) = (self.node_id(from).await, self.node_id(to).await);
+        let (mut source, mut target) = (self.connect(from).await, self.connect(to).await);
+        let setslot = |state: &str, node: &str| {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(node)
+                .to_owned()
+        };
+        let _: () = setslot("IMPORTING", &from_id)
+            .query_async(&mut target)
+            .await
+            .unwrap();
+        let _: () = setslot("MIGRATING", &to_id)
+            .query_async(&mut source)
+            .await
+            .unwrap();
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(10)
+                .query_async(&mut source)
+                .await
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(self.nodes[to].port())
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async(&mut source)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _: () = setslot("NODE", &to_id)
+            .query_async(&mut target)
+            .await
+            .unwrap();
+        let _: () = setslot("NODE", &to_id)
+            .query_async(&mut source)
+            .await
+            .unwrap();
+    }
+
+    async fn node_id(&self, i: usize) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(&mut self.connect(i).await)
+            .await
+            .unwrap()
+    }
+
     /// Stalls node `i` (SIGSTOP), or lets it go on (SIGCONT).
     pub fn stall(&self, i: usize, stalled: bool) {
         self.nodes[i].run(!stalled);
