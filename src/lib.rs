@@ -24,13 +24,22 @@
 //! * [`config`], [`telemetry`], [`startup`], [`server`], [`cli`]: configuration,
 //!   logging, wiring, the HTTP server and the command line.
 
-/// A script of `lua/` with `lua/prelude.lua`, the helpers scripts share, in front.
-macro_rules! lua_script {
+/// The code of a script of `lua/` with `lua/prelude.lua`, the helpers scripts share,
+/// in front.
+macro_rules! lua_code {
     ($file:literal) => {
-        ::redis::Script::new(concat!(
+        concat!(
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/prelude.lua")),
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/", $file))
-        ))
+        )
+    };
+}
+pub(crate) use lua_code;
+
+/// [`lua_code!`] as a `redis::Script`.
+macro_rules! lua_script {
+    ($file:literal) => {
+        ::redis::Script::new(crate::lua_code!($file))
     };
 }
 pub(crate) use lua_script;

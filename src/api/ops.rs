@@ -256,7 +256,12 @@ async fn global(state: &AppState) -> crate::Result<GlobalSales> {
             );
         }
         // A stream not made yet answers XINFO with an error: that event has no backlog.
-        let replies = conn.query_each(&reads).await?;
+        let replies: Vec<redis::Value> = conn
+            .query_each(&reads)
+            .await?
+            .into_iter()
+            .map(|reply| reply.unwrap_or(redis::Value::Nil))
+            .collect();
         for pair in replies.chunks(2) {
             let counters: Vec<Option<i64>> =
                 redis::from_redis_value_ref(&pair[0]).unwrap_or_default();

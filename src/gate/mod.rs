@@ -82,7 +82,7 @@ impl Gate {
             keys: keys.clone(),
             retention,
             script: script::script(),
-            replicas: script::Replicas {
+            replicas: crate::store::Replicas {
                 acks: store.redis_replica_acks,
                 // Within the command timeout, so that the answer is Redis' count of
                 // replicas rather than a timeout of the connection.
@@ -90,7 +90,7 @@ impl Gate {
             },
         };
         Ok(Self {
-            recovery: Recovery::new(conn, db, keys, retention),
+            recovery: Recovery::new(conn, db, keys, retention, seller.replicas),
             memory: memory::Memory::new(store.redis_memory_share),
             coalescer: (store.purchase_batch > 1)
                 .then(|| Coalescer::new(seller.clone(), usize::from(store.purchase_batch))),

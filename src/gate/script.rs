@@ -5,7 +5,6 @@
 
 use std::time::Instant;
 
-use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisWrite, Script, ServerErrorKind, ToRedisArgs};
 use uuid::Uuid;
 
@@ -16,7 +15,7 @@ use crate::domain::{Buyer, IdempotencyKey, Quantity};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::records::{self, Record};
-use crate::store::Redis;
+use crate::store::{Redis, Replicas};
 
 /// What a purchase or a hold asks for: seats under an idempotency key, for a buyer.
 #[derive(Debug, Clone)]
@@ -101,36 +100,6 @@ pub struct Seller {
     pub(super) replicas: Replicas,
 }
 
-/// Replicas that must acknowledge a call's writes (`WAIT`) before it is answered.
-#[derive(Debug, Clone, Copy)]
-pub struct Replicas {
-    pub acks: u8,
-    pub timeout_ms: u64,
-}
-
-impl Replicas {
-    /// Waits until `self.acks` replicas of the server holding `key` have what this
-    /// connection wrote there. `WAIT` counts the connection's own writes, so it is
-    /// sent on the connection the script ran on, to the same server.
-    async fn wait(self, conn: &mut Redis, key: &str) -> Result<()> {
-        if self.acks == 0 {
-            return Ok(());
-        }
-        let wait = redis::cmd("WAIT")
-            .arg(self.acks)
-            .arg(self.timeout_ms)
-            .to_owned();
-        let acked: i64 = conn.on_server_of(key, &wait).await?;
-        if acked < i64::from(self.acks) {
-            return Err(Error::ReplicasBehind {
-                acked,
-                wanted: self.acks,
-            });
-        }
-        Ok(())
-    }
-}
-
 impl Seller {
     /// A seller of its own on `redis_url`, outside any [`Gate`](super::Gate): for
     /// measuring the script alone (`rush ceiling`).
@@ -182,7 +151,7 @@ impl Seller {
         let started = Instant::now();
         let call = invocation(&self.script, &self.keys, self.retention, event, asks);
         let mut conn = self.conn.clone();
-        let lines: String = run_script(&self.script, &call, &mut conn).await?;
+        let lines: String = run_script(&call, &mut conn, &self.keys.inventory(event)).await?;
         self.replicas
             .wait(&mut conn, &self.keys.inventory(event))
             .await?;
@@ -232,7 +201,18 @@ impl Decide for Seller {
 
 /// The purchase script, `lua/purchase.lua`.
 pub(super) fn script() -> Script {
-    crate::lua_script!("purchase.lua")
+    Script::new(CODE)
+}
+
+const CODE: &str = crate::lua_code!("purchase.lua");
+
+/// Loads the gate script into the server holding `key`. (`Script::load_async` would
+/// send it to every node of a cluster, and fail while any one is down.)
+pub(super) async fn load_script(conn: &mut Redis, key: &str) -> Result<()> {
+    let _: String = conn
+        .on_server_of(key, redis::cmd("SCRIPT").arg("LOAD").arg(CODE))
+        .await?;
+    Ok(())
 }
 
 /// The call of `script` that decides `asks` of `event`, in order (the argument layout
@@ -352,18 +332,19 @@ impl Ask {
     }
 }
 
-/// Sends `call` (an `EVALSHA` of `script`), loading the script first if Redis lacks it.
+/// Sends `call` (an `EVALSHA` of the gate script naming `key`), loading the script
+/// into that server first if it lacks it.
 pub(super) async fn run_script<T: FromRedisValue>(
-    script: &Script,
     call: &Cmd,
-    conn: &mut impl ConnectionLike,
-) -> redis::RedisResult<T> {
+    conn: &mut Redis,
+    key: &str,
+) -> Result<T> {
     match call.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            script.load_async(conn).await?;
-            call.query_async(conn).await
+            load_script(conn, key).await?;
+            Ok(call.query_async(conn).await?)
         }
-        result => result,
+        result => Ok(result?),
     }
 }
 

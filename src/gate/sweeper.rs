@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use redis::{AsyncCommands, ServerErrorKind, Value};
+use redis::{AsyncCommands, ErrorKind, ServerErrorKind, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Gate;
-use super::script::{invocation, run_script, unexpected};
+use super::script::{invocation, load_script, run_script, unexpected};
 use crate::error::Result;
 
 /// Most expired holds one call of the gate script returns (`EXPIRE_PER_CALL` in
@@ -27,8 +27,8 @@ impl Gate {
             event,
             &[],
         );
-        let returned: String =
-            run_script(&self.seller.script, &call, &mut self.seller.conn.clone()).await?;
+        let inventory = self.keys().inventory(event);
+        let returned: String = run_script(&call, &mut self.seller.conn.clone(), &inventory).await?;
         returned.parse().map_err(|_| unexpected("sweep", &returned))
     }
 
@@ -67,13 +67,28 @@ impl Gate {
             })
             .collect();
         let mut counts = conn.query_each(&calls).await?;
-        let no_script = |value: &Value| matches!(value, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript));
-        if counts.iter().any(no_script) {
-            self.seller.script.load_async(&mut conn).await?;
+        let no_script = |count: &redis::RedisResult<Value>| matches!(count, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript));
+        let lacking: Vec<Uuid> = events
+            .iter()
+            .zip(&counts)
+            .filter(|(_, count)| no_script(count))
+            .map(|(event, _)| *event)
+            .collect();
+        if !lacking.is_empty() {
+            // Into each server that lacks it (a load per event: which events share a
+            // server is not known here, and a load is cheap).
+            for event in lacking {
+                load_script(&mut conn, &self.keys().inventory(event)).await?;
+            }
             counts = conn.query_each(&calls).await?;
         }
         let mut returned = 0;
         for (event, count) in events.iter().zip(counts) {
+            // A master out of reach: its events are swept once it is back (their
+            // requests return their expired holds meanwhile); the rest are swept now.
+            let Ok(count) = count else {
+                continue;
+            };
             let count: String = redis::from_redis_value(count)?;
             let mut count: usize = count.parse().map_err(|_| unexpected("sweep", &count))?;
             returned += count;

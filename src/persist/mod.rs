@@ -234,6 +234,20 @@ impl Consumer {
     }
 }
 
+/// A stream this round could not read or look after: on a cluster, its master is out
+/// of reach (both it and its replica lost, or failing over). The round goes on with
+/// the other streams, so that one lost shard does not stop every event's sales from
+/// reaching PostgreSQL; this one is read again next round. Warned of at most every
+/// ten seconds.
+fn stream_unreachable(stream: &str, error: &redis::RedisError) {
+    static LAST_WARNED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST_WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+        *last = Some(std::time::Instant::now());
+        tracing::warn!(stream, %error, "a stream could not be read; the others go on");
+    }
+}
+
 async fn pause(shutdown: &CancellationToken, duration: Duration) {
     tokio::select! {
         _ = shutdown.cancelled() => {}
@@ -253,7 +267,12 @@ pub async fn backlog(conn: &mut Connection, streams: &[String]) -> Result<i64> {
             .iter()
             .map(|stream| redis::cmd("XINFO").arg("GROUPS").arg(stream).to_owned())
             .collect();
-        let replies = conn.query_each(&infos).await?;
+        let replies: Vec<redis::Value> = conn
+            .query_each(&infos)
+            .await?
+            .into_iter()
+            .map(|reply| reply.unwrap_or(redis::Value::Nil))
+            .collect();
         backlog += replies.iter().map(group_backlog).sum::<i64>();
     }
     Ok(backlog)

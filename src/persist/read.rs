@@ -91,10 +91,16 @@ impl Consumer {
                 .iter()
                 .map(|stream| redis::Cmd::xread_options(&[stream], &[from], &options))
                 .collect();
-            for reply in conn.query_each(&reads).await? {
-                if let redis::Value::ServerError(e) = reply {
-                    return Err(redis::RedisError::from(e).into());
-                }
+            for (stream, reply) in chunk.iter().zip(conn.query_each(&reads).await?) {
+                let reply = match reply {
+                    // Deleted by hand with its group: the next round makes both again.
+                    Err(e) if e.code() == Some("NOGROUP") => return Err(e.into()),
+                    Err(e) => {
+                        super::stream_unreachable(stream, &e);
+                        continue;
+                    }
+                    Ok(reply) => reply,
+                };
                 let reply: Option<StreamReadReply> = redis::from_redis_value(reply)?;
                 found.extend(reply.into_iter().flat_map(|r| r.keys));
             }

@@ -16,7 +16,7 @@ use super::{
     TRIM_EVERY, backlog,
 };
 use crate::db;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 impl Consumer {
     /// Re-reads the set of events (new ones appear while running), makes sure each
@@ -26,7 +26,17 @@ impl Consumer {
         conn: &mut Connection,
         cursor: &mut Cursor,
     ) -> Result<()> {
-        let ids: Vec<String> = conn.smembers(self.keys.events()).await?;
+        let ids: Vec<String> = match conn.smembers(self.keys.events()).await {
+            Ok(ids) => ids,
+            // On a cluster the set of events is on one master: while it is out of
+            // reach, the streams known so far are read on.
+            Err(e) if conn.is_cluster() && !cursor.streams.is_empty() => {
+                super::stream_unreachable(&self.keys.events(), &e);
+                cursor.refreshed = Some(Instant::now());
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         cursor.streams = ids
             .iter()
             .filter_map(|id| id.parse().ok())
@@ -35,8 +45,13 @@ impl Consumer {
         cursor.refreshed = Some(Instant::now());
         for stream in &cursor.streams {
             if !cursor.grouped.contains(stream) {
-                ensure_group(conn, stream).await?;
-                cursor.grouped.insert(stream.clone());
+                match ensure_group(conn, stream).await {
+                    Ok(()) => _ = cursor.grouped.insert(stream.clone()),
+                    Err(Error::Redis(e)) if conn.is_cluster() => {
+                        super::stream_unreachable(stream, &e)
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         crate::metrics::stream_backlog(backlog(conn, &cursor.streams).await?);
@@ -50,13 +65,18 @@ impl Consumer {
         cursor: &mut Cursor,
     ) -> Result<()> {
         for stream in &cursor.streams {
-            if self
-                .claim_stale(conn, stream, &mut cursor.untrimmed)
-                .await?
-            {
-                cursor.backlog = true;
+            let looked_after = async {
+                let claimed = self
+                    .claim_stale(conn, stream, &mut cursor.untrimmed)
+                    .await?;
+                self.forget_departed(conn, stream).await?;
+                Ok::<_, Error>(claimed)
+            };
+            match looked_after.await {
+                Ok(claimed) => cursor.backlog |= claimed,
+                Err(Error::Redis(e)) if conn.is_cluster() => super::stream_unreachable(stream, &e),
+                Err(e) => return Err(e),
             }
-            self.forget_departed(conn, stream).await?;
         }
         cursor.last_claim = Some(Instant::now());
         Ok(())
@@ -76,8 +96,12 @@ impl Consumer {
             .map(|(stream, _)| stream.clone())
             .collect();
         for stream in due {
-            self.trim_stream(conn, &stream).await?;
-            cursor.untrimmed.remove(&stream);
+            match self.trim_stream(conn, &stream).await {
+                Ok(()) => _ = cursor.untrimmed.remove(&stream),
+                // Trimmed once its master is back.
+                Err(Error::Redis(e)) if conn.is_cluster() => super::stream_unreachable(&stream, &e),
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

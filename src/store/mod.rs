@@ -15,7 +15,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 pub use nodes::info_field;
 
@@ -107,6 +107,36 @@ impl ConnectionLike for Redis {
             Redis::Single(conn) => conn.get_db(),
             Redis::Cluster(conn) => conn.get_db(),
         }
+    }
+}
+
+/// Replicas that must acknowledge a call's writes (`WAIT`) before it is answered.
+#[derive(Debug, Clone, Copy)]
+pub struct Replicas {
+    pub acks: u8,
+    pub timeout_ms: u64,
+}
+
+impl Replicas {
+    /// Waits until `self.acks` replicas of the server holding `key` have what this
+    /// connection wrote there. `WAIT` counts the connection's own writes, so it is
+    /// sent on the connection the script ran on, to the same server.
+    pub async fn wait(self, conn: &mut Redis, key: &str) -> Result<()> {
+        if self.acks == 0 {
+            return Ok(());
+        }
+        let wait = redis::cmd("WAIT")
+            .arg(self.acks)
+            .arg(self.timeout_ms)
+            .to_owned();
+        let acked: i64 = conn.on_server_of(key, &wait).await?;
+        if acked < i64::from(self.acks) {
+            return Err(Error::ReplicasBehind {
+                acked,
+                wanted: self.acks,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -236,11 +266,11 @@ const IN_FLIGHT: usize = 256;
 
 impl Redis {
     /// Sends `commands`, which may name different events' keys, and answers each in
-    /// its place, an error as a `Value::ServerError` (as an `ignore_errors` pipeline
-    /// does): one pipeline on a single server; on a cluster, where a pipeline must
-    /// stay within one slot, each command by itself, [`IN_FLIGHT`] at a time (each
-    /// master's connection pipelines them anyway).
-    pub async fn query_each(&mut self, commands: &[Cmd]) -> Result<Vec<Value>> {
+    /// its place, with its own error: one pipeline on a single server; on a cluster,
+    /// where a pipeline must stay within one slot, each command by itself,
+    /// [`IN_FLIGHT`] at a time (each master's connection pipelines them anyway), so
+    /// that a master out of reach fails only its own events' commands.
+    pub async fn query_each(&mut self, commands: &[Cmd]) -> Result<Vec<RedisResult<Value>>> {
         match self {
             Redis::Single(conn) => pipelined(conn, commands).await,
             Redis::Cluster(conn) => one_by_one(conn, commands).await,
@@ -250,7 +280,7 @@ impl Redis {
 
 impl Pooled {
     /// See [`Redis::query_each`].
-    pub async fn query_each(&mut self, commands: &[Cmd]) -> Result<Vec<Value>> {
+    pub async fn query_each(&mut self, commands: &[Cmd]) -> Result<Vec<RedisResult<Value>>> {
         match self {
             Pooled::Single(conn) => pipelined(conn, commands).await,
             Pooled::Cluster(conn) => one_by_one(conn, commands).await,
@@ -258,35 +288,36 @@ impl Pooled {
     }
 }
 
-async fn pipelined(conn: &mut impl ConnectionLike, commands: &[Cmd]) -> Result<Vec<Value>> {
+async fn pipelined(
+    conn: &mut impl ConnectionLike,
+    commands: &[Cmd],
+) -> Result<Vec<RedisResult<Value>>> {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for command in commands {
         pipe.add_command(command.clone());
     }
-    Ok(pipe.query_async(conn).await?)
+    let answers: Vec<Value> = pipe.query_async(conn).await?;
+    Ok(answers
+        .into_iter()
+        .map(|answer| match answer {
+            Value::ServerError(e) => Err(e.into()),
+            answer => Ok(answer),
+        })
+        .collect())
 }
 
-async fn one_by_one(conn: &ClusterConnection, commands: &[Cmd]) -> Result<Vec<Value>> {
+async fn one_by_one(conn: &ClusterConnection, commands: &[Cmd]) -> Result<Vec<RedisResult<Value>>> {
     use futures_util::{StreamExt, stream};
 
     let calls: Vec<_> = commands
         .iter()
         .map(|command| {
             let (command, mut conn) = (command.clone(), conn.clone());
-            async move {
-                match command.query_async::<Value>(&mut conn).await {
-                    Err(e) => redis::ServerError::try_from(e).map(Value::ServerError),
-                    answer => answer,
-                }
-            }
+            async move { command.query_async::<Value>(&mut conn).await }
         })
         .collect();
-    let answers = stream::iter(calls)
-        .buffered(IN_FLIGHT)
-        .collect::<Vec<redis::RedisResult<Value>>>()
-        .await;
-    Ok(answers.into_iter().collect::<redis::RedisResult<_>>()?)
+    Ok(stream::iter(calls).buffered(IN_FLIGHT).collect().await)
 }
 
 /// The seed nodes of a cluster `REDIS_URL`: one or more URLs separated by commas

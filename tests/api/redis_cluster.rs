@@ -45,6 +45,17 @@ impl PrivateCluster {
             String::from_utf8_lossy(&output.stdout)
         );
         cluster.wait_until_healthy(Duration::from_secs(30)).await;
+        // As the shipped files: a master without a replica in sync takes no write,
+        // so a sale it could not have acknowledged is never made.
+        for i in 0..cluster.nodes.len() {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("min-replicas-to-write")
+                .arg(1)
+                .query_async(&mut cluster.connect(i).await)
+                .await
+                .unwrap();
+        }
         cluster
     }
 

@@ -123,7 +123,7 @@ use crate::db::{self, EventRow};
 use crate::error::{Error, Result};
 use crate::gate::retention::Retention;
 use crate::keys::Keys;
-use crate::store::Redis;
+use crate::store::{Redis, Replicas};
 pub use fence::take_off_sale;
 pub use ledger::Durable;
 use ledger::Rebuilt;
@@ -189,6 +189,9 @@ pub struct Recovery {
     db: PgPool,
     keys: Keys,
     retention: Retention,
+    /// Replicas that must have the event in the set of events before it sells (see
+    /// `store::Replicas`): a failover must not lose it, or its stream goes unread.
+    replicas: Replicas,
     begin: Script,
     end: Script,
     seats: Script,
@@ -199,12 +202,19 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    pub fn new(conn: Redis, db: PgPool, keys: Keys, retention: Retention) -> Self {
+    pub fn new(
+        conn: Redis,
+        db: PgPool,
+        keys: Keys,
+        retention: Retention,
+        replicas: Replicas,
+    ) -> Self {
         Self {
             conn,
             db,
             keys,
             retention,
+            replicas,
             begin: crate::lua_script!("recover_begin.lua"),
             end: crate::lua_script!("recover_end.lua"),
             seats: crate::lua_script!("seats.lua"),
@@ -254,10 +264,19 @@ impl Recovery {
     pub async fn ensure_all(&self) -> Result<usize> {
         let events = db::events(&self.db).await?;
         let mut first_error = None;
+        let mut checked = Vec::with_capacity(events.len());
         for event in &events {
-            if let Err(e) = self.ensure_event(event, Mode::Check).await {
-                first_error.get_or_insert(e);
+            match self.ensure_event(event, Mode::Check).await {
+                Ok(_) => checked.push(event.id.to_string()),
+                Err(e) => _ = first_error.get_or_insert(e),
             }
+        }
+        // On a cluster the set of events lives on a master of its own, which may have
+        // failed over without an entry (with `BOXOFFICE_REDIS_REPLICA_ACKS=0`) while
+        // the event's own master kept it checked: put every checked event back.
+        let mut conn = self.conn.clone();
+        for chunk in checked.chunks(1_000) {
+            let _: () = conn.sadd(self.keys.events(), chunk).await?;
         }
         first_error.map_or(Ok(events.len()), Err)
     }
@@ -361,11 +380,9 @@ impl Recovery {
         let Some(records) = written else {
             return Ok(None);
         };
-        let _: () = self
-            .conn
-            .clone()
-            .sadd(self.keys.events(), event.to_string())
-            .await?;
+        let mut conn = self.conn.clone();
+        let _: () = conn.sadd(self.keys.events(), event.to_string()).await?;
+        self.replicas.wait(&mut conn, &self.keys.events()).await?;
         // Holds this recovery ended stay ended: recorded with the event back on sale,
         // or not at all.
         let voided = rebuilt.voided_holds();
