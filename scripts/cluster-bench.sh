@@ -82,7 +82,7 @@ run() { # side redis_url cluster ports...
     while ((${#events[@]} < 3)); do
         local id slot master
         id=$(curl -fs -X POST "$URL/api/v1/events" -H "Authorization: Bearer $TOKEN" \
-            -H 'Content-Type: application/json' -d '{"name":"bench","totalSeats":10000000}' | jq -r .id)
+            -H 'Content-Type: application/json' -d '{"name":"bench","totalSeats":1000000}' | jq -r .id)
         slot=$(redis-cli -p 7301 cluster keyslot "tix:{$id}:inv")
         master=$((slot <= 5460 ? 0 : slot <= 10922 ? 1 : 2))
         [[ $cluster == false || -z ${taken[$master]:-} ]] || continue

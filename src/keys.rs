@@ -75,6 +75,13 @@ impl Keys {
         format!("{}:{{{event}}}:cancel:{}", self.prefix, purchase.simple())
     }
 
+    /// Written with each gate call that waits for replicas, so that the call has a
+    /// write of its own for `WAIT` to count (a replay writes nothing else). Its value
+    /// means nothing; it expires a minute after the last call.
+    pub fn replica_ack(&self, event: Uuid) -> String {
+        format!("{}:{{{event}}}:ack", self.prefix)
+    }
+
     /// The event's waiting room: its settings (`opens`, `rate`, `admission`, `seed`)
     /// and how many joined before (`early`) and after (`late`) the opening. No TTL.
     pub fn queue(&self, event: Uuid) -> String {

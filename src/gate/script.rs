@@ -150,11 +150,26 @@ impl Seller {
         crate::metrics::script_batch("purchase", asks.len());
         let started = Instant::now();
         let call = invocation(&self.script, &self.keys, self.retention, event, asks);
+        let inventory = self.keys.inventory(event);
         let mut conn = self.conn.clone();
-        let lines: String = run_script(&call, &mut conn, &self.keys.inventory(event)).await?;
-        self.replicas
-            .wait(&mut conn, &self.keys.inventory(event))
-            .await?;
+        let mut acknowledged = redis::pipe();
+        acknowledged.add_command(call.clone()).cmd("SET");
+        // A write of this call's own: what it replays may have been written by
+        // another connection, whose writes this one's `WAIT` does not count.
+        acknowledged
+            .arg(self.keys.replica_ack(event))
+            .arg(1)
+            .arg("PX")
+            .arg(60_000)
+            .ignore();
+        let lines: String = if self.replicas.append(&mut acknowledged) {
+            let (lines, acked): (String, i64) =
+                run_script(Call::Piped(&acknowledged), &mut conn, &inventory).await?;
+            self.replicas.check(acked)?;
+            lines
+        } else {
+            run_script(Call::One(&call), &mut conn, &inventory).await?
+        };
         crate::metrics::script_run(started.elapsed());
         let replies = lines
             .split('\n')
@@ -332,17 +347,32 @@ impl Ask {
     }
 }
 
-/// Sends `call` (an `EVALSHA` of the gate script naming `key`), loading the script
-/// into that server first if it lacks it.
+/// A call of the gate script as sent: by itself, or in a pipeline that begins with it.
+pub(super) enum Call<'a> {
+    One(&'a Cmd),
+    Piped(&'a redis::Pipeline),
+}
+
+impl Call<'_> {
+    async fn send<T: FromRedisValue>(&self, conn: &mut Redis) -> redis::RedisResult<T> {
+        match self {
+            Call::One(cmd) => cmd.query_async(conn).await,
+            Call::Piped(pipe) => pipe.query_async(conn).await,
+        }
+    }
+}
+
+/// Sends `call` (naming `key`), loading the script into that server first if it
+/// lacks it.
 pub(super) async fn run_script<T: FromRedisValue>(
-    call: &Cmd,
+    call: Call<'_>,
     conn: &mut Redis,
     key: &str,
 ) -> Result<T> {
-    match call.query_async(conn).await {
+    match call.send(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
             load_script(conn, key).await?;
-            Ok(call.query_async(conn).await?)
+            Ok(call.send(conn).await?)
         }
         result => Ok(result?),
     }

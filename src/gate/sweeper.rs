@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Gate;
-use super::script::{invocation, load_script, run_script, unexpected};
+use super::script::{Call, invocation, load_script, run_script, unexpected};
 use crate::error::Result;
 
 /// Most expired holds one call of the gate script returns (`EXPIRE_PER_CALL` in
@@ -28,7 +28,8 @@ impl Gate {
             &[],
         );
         let inventory = self.keys().inventory(event);
-        let returned: String = run_script(&call, &mut self.seller.conn.clone(), &inventory).await?;
+        let returned: String =
+            run_script(Call::One(&call), &mut self.seller.conn.clone(), &inventory).await?;
         returned.parse().map_err(|_| unexpected("sweep", &returned))
     }
 

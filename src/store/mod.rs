@@ -117,19 +117,23 @@ pub struct Replicas {
     pub timeout_ms: u64,
 }
 
+/// `WAIT` counts the writes of the connection it is sent on, up to it. So it goes in
+/// one pipeline with the writes it is for: the same connection, the same server, in
+/// order. (Sent by itself after them, a client that re-made its connection, or sent
+/// the command to another server after a failover, would have it count nothing.)
 impl Replicas {
-    /// Waits until `self.acks` replicas of the server holding `key` have what this
-    /// connection wrote there. `WAIT` counts the connection's own writes, so it is
-    /// sent on the connection the script ran on, to the same server.
-    pub async fn wait(self, conn: &mut Redis, key: &str) -> Result<()> {
+    /// Appends `WAIT` to `pipe`, after the writes it must cover; `false` (nothing
+    /// appended) when no acknowledgement is wanted.
+    pub fn append(self, pipe: &mut Pipeline) -> bool {
         if self.acks == 0 {
-            return Ok(());
+            return false;
         }
-        let wait = redis::cmd("WAIT")
-            .arg(self.acks)
-            .arg(self.timeout_ms)
-            .to_owned();
-        let acked: i64 = conn.on_server_of(key, &wait).await?;
+        pipe.cmd("WAIT").arg(self.acks).arg(self.timeout_ms);
+        true
+    }
+
+    /// What `WAIT` answered (`acked` replicas): enough, or `ReplicasBehind`.
+    pub fn check(self, acked: i64) -> Result<()> {
         if acked < i64::from(self.acks) {
             return Err(Error::ReplicasBehind {
                 acked,

@@ -89,7 +89,7 @@ async fn every_operation_works_on_a_cluster_and_every_sale_reaches_postgresql() 
 /// buyers than seats, so every event sells out and the rest get 409.
 const SEATS: u32 = 200;
 const BUYERS: usize = 260;
-const PACE: Duration = Duration::from_millis(20);
+const PACE: Duration = Duration::from_millis(30);
 
 /// One buyer's purchase as the client saw it.
 struct Bought {
@@ -258,7 +258,8 @@ enum Failover {
 #[tokio::test]
 async fn a_master_killed_mid_rush_loses_no_answered_sale() {
     // Without a consumer, what the killed master sold reached nothing else: only
-    // the replica's acknowledgement keeps an answered sale.
+    // the replica's acknowledgement keeps an answered sale. The app's alone: the
+    // masters take writes without a replica (the shipped files would refuse them).
     on_private_servers(failover_mid_rush(Failover::Killed, false)).await;
 }
 
@@ -284,6 +285,9 @@ async fn a_live_event_moved_to_another_master_mid_rush_sells_every_seat_once() {
 /// checked ([`check_every_answer`]), and the other events never stopped selling.
 async fn failover_mid_rush(failover: Failover, persisting: bool) {
     let mut cluster = PrivateCluster::start().await;
+    if !persisting {
+        cluster.configure("min-replicas-to-write", "0").await;
+    }
     let env = TestEnv::with_cluster(&cluster).await;
     let apps = cluster_apps(&env, persisting).await;
     let events = an_event_on_every_master(&apps[0], &env, &cluster).await;
@@ -392,10 +396,11 @@ async fn failover_mid_rush(failover: Failover, persisting: bool) {
         check_every_answer(&env, &persisting, *event, bought).await;
     }
     // The events on the other masters never stopped selling: still selling after
-    // the failover, never a second without a sale.
+    // the failover, and never long without a sale (typically 50 ms; up to 0.8 s seen
+    // when the consumer runs, where the victim waits 2.5 s and more).
     for bought in &bought[1..] {
         let gap = longest_gap(bought);
-        assert!(gap < Duration::from_secs(1), "a sale waited {gap:?}");
+        assert!(gap < Duration::from_secs(2), "a sale waited {gap:?}");
         let last = bought
             .iter()
             .filter(|b| b.reply.status == StatusCode::OK)

@@ -47,16 +47,21 @@ impl PrivateCluster {
         cluster.wait_until_healthy(Duration::from_secs(30)).await;
         // As the shipped files: a master without a replica in sync takes no write,
         // so a sale it could not have acknowledged is never made.
-        for i in 0..cluster.nodes.len() {
+        cluster.configure("min-replicas-to-write", "1").await;
+        cluster
+    }
+
+    /// `CONFIG SET name value` on every node.
+    pub async fn configure(&self, name: &str, value: &str) {
+        for i in 0..self.nodes.len() {
             let _: () = redis::cmd("CONFIG")
                 .arg("SET")
-                .arg("min-replicas-to-write")
-                .arg(1)
-                .query_async(&mut cluster.connect(i).await)
+                .arg(name)
+                .arg(value)
+                .query_async(&mut self.connect(i).await)
                 .await
                 .unwrap();
         }
-        cluster
     }
 
     /// The seed nodes, as `REDIS_URL` takes them with `BOXOFFICE_REDIS_CLUSTER`.

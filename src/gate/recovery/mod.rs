@@ -380,9 +380,14 @@ impl Recovery {
         let Some(records) = written else {
             return Ok(None);
         };
-        let mut conn = self.conn.clone();
-        let _: () = conn.sadd(self.keys.events(), event.to_string()).await?;
-        self.replicas.wait(&mut conn, &self.keys.events()).await?;
+        let mut add = redis::pipe();
+        add.sadd(self.keys.events(), event.to_string()).ignore();
+        if self.replicas.append(&mut add) {
+            let (acked,): (i64,) = add.query_async(&mut self.conn.clone()).await?;
+            self.replicas.check(acked)?;
+        } else {
+            let _: () = add.query_async(&mut self.conn.clone()).await?;
+        }
         // Holds this recovery ended stay ended: recorded with the event back on sale,
         // or not at all.
         let voided = rebuilt.voided_holds();
