@@ -147,6 +147,15 @@ impl Keys {
 }
 
 /// `prefix` with the characters `SCAN MATCH` treats as a pattern escaped.
+/// A key prefix without braces (`BOXOFFICE_KEY_PREFIX`): a `{…}` in it would be every
+/// key's hash tag, and put every event in one cluster slot.
+pub fn valid_prefix(value: &str) -> Result<String, String> {
+    if value.contains(['{', '}']) {
+        return Err("braces are not allowed: every key's hash tag is its event's".into());
+    }
+    Ok(value.to_owned())
+}
+
 fn glob_escape(prefix: &str) -> String {
     let mut out = String::with_capacity(prefix.len());
     for c in prefix.chars() {
@@ -171,6 +180,13 @@ mod tests {
         let inventory = keys.inventory(id);
         let base = inventory.strip_suffix("inv").unwrap();
         assert_eq!(keys.idempotency(id, "k-1"), format!("{base}idem:k-1"));
+    }
+
+    #[test]
+    fn a_prefix_with_braces_is_refused() {
+        assert!(super::valid_prefix("shop{1}").is_err());
+        assert!(super::valid_prefix("shop}").is_err());
+        assert_eq!(super::valid_prefix("t*x").as_deref(), Ok("t*x"));
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub struct StoreConfig {
     pub database_url: String,
 
     /// Prefix of every Redis key, so several deployments (or test runs) can share one Redis.
-    #[arg(long, env = "BOXOFFICE_KEY_PREFIX", default_value = "tix", value_parser = key_prefix)]
+    #[arg(long, env = "BOXOFFICE_KEY_PREFIX", default_value = "tix", value_parser = crate::keys::valid_prefix)]
     pub key_prefix: String,
 
     /// Connections in the PostgreSQL pool of one process. Keep
@@ -300,15 +300,6 @@ const EXAMPLE_SECRETS: &[&str] = &[
 ];
 
 /// Why `value`, the secret of `setting`, must not be used; `None` when it may.
-/// A key prefix without braces: a `{…}` in it would be every key's hash tag, and put
-/// every event in one cluster slot.
-fn key_prefix(value: &str) -> Result<String, String> {
-    if value.contains(['{', '}']) {
-        return Err("braces are not allowed: every key's hash tag is its event's".into());
-    }
-    Ok(value.to_owned())
-}
-
 fn weak_secret(setting: &str, value: &str, min_bytes: usize) -> Option<String> {
     if EXAMPLE_SECRETS.contains(&value) || value.to_ascii_lowercase().contains("change-me") {
         return Some(format!(

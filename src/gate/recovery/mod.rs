@@ -58,6 +58,20 @@
 //! * **Restart, restore from any older file, failover**: the server answering is a
 //!   new process with a new run id, so every event's `run` differs, whatever the
 //!   file or the replica held (a snapshot taken after a recovery holds the old run id).
+//! * **A replica promoted on a Redis Cluster** (its master died, or `CLUSTER
+//!   FAILOVER`): the run id is the one signal that needs nothing else. The replica
+//!   holds its master's copy of each event, `run` included, which names the master's
+//!   process, never the replica's own (a run id is made when a process starts and
+//!   never shared, unlike the replication id, which a replica takes over from its
+//!   master, or the config epoch, which changes with every slot move and says nothing
+//!   about data). So the first seat movement on the promoted replica answers
+//!   `recover`, and each event is rebuilt from PostgreSQL and its log there, the
+//!   sales the master acknowledged but never passed on included when they reached
+//!   PostgreSQL. Those that had not are kept by answering only once a replica has
+//!   them (`store::Replicas`). A slot moved to another master (resharding) carries
+//!   `run` along and is caught the same way. `tests/api/cluster.rs` kills a master
+//!   whose replica lags mid-rush, with and without a consumer, fails one over by hand
+//!   and moves a live event's slot.
 //! * **FLUSHALL, keys deleted**: the inventory is gone, which the script treats alike.
 //! * **Several deployments on one Redis** (key prefixes): `run` is per event and each
 //!   deployment checks its own events; nothing is shared between them (the script
