@@ -146,7 +146,6 @@ impl Keys {
     }
 }
 
-/// `prefix` with the characters `SCAN MATCH` treats as a pattern escaped.
 /// A key prefix without braces (`BOXOFFICE_KEY_PREFIX`): a `{…}` in it would be every
 /// key's hash tag, and put every event in one cluster slot.
 pub fn valid_prefix(value: &str) -> Result<String, String> {
@@ -156,6 +155,7 @@ pub fn valid_prefix(value: &str) -> Result<String, String> {
     Ok(value.to_owned())
 }
 
+/// `prefix` with the characters `SCAN MATCH` treats as a pattern escaped.
 fn glob_escape(prefix: &str) -> String {
     let mut out = String::with_capacity(prefix.len());
     for c in prefix.chars() {

@@ -152,23 +152,24 @@ impl Seller {
         let call = invocation(&self.script, &self.keys, self.retention, event, asks);
         let inventory = self.keys.inventory(event);
         let mut conn = self.conn.clone();
-        let mut acknowledged = redis::pipe();
-        acknowledged.add_command(call.clone()).cmd("SET");
-        // A write of this call's own: what it replays may have been written by
-        // another connection, whose writes this one's `WAIT` does not count.
-        acknowledged
-            .arg(self.keys.replica_ack(event))
-            .arg(1)
-            .arg("PX")
-            .arg(60_000)
-            .ignore();
-        let lines: String = if self.replicas.append(&mut acknowledged) {
+        let lines: String = if self.replicas.acks == 0 {
+            run_script(Call::One(&call), &mut conn, &inventory).await?
+        } else {
+            let mut acknowledged = redis::pipe();
+            acknowledged.add_command(call).cmd("SET");
+            // A write of this call's own: what it replays may have been written by
+            // another connection, whose writes this one's `WAIT` does not count.
+            acknowledged
+                .arg(self.keys.replica_ack(event))
+                .arg(1)
+                .arg("PX")
+                .arg(60_000)
+                .ignore();
+            self.replicas.append(&mut acknowledged);
             let (lines, acked): (String, i64) =
                 run_script(Call::Piped(&acknowledged), &mut conn, &inventory).await?;
             self.replicas.check(acked)?;
             lines
-        } else {
-            run_script(Call::One(&call), &mut conn, &inventory).await?
         };
         crate::metrics::script_run(started.elapsed());
         let replies = lines

@@ -106,8 +106,12 @@ impl Cursor {
         }
     }
 
+    /// Forgets everything but the streams known: on a cluster they are read on while
+    /// the set of events is out of reach (`refresh_streams`), whatever else failed.
     fn reset(&mut self) {
+        let streams = std::mem::take(&mut self.streams);
         *self = Self::new();
+        self.streams = streams;
     }
 }
 
