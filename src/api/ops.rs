@@ -256,12 +256,7 @@ async fn global(state: &AppState) -> crate::Result<GlobalSales> {
             );
         }
         // A stream not made yet answers XINFO with an error: that event has no backlog.
-        let replies: Vec<redis::Value> = conn
-            .query_each(&reads)
-            .await?
-            .into_iter()
-            .map(|reply| reply.unwrap_or(redis::Value::Nil))
-            .collect();
+        let replies = crate::store::or_nil(conn.query_each(&reads).await?);
         for pair in replies.chunks(2) {
             let counters: Vec<Option<i64>> =
                 redis::from_redis_value_ref(&pair[0]).unwrap_or_default();

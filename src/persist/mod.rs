@@ -271,12 +271,7 @@ pub async fn backlog(conn: &mut Connection, streams: &[String]) -> Result<i64> {
             .iter()
             .map(|stream| redis::cmd("XINFO").arg("GROUPS").arg(stream).to_owned())
             .collect();
-        let replies: Vec<redis::Value> = conn
-            .query_each(&infos)
-            .await?
-            .into_iter()
-            .map(|reply| reply.unwrap_or(redis::Value::Nil))
-            .collect();
+        let replies = crate::store::or_nil(conn.query_each(&infos).await?);
         backlog += replies.iter().map(group_backlog).sum::<i64>();
     }
     Ok(backlog)

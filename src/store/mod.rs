@@ -82,33 +82,41 @@ impl Redis {
     }
 }
 
-impl ConnectionLike for Redis {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Redis::Single(conn) => conn.req_packed_command(cmd),
-            Redis::Cluster(conn) => conn.req_packed_command(cmd),
-        }
-    }
+/// `ConnectionLike` for an enum of a single server's connection and a cluster's: each
+/// call goes to whichever it holds.
+macro_rules! either_connection {
+    ($kind:ident) => {
+        impl ConnectionLike for $kind {
+            fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+                match self {
+                    $kind::Single(conn) => conn.req_packed_command(cmd),
+                    $kind::Cluster(conn) => conn.req_packed_command(cmd),
+                }
+            }
 
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipe: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Redis::Single(conn) => conn.req_packed_commands(pipe, offset, count),
-            Redis::Cluster(conn) => conn.req_packed_commands(pipe, offset, count),
-        }
-    }
+            fn req_packed_commands<'a>(
+                &'a mut self,
+                pipe: &'a Pipeline,
+                offset: usize,
+                count: usize,
+            ) -> RedisFuture<'a, Vec<Value>> {
+                match self {
+                    $kind::Single(conn) => conn.req_packed_commands(pipe, offset, count),
+                    $kind::Cluster(conn) => conn.req_packed_commands(pipe, offset, count),
+                }
+            }
 
-    fn get_db(&self) -> i64 {
-        match self {
-            Redis::Single(conn) => conn.get_db(),
-            Redis::Cluster(conn) => conn.get_db(),
+            fn get_db(&self) -> i64 {
+                match self {
+                    $kind::Single(conn) => conn.get_db(),
+                    $kind::Cluster(conn) => conn.get_db(),
+                }
+            }
         }
-    }
+    };
 }
+
+either_connection!(Redis);
 
 /// Replicas that must acknowledge a call's writes (`WAIT`) before it is answered.
 #[derive(Debug, Clone, Copy)]
@@ -237,33 +245,7 @@ impl Pooled {
     }
 }
 
-impl ConnectionLike for Pooled {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Pooled::Single(conn) => conn.req_packed_command(cmd),
-            Pooled::Cluster(conn) => conn.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipe: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Pooled::Single(conn) => conn.req_packed_commands(pipe, offset, count),
-            Pooled::Cluster(conn) => conn.req_packed_commands(pipe, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Pooled::Single(conn) => conn.get_db(),
-            Pooled::Cluster(conn) => conn.get_db(),
-        }
-    }
-}
+either_connection!(Pooled);
 
 /// Commands of up to this many events are in flight at once on a cluster.
 const IN_FLIGHT: usize = 256;
@@ -290,6 +272,16 @@ impl Pooled {
             Pooled::Cluster(conn) => one_by_one(conn, commands).await,
         }
     }
+}
+
+/// [`Redis::query_each`]'s answers with every error as `Nil`: for reads where a
+/// missing key and an unreadable one count alike (a stream not made yet, a master
+/// out of reach).
+pub fn or_nil(answers: Vec<RedisResult<Value>>) -> Vec<Value> {
+    answers
+        .into_iter()
+        .map(|answer| answer.unwrap_or(Value::Nil))
+        .collect()
 }
 
 async fn pipelined(
