@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Contract fuzzing: schemathesis (PyPI) with every check against a running instance's
-# /openapi.json, with the settings in schemathesis.toml. Starts its own instance (own
-# port, database and Redis key prefix) from BIN_DIR and removes what it created.
+# Contract fuzzing: schemathesis (PyPI) against a running instance's /openapi.json,
+# with the checks and settings of schemathesis.toml (every check but one). Starts its
+# own instance (own port, database and Redis key prefix) from BIN_DIR and removes what
+# it created. Arguments go to `schemathesis run` (e.g. `--seed N` to replay a run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,5 +30,5 @@ BOXOFFICE_LISTEN=127.0.0.1:$PORT DATABASE_URL=$DB_URL BOXOFFICE_KEY_PREFIX=$PREF
     BOXOFFICE_ADMISSION_KEY="fuzz-admission-key-$$-of-at-least-32-bytes" \
     BOXOFFICE_LOG_FORMAT=json RUST_LOG=warn "$BIN_DIR/boxoffice" serve &
 server=$!
-schemathesis run "http://127.0.0.1:$PORT/openapi.json" --wait-for-schema 30 --checks all \
-    -H "Authorization: Bearer $TOKEN" --max-examples "$MAX_EXAMPLES" --no-color
+schemathesis run "http://127.0.0.1:$PORT/openapi.json" --wait-for-schema 30 \
+    -H "Authorization: Bearer $TOKEN" --max-examples "$MAX_EXAMPLES" --no-color "$@"
