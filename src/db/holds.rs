@@ -9,32 +9,35 @@ use uuid::Uuid;
 use crate::error::Result;
 use crate::records::{HoldMade, HoldReleased};
 
-/// Writes holds of one event as the gate made them; holds already written are
-/// skipped. Returns how many rows were new.
+/// Writes holds, each with its event, as the gate made them; holds already written
+/// are skipped. Returns how many rows were new.
 pub async fn insert_holds<'c>(
     db: impl sqlx::PgExecutor<'c>,
-    event: Uuid,
-    holds: &[HoldMade],
+    holds: &[(Uuid, &HoldMade)],
 ) -> Result<u64> {
-    let ids: Vec<Uuid> = holds.iter().map(|h| h.id).collect();
-    let keys: Vec<&str> = holds.iter().map(|h| h.idempotency_key.as_str()).collect();
-    let quantities: Vec<i16> = holds.iter().map(|h| h.quantity).collect();
-    let buyers: Vec<Option<&str>> = holds.iter().map(|h| h.buyer.as_deref()).collect();
-    let remaining: Vec<i32> = holds.iter().map(|h| h.seats_remaining).collect();
-    let held_at: Vec<i64> = holds.iter().map(|h| h.held_at_micros).collect();
-    let expires_at: Vec<i64> = holds.iter().map(|h| h.expires_at_ms).collect();
+    let events: Vec<Uuid> = holds.iter().map(|(event, _)| *event).collect();
+    let ids: Vec<Uuid> = holds.iter().map(|(_, h)| h.id).collect();
+    let keys: Vec<&str> = holds
+        .iter()
+        .map(|(_, h)| h.idempotency_key.as_str())
+        .collect();
+    let quantities: Vec<i16> = holds.iter().map(|(_, h)| h.quantity).collect();
+    let buyers: Vec<Option<&str>> = holds.iter().map(|(_, h)| h.buyer.as_deref()).collect();
+    let remaining: Vec<i32> = holds.iter().map(|(_, h)| h.seats_remaining).collect();
+    let held_at: Vec<i64> = holds.iter().map(|(_, h)| h.held_at_micros).collect();
+    let expires_at: Vec<i64> = holds.iter().map(|(_, h)| h.expires_at_ms).collect();
     let done = sqlx::query(
         "INSERT INTO holds
              (id, event_id, idempotency_key, quantity, buyer, seats_remaining, held_at, expires_at)
-         SELECT id, $1, key, quantity, buyer, remaining,
+         SELECT id, event, key, quantity, buyer, remaining,
                 timestamptz 'epoch' + held * interval '1 microsecond',
                 timestamptz 'epoch' + expires * interval '1 millisecond'
-         FROM UNNEST($2::uuid[], $3::text[], $4::int2[], $5::text[], $6::int4[], $7::int8[],
-                     $8::int8[])
-              AS h(id, key, quantity, buyer, remaining, held, expires)
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int2[], $5::text[], $6::int4[],
+                     $7::int8[], $8::int8[])
+              AS h(event, id, key, quantity, buyer, remaining, held, expires)
          ON CONFLICT (id) DO NOTHING",
     )
-    .bind(event)
+    .bind(&events)
     .bind(&ids)
     .bind(&keys)
     .bind(&quantities)
@@ -47,16 +50,17 @@ pub async fn insert_holds<'c>(
     Ok(done.rows_affected())
 }
 
-/// Marks holds of `event` released, each at its time; a hold already marked keeps
+/// Marks holds released, each of its event at its time; a hold already marked keeps
 /// its first time. Returns how many rows changed. (Write the holds a release carries
 /// first: its hold's own entry may come later, through another consumer.)
 pub async fn release_holds<'c>(
     db: impl sqlx::PgExecutor<'c>,
-    event: Uuid,
-    releases: &[HoldReleased],
+    releases: &[(Uuid, &HoldReleased)],
 ) -> Result<u64> {
-    let marks = releases.iter().map(|r| (r.id, r.released_at_micros));
-    super::mark_once(db, "holds", "released_at", event, marks).await
+    let marks = releases
+        .iter()
+        .map(|(event, r)| (*event, r.id, r.released_at_micros));
+    super::mark_once(db, "holds", "released_at", marks).await
 }
 
 /// Most hold rows one prune statement deletes, so that it never holds locks for long.
@@ -87,7 +91,8 @@ pub async fn end_holds(
     holds: &[HoldMade],
     at_micros: i64,
 ) -> Result<()> {
-    insert_holds(&mut *tx, event, holds).await?;
+    let made: Vec<(Uuid, &HoldMade)> = holds.iter().map(|hold| (event, hold)).collect();
+    insert_holds(&mut *tx, &made).await?;
     let releases: Vec<HoldReleased> = holds
         .iter()
         .map(|h| HoldReleased {
@@ -98,6 +103,7 @@ pub async fn end_holds(
             hold: None,
         })
         .collect();
-    release_holds(&mut *tx, event, &releases).await?;
+    let released: Vec<(Uuid, &HoldReleased)> = releases.iter().map(|r| (event, r)).collect();
+    release_holds(&mut *tx, &released).await?;
     Ok(())
 }

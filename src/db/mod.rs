@@ -80,6 +80,20 @@ pub async fn lock_event_shared(tx: &mut PgConnection, event: Uuid) -> Result<()>
     Ok(())
 }
 
+/// Takes the shared lock of [`event_lock`] of every one of `events` in `tx`, until
+/// it ends, if none has to be waited for; returns whether all were taken. (Those
+/// taken when one was not are let go with the transaction, which then rolls back.)
+pub async fn try_lock_events_shared(tx: &mut PgConnection, events: &[Uuid]) -> Result<bool> {
+    let locks: Vec<i64> = events.iter().map(|event| event_lock(*event)).collect();
+    let all: Option<bool> = sqlx::query_scalar(
+        "SELECT bool_and(pg_try_advisory_xact_lock_shared(k)) FROM UNNEST($1::int8[]) AS k",
+    )
+    .bind(&locks)
+    .fetch_one(tx)
+    .await?;
+    Ok(all.unwrap_or(true))
+}
+
 /// Whether `e` is PostgreSQL giving up on a lock after `lock_timeout` (SQLSTATE 55P03).
 pub fn lock_not_available(e: &Error) -> bool {
     matches!(e, Error::Db(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03"))
@@ -114,24 +128,28 @@ pub fn refused_for_good(e: &Error) -> Option<String> {
     }
 }
 
-/// Sets `column` of the rows of `event` in `table` to each one's time (Unix µs),
-/// where it is not set yet: a row already marked keeps its first time, so the write
+/// Sets `column` of rows in `table`, each named by its event and id, to its time
+/// (Unix µs), where it is not set yet: a row already marked keeps its first time, so the write
 /// can be retried freely. Returns how many rows changed.
 async fn mark_once<'c>(
     db: impl sqlx::PgExecutor<'c>,
     table: &'static str,
     column: &'static str,
-    event: Uuid,
-    marks: impl Iterator<Item = (Uuid, i64)>,
+    marks: impl Iterator<Item = (Uuid, Uuid, i64)>,
 ) -> Result<u64> {
-    let (ids, at): (Vec<Uuid>, Vec<i64>) = marks.unzip();
+    let (mut events, mut ids, mut at) = (Vec::new(), Vec::new(), Vec::new());
+    for (event, id, micros) in marks {
+        events.push(event);
+        ids.push(id);
+        at.push(micros);
+    }
     let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE {table} t
          SET {column} = timestamptz 'epoch' + m.micros * interval '1 microsecond'
-         FROM UNNEST($2::uuid[], $3::int8[]) AS m(id, micros)
-         WHERE t.event_id = $1 AND t.id = m.id AND t.{column} IS NULL"
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[]) AS m(event, id, micros)
+         WHERE t.event_id = m.event AND t.id = m.id AND t.{column} IS NULL"
     )))
-    .bind(event)
+    .bind(&events)
     .bind(&ids)
     .bind(&at)
     .execute(db)

@@ -71,32 +71,35 @@ pub async fn recent_sales<'c>(
     Ok(sales)
 }
 
-/// Writes a batch of sales of one event in one statement. Sales already written
-/// (a redelivered stream entry) are skipped, so the write can be retried freely.
-/// Returns how many rows were new.
+/// Writes a batch of sales, each with its event, in one statement. Sales already
+/// written (a redelivered stream entry) are skipped, so the write can be retried
+/// freely. Returns how many rows were new.
 pub async fn insert_sales<'c>(
     db: impl sqlx::PgExecutor<'c>,
-    event: Uuid,
-    sales: &[Entry],
+    sales: &[(Uuid, &Entry)],
 ) -> Result<u64> {
-    let ids: Vec<Uuid> = sales.iter().map(|s| s.id).collect();
-    let keys: Vec<&str> = sales.iter().map(|s| s.idempotency_key.as_str()).collect();
-    let quantities: Vec<i16> = sales.iter().map(|s| s.quantity).collect();
-    let remaining: Vec<Option<i32>> = sales.iter().map(|s| s.seats_remaining).collect();
-    let sold_at: Vec<i64> = sales.iter().map(|s| s.sold_at_micros).collect();
-    let buyers: Vec<Option<&str>> = sales.iter().map(|s| s.buyer.as_deref()).collect();
-    let via_hold: Vec<bool> = sales.iter().map(|s| s.via_hold).collect();
+    let events: Vec<Uuid> = sales.iter().map(|(event, _)| *event).collect();
+    let ids: Vec<Uuid> = sales.iter().map(|(_, s)| s.id).collect();
+    let keys: Vec<&str> = sales
+        .iter()
+        .map(|(_, s)| s.idempotency_key.as_str())
+        .collect();
+    let quantities: Vec<i16> = sales.iter().map(|(_, s)| s.quantity).collect();
+    let remaining: Vec<Option<i32>> = sales.iter().map(|(_, s)| s.seats_remaining).collect();
+    let sold_at: Vec<i64> = sales.iter().map(|(_, s)| s.sold_at_micros).collect();
+    let buyers: Vec<Option<&str>> = sales.iter().map(|(_, s)| s.buyer.as_deref()).collect();
+    let via_hold: Vec<bool> = sales.iter().map(|(_, s)| s.via_hold).collect();
     let done = sqlx::query(
         "INSERT INTO purchases
              (id, event_id, idempotency_key, quantity, seats_remaining, sold_at, buyer, via_hold)
-         SELECT id, $1, key, quantity, remaining,
+         SELECT id, event, key, quantity, remaining,
                 timestamptz 'epoch' + micros * interval '1 microsecond', buyer, via_hold
-         FROM UNNEST($2::uuid[], $3::text[], $4::int2[], $5::int4[], $6::int8[], $7::text[],
-                     $8::bool[])
-              AS s(id, key, quantity, remaining, micros, buyer, via_hold)
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int2[], $5::int4[], $6::int8[],
+                     $7::text[], $8::bool[])
+              AS s(event, id, key, quantity, remaining, micros, buyer, via_hold)
          ON CONFLICT (id) DO NOTHING",
     )
-    .bind(event)
+    .bind(&events)
     .bind(&ids)
     .bind(&keys)
     .bind(&quantities)
@@ -109,13 +112,14 @@ pub async fn insert_sales<'c>(
     Ok(done.rows_affected())
 }
 
-/// Marks sales of `event` cancelled, each at its time; a row already marked keeps its
-/// first time, so the write can be retried freely. Returns how many rows changed.
+/// Marks sales cancelled, each of its event at its time; a row already marked keeps
+/// its first time, so the write can be retried freely. Returns how many rows changed.
 pub async fn cancel_sales<'c>(
     db: impl sqlx::PgExecutor<'c>,
-    event: Uuid,
-    cancels: &[Cancellation],
+    cancels: &[(Uuid, &Cancellation)],
 ) -> Result<u64> {
-    let marks = cancels.iter().map(|c| (c.id, c.cancelled_at_micros));
-    super::mark_once(db, "purchases", "cancelled_at", event, marks).await
+    let marks = cancels
+        .iter()
+        .map(|(event, c)| (*event, c.id, c.cancelled_at_micros));
+    super::mark_once(db, "purchases", "cancelled_at", marks).await
 }

@@ -37,14 +37,10 @@ impl Consumer {
         // A stream deleted by hand loses its group (NOGROUP): the error resets the
         // cursor (`Consumer::run`), and the next round creates the group again.
         let streams = read?;
-        let mut longest = 0;
-        let mut deferred = false;
-        for stream in streams {
-            longest = longest.max(stream.ids.len());
-            deferred |= self
-                .persist(conn, &stream.key, stream.ids, &mut cursor.untrimmed)
-                .await?;
-        }
+        let longest = streams.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let deferred = self
+            .persist_round(conn, streams, &mut cursor.untrimmed)
+            .await?;
         if deferred {
             // Left pending for this consumer: read again from its pending entries.
             cursor.backlog = true;

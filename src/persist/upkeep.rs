@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use deadpool_redis::redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamInfoConsumersReply,
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamInfoConsumersReply, StreamKey,
 };
 use deadpool_redis::redis::{self, AsyncCommands};
 
@@ -204,7 +204,11 @@ impl Consumer {
                     entries = reply.claimed.len(),
                     "took over sales left pending by another consumer"
                 );
-                deferred |= self.persist(conn, stream, reply.claimed, untrimmed).await?;
+                let claimed = StreamKey {
+                    key: stream.to_owned(),
+                    ids: reply.claimed,
+                };
+                deferred |= self.persist_round(conn, vec![claimed], untrimmed).await?;
             }
             if reply.next_stream_id == "0-0" {
                 return Ok(deferred);

@@ -765,3 +765,76 @@ async fn a_worker_exports_metrics_and_counts_entries_lost_while_pending() {
         .unwrap();
     assert_eq!(ready["status"], "ready", "{ready}");
 }
+
+/// Sales of many events are written together, a transaction for many events; an
+/// event a recovery holds, or one PostgreSQL refuses, holds up only its own sales.
+#[tokio::test]
+async fn many_events_are_written_together_and_one_held_or_refused_waits_alone() {
+    let env = TestEnv::new().await;
+    let app = env.spawn_app_with(|c| c.serve.consumer = false).await;
+    let mut events = Vec::new();
+    for i in 0..30 {
+        let event = app.create_event(&format!("together {i}"), 10).await;
+        for n in 0..2 {
+            let reply = app.purchase_event(event, &format!("t-{i}-{n}"), 1).await;
+            assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        }
+        events.push(event);
+    }
+    // The first event's lock held exclusively, as a recovery of it holds it.
+    let held = events[0];
+    let mut recovery = env.db.begin().await.unwrap();
+    boxoffice::db::lock_event(&mut recovery, held)
+        .await
+        .unwrap();
+
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(env.consumer("together", 30_000).await.run(stop.clone()));
+    for event in &events[1..] {
+        env.wait_for_rows(*event, 2, Duration::from_secs(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        env.rows(held).await.is_empty(),
+        "written while its recovery held the event"
+    );
+    recovery.rollback().await.unwrap();
+    env.wait_for_rows(held, 2, Duration::from_secs(10)).await;
+    stop.cancel();
+    consumer.await.unwrap();
+
+    // A stream of an event PostgreSQL does not have, among new sales of the others,
+    // all read in one round: its sale is refused for good and parked; theirs are
+    // written.
+    let stranger = uuid::Uuid::now_v7();
+    append_sale(&env, stranger, "s-1", 1).await;
+    let _: i64 = env
+        .redis_now()
+        .await
+        .sadd(format!("{}:events", env.prefix), stranger.to_string())
+        .await
+        .unwrap();
+    for (i, event) in events.iter().enumerate() {
+        let reply = app.purchase_event(*event, &format!("t-{i}-2"), 1).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(env.consumer("together", 30_000).await.run(stop.clone()));
+    for event in &events {
+        env.wait_for_rows(*event, 3, Duration::from_secs(10)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let dead = format!("{}:{{{stranger}}}:dead", env.prefix);
+    while env.redis_now().await.xlen::<_, usize>(&dead).await.unwrap() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused sale is not parked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    consumer.await.unwrap();
+    for event in events {
+        assert_eq!(env.rows(event).await.len(), 3);
+    }
+}

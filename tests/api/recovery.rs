@@ -201,7 +201,8 @@ impl Deployment {
             })
             .collect();
         for chunk in bulk.chunks(5_000) {
-            boxoffice::db::insert_sales(&self.env.db, self.event, chunk)
+            let chunk: Vec<_> = chunk.iter().map(|sale| (self.event, sale)).collect();
+            boxoffice::db::insert_sales(&self.env.db, &chunk)
                 .await
                 .unwrap();
         }
