@@ -180,7 +180,8 @@ pub fn stream_backlog(sales: i64) {
     ::metrics::gauge!(STREAM_BACKLOG).set(sales as f64);
 }
 
-/// One batch of the consumer: entries read, rows that were new.
+/// One write of the consumer (one event's batch, or a group of events' in one
+/// transaction): entries read, rows that were new.
 pub fn consumer_batch(read: usize, written: u64) {
     ::metrics::histogram!(CONSUMER_BATCH).record(read as f64);
     ::metrics::counter!(ROWS_WRITTEN).increment(written);

@@ -123,7 +123,8 @@ impl StoreConfig {
 /// How the stream consumer batches and reclaims sales on their way to PostgreSQL.
 #[derive(Debug, Clone, Args)]
 pub struct ConsumerConfig {
-    /// Largest number of sales written to PostgreSQL in one statement.
+    /// Largest number of sales written to PostgreSQL in one statement (and in one
+    /// transaction, which may hold the batches of several events).
     #[arg(long, env = "BOXOFFICE_CONSUMER_BATCH", default_value_t = 1000)]
     pub consumer_batch: usize,
 

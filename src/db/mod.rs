@@ -15,11 +15,13 @@ use crate::error::{Error, Result, redact_url};
 mod books;
 mod events;
 mod holds;
+mod movements;
 mod sales;
 
 pub use books::*;
 pub use events::*;
 pub use holds::*;
+pub use movements::write_movements;
 pub use sales::*;
 
 /// How long startup and requests wait for a PostgreSQL connection.

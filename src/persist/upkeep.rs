@@ -18,6 +18,9 @@ use super::{
 use crate::db;
 use crate::error::{Error, Result};
 
+/// Streams looked after per round trip.
+const UPKEEP_CHUNK: usize = 256;
+
 impl Consumer {
     /// Re-reads the set of events (new ones appear while running), makes sure each
     /// stream has the group, and updates the backlog gauge.
@@ -43,14 +46,22 @@ impl Consumer {
             .map(|id| self.keys.stream(id))
             .collect();
         cursor.refreshed = Some(Instant::now());
-        for stream in &cursor.streams {
-            if !cursor.grouped.contains(stream) {
-                match ensure_group(conn, stream).await {
-                    Ok(()) => _ = cursor.grouped.insert(stream.clone()),
-                    Err(Error::Redis(e)) if conn.is_cluster() => {
-                        super::stream_unreachable(stream, &e)
+        let new: Vec<&String> = (cursor.streams.iter())
+            .filter(|stream| !cursor.grouped.contains(*stream))
+            .collect();
+        for chunk in new.chunks(UPKEEP_CHUNK) {
+            let creates: Vec<redis::Cmd> = (chunk.iter())
+                .map(|stream| redis::Cmd::xgroup_create_mkstream(*stream, CONSUMER_GROUP, "0"))
+                .collect();
+            for (stream, created) in chunk.iter().zip(conn.query_each(&creates).await?) {
+                match created {
+                    Err(e) if e.code() != Some("BUSYGROUP") => {
+                        if !conn.is_cluster() {
+                            return Err(e.into());
+                        }
+                        super::stream_unreachable(stream, &e);
                     }
-                    Err(e) => return Err(e),
+                    _ => _ = cursor.grouped.insert((*stream).clone()),
                 }
             }
         }
@@ -58,24 +69,39 @@ impl Consumer {
         Ok(())
     }
 
-    /// Takes over what dead consumers left pending, and removes departed ones.
+    /// Takes over what dead consumers left pending, and removes departed ones: the
+    /// first `XAUTOCLAIM` and the `XINFO CONSUMERS` of every stream pipelined, so
+    /// that 10,000 events do not cost 20,000 round trips one after the other.
     pub(super) async fn look_after_group(
         &self,
         conn: &mut Connection,
         cursor: &mut Cursor,
     ) -> Result<()> {
-        for stream in &cursor.streams {
-            let looked_after = async {
-                let claimed = self
-                    .claim_stale(conn, stream, &mut cursor.untrimmed)
-                    .await?;
-                self.forget_departed(conn, stream).await?;
-                Ok::<_, Error>(claimed)
-            };
-            match looked_after.await {
-                Ok(claimed) => cursor.backlog |= claimed,
-                Err(Error::Redis(e)) if conn.is_cluster() => super::stream_unreachable(stream, &e),
-                Err(e) => return Err(e),
+        for chunk in cursor.streams.chunks(UPKEEP_CHUNK) {
+            let mut queries: Vec<redis::Cmd> = (chunk.iter())
+                .map(|stream| self.claim_from(stream, "0-0"))
+                .collect();
+            queries.extend(
+                (chunk.iter()).map(|stream| redis::Cmd::xinfo_consumers(stream, CONSUMER_GROUP)),
+            );
+            let mut replies = conn.query_each(&queries).await?;
+            let infos = replies.split_off(chunk.len());
+            for ((stream, claim), info) in chunk.iter().zip(replies).zip(infos) {
+                let looked_after = async {
+                    let claim = redis::from_redis_value(claim?)?;
+                    let deferred =
+                        (self.claim_stale(conn, stream, claim, &mut cursor.untrimmed)).await?;
+                    self.forget_departed(conn, stream, redis::from_redis_value(info?)?)
+                        .await?;
+                    Ok::<_, Error>(deferred)
+                };
+                match looked_after.await {
+                    Ok(deferred) => cursor.backlog |= deferred,
+                    Err(Error::Redis(e)) if conn.is_cluster() => {
+                        super::stream_unreachable(stream, &e)
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         cursor.last_claim = Some(Instant::now());
@@ -95,12 +121,20 @@ impl Consumer {
             .filter(|(_, since)| idle || since.elapsed() >= TRIM_EVERY)
             .map(|(stream, _)| stream.clone())
             .collect();
-        for stream in due {
-            match self.trim_stream(conn, &stream).await {
-                Ok(()) => _ = cursor.untrimmed.remove(&stream),
-                // Trimmed once its master is back.
-                Err(Error::Redis(e)) if conn.is_cluster() => super::stream_unreachable(&stream, &e),
-                Err(e) => return Err(e),
+        for chunk in due.chunks(UPKEEP_CHUNK) {
+            let trims: Vec<redis::Cmd> = chunk.iter().map(|stream| self.trim_cmd(stream)).collect();
+            let mut trimmed = conn.query_each(&trims).await?;
+            if trimmed.iter().any(|t| matches!(t, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))) {
+                self.trim.prepare_invoke().load_async(conn).await?;
+                trimmed = conn.query_each(&trims).await?;
+            }
+            for (stream, trimmed) in chunk.iter().zip(trimmed) {
+                match trimmed {
+                    Ok(_) => _ = cursor.untrimmed.remove(stream),
+                    // Trimmed once its master is back.
+                    Err(e) if conn.is_cluster() => super::stream_unreachable(stream, &e),
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         Ok(())
@@ -142,10 +176,24 @@ impl Consumer {
         Ok(())
     }
 
-    /// Removes consumers of `stream`'s group that left: nothing pending, silent for
-    /// [`Consumer::departed_after`].
-    pub(super) async fn forget_departed(&self, conn: &mut Connection, stream: &str) -> Result<()> {
-        let info: StreamInfoConsumersReply = conn.xinfo_consumers(stream, CONSUMER_GROUP).await?;
+    /// `lua/trim.lua` on `stream`, by its hash, for a pipeline.
+    fn trim_cmd(&self, stream: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.trim.get_hash())
+            .arg(1)
+            .arg(stream)
+            .arg(CONSUMER_GROUP);
+        cmd
+    }
+
+    /// Removes the consumers `info` lists of `stream`'s group that left: nothing
+    /// pending, silent for [`Consumer::departed_after`].
+    async fn forget_departed(
+        &self,
+        conn: &mut Connection,
+        stream: &str,
+        info: StreamInfoConsumersReply,
+    ) -> Result<()> {
         let departed_ms = self.departed_after().as_millis();
         for consumer in info.consumers {
             if consumer.pending == 0
@@ -171,27 +219,18 @@ impl Consumer {
         Ok(())
     }
 
-    /// Takes over entries another consumer left unacknowledged for too long; `true`
-    /// when some were left pending for a later round (see [`Consumer::persist`]).
-    pub(super) async fn claim_stale(
+    /// Takes over entries another consumer left unacknowledged for too long, from
+    /// `reply` (an `XAUTOCLAIM` from the start) on; `true` when some were left pending
+    /// for a later round (see [`Consumer::persist_round`]).
+    async fn claim_stale(
         &self,
         conn: &mut Connection,
         stream: &str,
+        mut reply: StreamAutoClaimReply,
         untrimmed: &mut HashMap<String, Instant>,
     ) -> Result<bool> {
         let mut deferred = false;
-        let mut start = "0-0".to_owned();
         loop {
-            let reply: StreamAutoClaimReply = conn
-                .xautoclaim_options(
-                    stream,
-                    CONSUMER_GROUP,
-                    &self.name,
-                    self.config.claim_idle_ms,
-                    &start,
-                    StreamAutoClaimOptions::default().count(self.config.consumer_batch),
-                )
-                .await?;
             if !reply.deleted_ids.is_empty() {
                 // XAUTOCLAIM has dropped them from the group already.
                 let ids: Vec<&str> = reply.deleted_ids.iter().map(String::as_str).collect();
@@ -213,17 +252,21 @@ impl Consumer {
             if reply.next_stream_id == "0-0" {
                 return Ok(deferred);
             }
-            start = reply.next_stream_id;
+            let next = self.claim_from(stream, &reply.next_stream_id);
+            reply = next.query_async(conn).await?;
         }
     }
-}
 
-pub(super) async fn ensure_group(conn: &mut Connection, stream: &str) -> Result<()> {
-    let created: redis::RedisResult<()> = conn
-        .xgroup_create_mkstream(stream, CONSUMER_GROUP, "0")
-        .await;
-    match created {
-        Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
-        _ => Ok(()),
+    /// `XAUTOCLAIM` of `stream`'s entries idle for `claim_idle_ms`, from `start`.
+    fn claim_from(&self, stream: &str, start: &str) -> redis::Cmd {
+        let options = StreamAutoClaimOptions::default().count(self.config.consumer_batch);
+        redis::Cmd::xautoclaim_options(
+            stream,
+            CONSUMER_GROUP,
+            &self.name,
+            self.config.claim_idle_ms,
+            start,
+            options,
+        )
     }
 }

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use deadpool_redis::redis::streams::{StreamKey, StreamPendingCountReply};
 use deadpool_redis::redis::{self, AsyncCommands};
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{CONSUMER_GROUP, Connection, Consumer};
@@ -31,6 +30,10 @@ const LOCK_WAIT: &str = "SET LOCAL lock_timeout = '500ms'";
 /// without its sales, whose entries Redis may have lost meanwhile: sold twice.
 const WRITE_LOCK_WAIT: &str = "SET LOCAL lock_timeout TO DEFAULT";
 
+/// Most events written in one transaction: it takes a lock of each, and PostgreSQL's
+/// lock table (room for 64 per connection by default) is shared by the whole server.
+const GROUP_EVENTS: usize = 64;
+
 /// One stream's entries of a round, read as seat movements.
 struct Batch {
     stream: String,
@@ -44,6 +47,11 @@ struct Batch {
 impl Batch {
     fn ids(&self) -> Vec<&str> {
         self.entries.iter().map(|(_, id)| id.as_str()).collect()
+    }
+
+    /// The movements, each with its event, as [`db::write_movements`] takes them.
+    fn movements(&self) -> impl Iterator<Item = (Uuid, &Logged)> {
+        self.entries.iter().map(|(logged, _)| (self.event, logged))
     }
 }
 
@@ -73,7 +81,7 @@ impl Consumer {
             batches.push(self.batch(conn, stream).await?);
         }
         let mut deferred = false;
-        for mut group in groups(batches, self.config.consumer_batch) {
+        for mut group in groups(batches, self.config.consumer_batch, GROUP_EVENTS) {
             deferred |= match group.len() {
                 1 => self.persist(conn, group.remove(0), untrimmed).await?,
                 _ => self.persist_group(conn, group, untrimmed).await?,
@@ -124,11 +132,14 @@ impl Consumer {
             }
             return Ok(deferred);
         };
-        let written_batches: Vec<&Batch> = group
-            .iter()
-            .zip(&pending)
-            .filter_map(|(batch, pending)| pending.then_some(batch))
-            .collect();
+        // Reported once written: a group written again event by event reports them there.
+        let mut written_batches = Vec::with_capacity(group.len());
+        for (batch, pending) in group.iter().zip(pending) {
+            match pending {
+                true => written_batches.push(batch),
+                false => not_pending(batch),
+            }
+        }
         let acks: Vec<redis::Cmd> = written_batches
             .iter()
             .filter(|batch| !batch.entries.is_empty())
@@ -173,20 +184,13 @@ impl Consumer {
             return Ok(None);
         }
         let pending = self.pending(conn, group).await?;
-        let mut entries = Vec::new();
-        for (batch, pending) in group.iter().zip(&pending) {
-            if *pending {
-                entries.extend(
-                    batch
-                        .entries
-                        .iter()
-                        .map(|(logged, _)| (batch.event, logged)),
-                );
-            } else {
-                not_pending(batch);
-            }
-        }
-        let written = match write_logged(&mut tx, &entries).await {
+        let entries: Vec<(Uuid, &Logged)> = group
+            .iter()
+            .zip(&pending)
+            .filter(|(_, pending)| **pending)
+            .flat_map(|(batch, _)| batch.movements())
+            .collect();
+        let written = match db::write_movements(&mut tx, &entries).await {
             Err(e) if db::refused_for_good(&e).is_some() => {
                 tracing::debug!(error = %e, "PostgreSQL refused a group; writing it event by event");
                 return Ok(None);
@@ -263,12 +267,8 @@ impl Consumer {
             not_pending(batch);
             return Ok(Written::NotPending);
         }
-        let entries: Vec<(Uuid, &Logged)> = batch
-            .entries
-            .iter()
-            .map(|(logged, _)| (event, logged))
-            .collect();
-        let written = write_logged(&mut tx, &entries).await?;
+        let entries: Vec<(Uuid, &Logged)> = batch.movements().collect();
+        let written = db::write_movements(&mut tx, &entries).await?;
         tx.commit().await?;
         Ok(Written::Rows(written))
     }
@@ -389,62 +389,22 @@ fn not_pending(batch: &Batch) {
     );
 }
 
-/// Splits a round's batches into groups of at most `limit` entries, each written in
-/// one transaction; a batch that big already is a group of its own.
-fn groups(batches: Vec<Batch>, limit: usize) -> Vec<Vec<Batch>> {
+/// Splits a round's batches into groups of at most `entries` entries and `events`
+/// events, each written in one transaction; a batch that big already is a group of
+/// its own.
+fn groups(batches: Vec<Batch>, entries: usize, events: usize) -> Vec<Vec<Batch>> {
     let mut groups: Vec<Vec<Batch>> = Vec::new();
     let mut size = 0;
     for batch in batches {
-        let entries = batch.entries.len();
+        let len = batch.entries.len();
         match groups.last_mut() {
-            Some(group) if size + entries <= limit => group.push(batch),
+            Some(group) if size + len <= entries && group.len() < events => group.push(batch),
             _ => {
                 size = 0;
                 groups.push(vec![batch]);
             }
         }
-        size += entries;
+        size += len;
     }
     groups
-}
-
-/// Writes seat movements, each of its event, in `tx`, in the order they depend on
-/// each other: a hold before its sale or release, a sale before its cancellation
-/// (one batch may carry both). Every write is idempotent: an entry delivered again
-/// changes nothing. Returns how many sales were new rows.
-async fn write_logged(tx: &mut PgConnection, entries: &[(Uuid, &Logged)]) -> Result<u64> {
-    let (mut holds, mut sales, mut releases, mut cancels) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (event, logged) in entries {
-        match logged {
-            Logged::Hold(hold) => holds.push((*event, hold)),
-            Logged::Sale(sale) => sales.push((*event, sale)),
-            Logged::Release(release) => releases.push((*event, release)),
-            Logged::Cancel(cancel) => cancels.push((*event, cancel)),
-        }
-    }
-    // The holds that releases and confirmations carry too: a hold's own entry may
-    // come later, through another consumer, or be lost with Redis' data.
-    let carried = releases
-        .iter()
-        .filter_map(|(e, r)| Some((*e, r.hold.as_ref()?)));
-    let confirmed = sales
-        .iter()
-        .filter_map(|(e, s)| Some((*e, s.hold.as_ref()?)));
-    holds.extend(carried.chain(confirmed).collect::<Vec<_>>());
-    if !holds.is_empty() {
-        db::insert_holds(&mut *tx, &holds).await?;
-    }
-    let written = if sales.is_empty() {
-        0
-    } else {
-        db::insert_sales(&mut *tx, &sales).await?
-    };
-    if !releases.is_empty() {
-        db::release_holds(&mut *tx, &releases).await?;
-    }
-    if !cancels.is_empty() {
-        db::cancel_sales(&mut *tx, &cancels).await?;
-    }
-    Ok(written)
 }

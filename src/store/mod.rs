@@ -288,6 +288,10 @@ async fn pipelined(
     conn: &mut impl ConnectionLike,
     commands: &[Cmd],
 ) -> Result<Vec<RedisResult<Value>>> {
+    // redis-rs refuses to send an empty pipeline.
+    if commands.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for command in commands {
