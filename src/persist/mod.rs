@@ -243,7 +243,7 @@ impl Consumer {
 /// the other streams, so that one lost shard does not stop every event's sales from
 /// reaching PostgreSQL; this one is read again next round. Warned of at most every
 /// ten seconds.
-fn stream_unreachable(stream: &str, error: &redis::RedisError) {
+fn stream_unreachable(stream: &str, error: &dyn std::fmt::Display) {
     static LAST_WARNED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
     let mut last = LAST_WARNED.lock().unwrap_or_else(|e| e.into_inner());
     if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {

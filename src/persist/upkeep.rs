@@ -18,8 +18,11 @@ use super::{
 use crate::db;
 use crate::error::{Error, Result};
 
-/// Streams looked after per round trip.
+/// Streams whose group is made, or that are trimmed, per round trip.
 const UPKEEP_CHUNK: usize = 256;
+/// Streams whose stale entries are taken over per round trip: each reply may carry
+/// `consumer_batch` entries, all held at once.
+const CLAIM_CHUNK: usize = 64;
 
 impl Consumer {
     /// Re-reads the set of events (new ones appear while running), makes sure each
@@ -70,14 +73,14 @@ impl Consumer {
     }
 
     /// Takes over what dead consumers left pending, and removes departed ones: the
-    /// first `XAUTOCLAIM` and the `XINFO CONSUMERS` of every stream pipelined, so
+    /// first `XAUTOCLAIM` and the `XINFO CONSUMERS` of many streams pipelined, so
     /// that 10,000 events do not cost 20,000 round trips one after the other.
     pub(super) async fn look_after_group(
         &self,
         conn: &mut Connection,
         cursor: &mut Cursor,
     ) -> Result<()> {
-        for chunk in cursor.streams.chunks(UPKEEP_CHUNK) {
+        for chunk in cursor.streams.chunks(CLAIM_CHUNK) {
             let mut queries: Vec<redis::Cmd> = (chunk.iter())
                 .map(|stream| self.claim_from(stream, "0-0"))
                 .collect();
@@ -97,7 +100,8 @@ impl Consumer {
                 };
                 match looked_after.await {
                     Ok(deferred) => cursor.backlog |= deferred,
-                    Err(Error::Redis(e)) if conn.is_cluster() => {
+                    // An error or an odd reply in its place: only this stream waits.
+                    Err(e @ (Error::Redis(_) | Error::UnexpectedReply(_))) if conn.is_cluster() => {
                         super::stream_unreachable(stream, &e)
                     }
                     Err(e) => return Err(e),
@@ -124,9 +128,16 @@ impl Consumer {
         for chunk in due.chunks(UPKEEP_CHUNK) {
             let trims: Vec<redis::Cmd> = chunk.iter().map(|stream| self.trim_cmd(stream)).collect();
             let mut trimmed = conn.query_each(&trims).await?;
-            if trimmed.iter().any(|t| matches!(t, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))) {
-                self.trim.prepare_invoke().load_async(conn).await?;
-                trimmed = conn.query_each(&trims).await?;
+            if trimmed.iter().any(no_script) {
+                // On a cluster the script goes to every node, and fails while one is
+                // out of reach: then the streams without it wait, as unreachable.
+                match self.trim.prepare_invoke().load_async(conn).await {
+                    Ok(_) => trimmed = conn.query_each(&trims).await?,
+                    Err(e) if conn.is_cluster() => {
+                        tracing::debug!(error = %e, "loading lua/trim.lua")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             for (stream, trimmed) in chunk.iter().zip(trimmed) {
                 match trimmed {
@@ -269,4 +280,11 @@ impl Consumer {
             options,
         )
     }
+}
+
+/// Whether a script's reply says the server does not have it (restarted, or a
+/// replica promoted: the script cache is not replicated).
+fn no_script(reply: &redis::RedisResult<redis::Value>) -> bool {
+    let missing = redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
+    matches!(reply, Err(e) if e.kind() == missing)
 }
